@@ -1,0 +1,188 @@
+"""The bot itself: command handlers and the autoposter's admin commands.
+
+Handlers get what they need from the dispatcher's workflow data (set in ``main.py``):
+``admin_ids``, ``status`` (the same snapshot /health serves) and ``autoposter`` (or None).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiogram import F, Router
+from aiogram.filters import Command, CommandObject, CommandStart
+from aiogram.types import Message
+
+from utils.autoposter import Autoposter, PostRejected
+
+log = logging.getLogger("solobot.bot")
+
+router = Router(name="solobot")
+
+StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+
+HELP = (
+    "I am a channel autoposter.\n"
+    "/ping - check that I am alive\n"
+    "/help - this text\n"
+    "Admins: /status, /post <text> (or just send text or a photo), /queue, /cancel <id>, "
+    "/postnow <id>, /retry <id>, /pause, /resume, /schedule"
+)
+
+
+def is_admin(message: Message, admin_ids: frozenset[int]) -> bool:
+    return message.from_user is not None and message.from_user.id in admin_ids
+
+
+@router.message(CommandStart())
+async def cmd_start(message: Message) -> None:
+    await message.answer("Hello! " + HELP)
+
+
+@router.message(Command("help"))
+async def cmd_help(message: Message) -> None:
+    await message.answer(HELP)
+
+
+@router.message(Command("ping"))
+async def cmd_ping(message: Message) -> None:
+    await message.reply("pong")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return str(dt.timedelta(seconds=int(seconds)))
+
+
+@router.message(Command("status"))
+async def cmd_status(message: Message, admin_ids: frozenset[int], status: StatusSource) -> None:
+    if not is_admin(message, admin_ids):
+        await message.answer("Sorry, /status is for admins only.")
+        return
+    s = await status()
+    holder = s["lock"].get("holder") or {}
+    lines = [
+        f"mode: {s['mode']} (epoch {s['epoch']})",
+        f"instance: {s['instance_id']} pid {s['pid']} on {s['host']}",
+        f"uptime: {_age(s['uptime_s'])}",
+        f"lock: {s['lock']['backend']}, held by instance {holder.get('instance_id', '?')} "
+        f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')})",
+        f"polling: last ok {s['polling']['seconds_since_ok']} s ago, "
+        f"conflicts {s['polling']['conflicts']}",
+        f"autoposter: {s['autoposter']['state']}",
+    ]
+    await message.answer("\n".join(lines))
+
+
+# -- autoposter admin commands --------------------------------------------------------------
+
+
+async def _admin_poster(
+    message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None
+) -> Autoposter | None:
+    """The autoposter if *message* comes from an admin and it is on; otherwise answer why not."""
+    if not is_admin(message, admin_ids):
+        await message.answer("Sorry, only the bot's admins can manage posts.")
+        return None
+    if autoposter is None:
+        await message.answer("The autoposter is off: set CHANNEL_ID and POST_CRON or POST_INTERVAL.")
+        return None
+    return autoposter
+
+
+async def _queue_and_answer(
+    message: Message, poster: Autoposter, *, text: str | None, photo: str | None
+) -> None:
+    try:
+        post, when = await poster.enqueue(
+            text=text, photo=photo, created_by=message.from_user.id if message.from_user else 0
+        )
+    except PostRejected as exc:
+        await message.answer(f"Not queued: {exc}")
+        return
+    await message.answer(f"Queued post #{post.id}; it goes out {poster.describe_when(when)}.")
+
+
+@router.message(Command("post"))
+async def cmd_post(
+    message: Message, command: CommandObject, admin_ids: frozenset[int],
+    autoposter: Autoposter | None,
+) -> None:
+    poster = await _admin_poster(message, admin_ids, autoposter)
+    if poster is None:
+        return
+    if not command.args:
+        await message.answer("Usage: /post <text>")
+        return
+    await _queue_and_answer(message, poster, text=command.args, photo=None)
+
+
+@router.message(Command("queue"))
+async def cmd_queue(message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None) -> None:
+    poster = await _admin_poster(message, admin_ids, autoposter)
+    if poster is not None:
+        await message.answer(await poster.describe_queue())
+
+
+def _post_id(command: CommandObject) -> int | None:
+    arg = (command.args or "").strip().lstrip("#")
+    return int(arg) if arg.isdigit() else None
+
+
+@router.message(Command("cancel", "postnow", "retry"))
+async def cmd_post_action(
+    message: Message, command: CommandObject, admin_ids: frozenset[int],
+    autoposter: Autoposter | None,
+) -> None:
+    poster = await _admin_poster(message, admin_ids, autoposter)
+    if poster is None:
+        return
+    post_id = _post_id(command)
+    if post_id is None:
+        await message.answer(f"Usage: /{command.command} <post id>")
+        return
+    action = {"cancel": poster.cancel, "postnow": poster.post_now, "retry": poster.retry}
+    await message.answer(await action[command.command](post_id))
+
+
+@router.message(Command("pause", "resume"))
+async def cmd_pause(
+    message: Message, command: CommandObject, admin_ids: frozenset[int],
+    autoposter: Autoposter | None,
+) -> None:
+    poster = await _admin_poster(message, admin_ids, autoposter)
+    if poster is not None:
+        await message.answer(await poster.set_paused(command.command == "pause"))
+
+
+@router.message(Command("schedule"))
+async def cmd_schedule(
+    message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None
+) -> None:
+    poster = await _admin_poster(message, admin_ids, autoposter)
+    if poster is not None:
+        await message.answer(await poster.describe_schedule())
+
+
+@router.message(F.photo)
+async def any_photo(message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None) -> None:
+    poster = await _admin_poster(message, admin_ids, autoposter)
+    if poster is not None and message.photo:
+        await _queue_and_answer(
+            message, poster, text=message.caption, photo=message.photo[-1].file_id
+        )
+
+
+@router.message(F.text & ~F.text.startswith("/"))
+async def any_text(message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None) -> None:
+    poster = await _admin_poster(message, admin_ids, autoposter)
+    if poster is not None:
+        await _queue_and_answer(message, poster, text=message.text, photo=None)
+
+
+@router.message(F.text.startswith("/"))
+async def unknown_command(message: Message) -> None:
+    await message.answer("Unknown command. /help lists what I understand.")

@@ -1,0 +1,276 @@
+"""solobot: a Telegram bot daemon that is never two.
+
+    python main.py            run the bot (active if it gets the lock, else a quiet standby)
+    python main.py status     print who is active for the configured backend; exit 0 if an
+                              active holder exists, 3 if none
+
+Exit codes: 0 clean stop, 1 runtime failure (e.g. health port in use), 2 usage,
+3 ``status``: no active holder, 78 configuration error, 130 forced by a second signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+from typing import Any
+
+from aiogram import Bot, Dispatcher
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from dotenv import load_dotenv
+
+import bot as bot_module
+from utils.autoposter import Autoposter
+from utils.config import EX_CONFIG, ConfigError, Settings, load_settings
+from utils.health import HealthPortError, HealthServer
+from utils.instance_lock import InstanceLock, LockSetupError
+from utils.leadership import LeadershipController, Mode
+from utils.lock_backend import FileLockBackend, LockBackend
+from utils.logging_setup import configure_logging
+from utils.metrics import Metrics
+from utils.pg_lock import PostgresLockBackend
+from utils.polling_manager import PollingManager
+from utils.sd_notify import SystemdNotifier
+from utils.shutdown_manager import ShutdownManager
+from utils.state_store import StateStore
+
+log = logging.getLogger("solobot")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_HOLDER = 0, 1, 2, 3
+
+
+def make_backend(settings: Settings, store: StateStore, instance_id: str) -> LockBackend:
+    common: dict[str, Any] = dict(
+        instance_id=instance_id,
+        stale_seconds=settings.lock_stale_seconds,
+        takeover=settings.lock_takeover,
+    )
+    if settings.lock_backend == "postgres":
+        assert settings.database_url is not None
+        return PostgresLockBackend(settings.database_url, settings.bot_id, store, **common)
+    lock = InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id)
+    lock.prepare()
+    return FileLockBackend(lock, store, **common)
+
+
+def make_bot(settings: Settings) -> Bot:
+    session = AiohttpSession(api=TelegramAPIServer.from_base(settings.api_url))
+    return Bot(settings.bot_token, session=session)
+
+
+class App:
+    """Everything one process runs, wired once; :meth:`serve` runs it until a signal."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.shutdown = ShutdownManager(deadline=settings.shutdown_timeout,
+                                        callback_timeout=settings.drain_timeout + 2)
+        self.store = StateStore.create(settings.database_url, settings.state_dir, settings.bot_id)
+        self.backend = make_backend(settings, self.store, self.instance_id)
+        self.bot = make_bot(settings)
+        self.dp = Dispatcher()
+        self.dp.include_router(bot_module.router)
+        # Resolved once: only the update types the handlers use (as start_polling would).
+        allowed = self.dp.resolve_used_update_types()
+        self.polling = PollingManager(
+            self.bot, self.dp, self.store,
+            verify_lease=self.backend.verify,
+            step_down=self._step_down,
+            polling_timeout=settings.polling_timeout,
+            concurrency=settings.handler_concurrency,
+            drain_timeout=settings.drain_timeout,
+            delete_webhook=settings.delete_webhook_on_conflict,
+            allowed_updates=allowed,
+        )
+        self.autoposter: Autoposter | None = None
+        if settings.channel_id:
+            self.autoposter = Autoposter(
+                self.bot, self.store,
+                channel_id=settings.channel_id,
+                post_cron=settings.post_cron,
+                post_interval=settings.post_interval,
+                timezone=settings.post_timezone,
+                misfire_grace=settings.post_misfire_grace,
+                admin_ids=settings.admin_ids,
+                step_down=self._step_down,
+            )
+        roles: list[Any] = [self.polling] + ([self.autoposter] if self.autoposter else [])
+        self.controller = LeadershipController(
+            self.backend, roles, instance_id=self.instance_id,
+            role_stop_timeout=settings.drain_timeout + 2,
+        )
+        self.metrics = Metrics(self)
+        self.notifier = SystemdNotifier.from_environment()
+        self.controller.add_listener(self._on_mode)
+        self.dp["admin_ids"] = settings.admin_ids
+        self.dp["status"] = self.status
+        self.dp["autoposter"] = self.autoposter
+        self.health: HealthServer | None = None
+        if settings.health_port:
+            self.health = HealthServer(
+                settings.health_host, settings.health_port,
+                status=self.status, ready=self.ready, metrics=self.metrics.render,
+            )
+
+    def _step_down(self, reason: str) -> None:
+        self.controller.step_down(reason)
+
+    def _on_mode(self, mode: Mode, detail: str) -> None:
+        self.metrics.on_mode(mode)
+        words = {Mode.ACTIVE: "active: polling", Mode.PASSIVE: "passive: standby",
+                 Mode.STOPPING: "stopping"}[mode]
+        self.notifier.notify(f"STATUS={words} ({detail})")
+
+    # -- what /health, /ready and /status read -----------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        snap = self.controller.snapshot()
+        holder = await self.controller.holder()
+        stats = self.polling.stats
+        autoposter = "off (no CHANNEL_ID)"
+        if self.autoposter is not None:
+            autoposter = self.autoposter.state
+            if await self.autoposter.is_paused():
+                autoposter = "paused"
+        return {
+            "status": "ok",
+            **snap,
+            "lock": {
+                "backend": self.backend.name,
+                "holder": holder.as_dict() if holder else None,
+                "fenced_holders": self.backend.fenced_holders,
+            },
+            "polling": {
+                "active": stats.polling,
+                "seconds_since_ok": stats.seconds_since_ok(),
+                "conflicts": stats.conflicts,
+                "updates_processed": stats.updates_processed,
+                "updates_skipped": stats.updates_skipped,
+                "errors": dict(stats.errors),
+            },
+            "autoposter": {"state": autoposter},
+        }
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.controller.is_active:
+            return False, f"{self.controller.mode.value}: {self.controller.passive_reason}"
+        stats = self.polling.stats
+        since = stats.seconds_since_ok()
+        if not stats.polling:
+            return False, "active but not polling"
+        if since is not None and since > self.settings.polling_timeout + 30:
+            return False, f"no successful getUpdates for {since:.0f} s"
+        return True, "active and polling"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        sd = self.shutdown
+        sd.install_signal_handlers()
+        # Registered in creation order; they run in reverse (LIFO) at shutdown.
+        sd.register("close bot session", self.bot.session.close)
+        sd.register("close state store", self.store.close)
+        sd.register("close lock backend", self.backend.close)
+        if self.health is not None:
+            await self.health.start()
+            sd.register("stop health endpoint", self.health.stop)
+        await self._prepare_store()
+        if sd.requested:
+            await sd.run()
+            return EXIT_OK
+        await self.dp.emit_startup(bot=self.bot, dispatcher=self.dp, bots=[self.bot])
+        sd.register("aiogram shutdown hooks",
+                    lambda: self.dp.emit_shutdown(bot=self.bot, dispatcher=self.dp, bots=[self.bot]))
+        watcher = asyncio.create_task(self.controller.run(), name="solobot-leadership")
+        sd.register("stop polling, drain, release the lock", lambda: self._stop_controller(watcher),
+                    timeout=self.settings.drain_timeout + 3)
+        sd.register("notify systemd", lambda: self.notifier.notify("STOPPING=1"))
+        self.notifier.notify("READY=1")
+        self.notifier.start_watchdog()
+        sd.register("stop watchdog", self.notifier.stop_watchdog)
+        log.info("solobot started: bot %s, instance %s, lock backend %s, state %s",
+                 self.settings.masked_token, self.instance_id, self.backend.name,
+                 self.settings.database_target)
+
+        stopper = asyncio.create_task(sd.wait())
+        await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if watcher.done() and not stopper.done():
+            exc = watcher.exception()
+            log.error("leadership watcher ended unexpectedly: %r", exc)
+            sd.request("leadership watcher ended")
+        stopper.cancel()
+        errors = await sd.run()
+        return EXIT_OK if not errors else EXIT_FAILURE
+
+    async def _prepare_store(self) -> None:
+        """Apply the schema; a database that is down is retried while /health says why."""
+        delay = 1.0
+        while not self.shutdown.requested:
+            try:
+                await self.store.migrate()
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. PostgreSQL not up yet
+                self.controller.passive_reason = f"state database unavailable: {exc}"
+                log.warning("state database unavailable (%s); retrying in %.0f s",
+                            type(exc).__name__, delay)
+                try:
+                    await asyncio.wait_for(self.shutdown.wait(), timeout=delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, 30.0)
+
+    async def _stop_controller(self, watcher: asyncio.Task[None]) -> None:
+        self.controller.request_stop()
+        await watcher
+
+
+async def status_command(settings: Settings) -> int:
+    """``python main.py status``: who is active for the configured backend."""
+    store = StateStore.create(settings.database_url, settings.state_dir, settings.bot_id)
+    backend = make_backend(settings, store, "status-query")
+    try:
+        holder = await backend.holder()
+        active = holder is not None and await backend.holder_is_live(holder)
+    finally:
+        await backend.close()
+        await store.close()
+    if holder is None or not active:
+        print(f"no active holder (backend {backend.name})")
+        return EXIT_NO_HOLDER
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.since)) if holder.since else "?"
+    print(json.dumps({"backend": backend.name, **holder.as_dict(), "since_text": since}))
+    return EXIT_OK
+
+
+def main(argv: list[str]) -> int:
+    load_dotenv(override=False)
+    command = argv[1] if len(argv) > 1 else "run"
+    if command not in ("run", "status") or len(argv) > 2:
+        print(__doc__, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"solobot: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(settings.log_level, settings.log_format,
+                      token=settings.bot_token, database_url=settings.database_url)
+    try:
+        if command == "status":
+            return asyncio.run(status_command(settings))
+        return asyncio.run(App(settings).serve())
+    except LockSetupError as exc:
+        log.error("%s", exc)
+        return EX_CONFIG
+    except HealthPortError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,1 @@
+"""The lifecycle kit of solobot: one concern per module (see docs/architecture.md)."""

@@ -1,0 +1,285 @@
+"""Settings from the environment (and an optional ``.env``), validated before anything starts.
+
+Every problem is collected and reported in one message that names the variable, so an operator
+fixes a unit file once instead of once per restart. The bot token never appears in a message:
+only the bot id (the part before the colon) is ever shown.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
+
+TOKEN_RE = re.compile(r"^(?P<bot_id>\d{5,20}):(?P<secret>[A-Za-z0-9_-]{30,64})$")
+DEFAULT_API_URL = "https://api.telegram.org"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CHANNEL_RE = re.compile(r"^(@[A-Za-z][A-Za-z0-9_]{3,31}|-100\d{5,15}|-?\d{1,20})$")
+
+
+class ConfigError(Exception):
+    """All configuration problems found, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def mask_token(token: str) -> str:
+    """``123456:AA...`` -> ``123456:***``: the bot id is public, the secret is not."""
+    bot_id, _, _ = token.partition(":")
+    return f"{bot_id}:***" if bot_id.isdigit() else "***"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. ``bot_token`` is excluded from ``repr`` so it cannot leak into a log."""
+
+    bot_token: str = field(repr=False)
+    bot_id: int
+    api_url: str
+    lock_backend: str
+    lock_dir: Path
+    state_dir: Path
+    health_host: str
+    health_port: int
+    admin_ids: frozenset[int]
+    log_level: str
+    log_format: str
+    lock_stale_seconds: float
+    lock_takeover: bool
+    database_url: str | None = field(repr=False)
+    delete_webhook_on_conflict: bool
+    polling_timeout: int
+    handler_concurrency: int
+    drain_timeout: float
+    shutdown_timeout: float
+    channel_id: str | None
+    post_cron: str | None
+    post_interval: float | None
+    post_timezone: str
+    post_misfire_grace: float
+
+    @property
+    def masked_token(self) -> str:
+        return mask_token(self.bot_token)
+
+    @property
+    def database_target(self) -> str:
+        """Where the durable state lives, without credentials (for logs and /status)."""
+        if self.database_url:
+            return mask_dsn(self.database_url)
+        return str(self.state_dir / "solobot.sqlite3")
+
+
+def mask_dsn(url: str) -> str:
+    """Drop the password from a database URL: ``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def default_lock_dir(env: Mapping[str, str]) -> Path:
+    """systemd's RuntimeDirectory, else the per-user runtime dir, else the temp dir.
+
+    ``$RUNTIME_DIRECTORY`` may hold several colon-separated paths; the first is ours.
+    """
+    if env.get("RUNTIME_DIRECTORY"):
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "solobot"
+    return Path(tempfile.gettempdir()) / f"solobot-{os.getuid()}"
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    return Path("data")
+
+
+class _Reader:
+    """Reads typed values and collects problems instead of raising on the first one."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value if value else default
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        self.problems.append(f"{name}: expected true or false, got {raw!r}")
+        return default
+
+    def int(self, name: str, default: int, *, low: int, high: int) -> int:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name}: expected a whole number, got {raw!r}")
+            return default
+        if not low <= value <= high:
+            self.problems.append(f"{name}: must be between {low} and {high}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, *, low: float, high: float) -> float:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name}: expected a number of seconds, got {raw!r}")
+            return default
+        if not low <= value <= high:
+            self.problems.append(f"{name}: must be between {low:g} and {high:g}, got {value:g}")
+        return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from *env* (default: ``os.environ``), or raise :class:`ConfigError`."""
+    env = os.environ if env is None else env
+    r = _Reader(env)
+
+    token = r.str("BOT_TOKEN") or ""
+    bot_id = 0
+    match = TOKEN_RE.match(token)
+    if not token:
+        r.problems.append("BOT_TOKEN: required (the token @BotFather gave you, like 123456:ABC-...)")
+    elif match is None:
+        # Never echo the value: a malformed token is often a real token with a stray character.
+        r.problems.append(
+            "BOT_TOKEN: malformed (expected <digits>:<30-64 letters, digits, '-' or '_'>; value not shown)"
+        )
+    else:
+        bot_id = int(match["bot_id"])
+
+    api_url = (r.str("TELEGRAM_API_URL", DEFAULT_API_URL) or DEFAULT_API_URL).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", api_url):
+        r.problems.append(f"TELEGRAM_API_URL: expected an http(s) URL, got {api_url!r}")
+
+    lock_backend = (r.str("LOCK_BACKEND", "file") or "file").lower()
+    if lock_backend not in ("file", "postgres"):
+        r.problems.append(f"LOCK_BACKEND: expected 'file' or 'postgres', got {lock_backend!r}")
+
+    database_url = r.str("DATABASE_URL")
+    if database_url and not re.match(r"^postgres(ql)?(\+psycopg)?://", database_url):
+        r.problems.append(
+            f"DATABASE_URL: expected a postgresql:// URL, got {mask_dsn(database_url)!r}"
+        )
+    if lock_backend == "postgres" and not database_url:
+        r.problems.append("DATABASE_URL: required when LOCK_BACKEND=postgres")
+
+    lock_dir = Path(r.str("LOCK_DIR") or default_lock_dir(env))
+    state_dir = Path(r.str("STATE_DIR") or default_state_dir(env))
+
+    health_host = r.str("HEALTH_HOST", "127.0.0.1") or "127.0.0.1"
+    health_port = r.int("HEALTH_PORT", 8080, low=0, high=65535)
+
+    admin_ids: set[int] = set()
+    for part in (r.str("ADMIN_IDS") or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if re.fullmatch(r"\d{1,20}", part):
+            admin_ids.add(int(part))
+        else:
+            r.problems.append(f"ADMIN_IDS: expected comma-separated numeric user ids, got {part!r}")
+
+    log_level = (r.str("LOG_LEVEL", "INFO") or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        r.problems.append(f"LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_format = (r.str("LOG_FORMAT", "text") or "text").lower()
+    if log_format not in ("text", "json"):
+        r.problems.append(f"LOG_FORMAT: expected 'text' or 'json', got {log_format!r}")
+
+    lock_stale = r.float("LOCK_STALE_SECONDS", 15.0, low=1.0, high=3600.0)
+    takeover = r.bool("LOCK_TAKEOVER", True)
+    delete_webhook = r.bool("DELETE_WEBHOOK_ON_CONFLICT", True)
+    polling_timeout = r.int("POLLING_TIMEOUT", 30, low=0, high=50)
+    concurrency = r.int("HANDLER_CONCURRENCY", 16, low=1, high=1000)
+    drain_timeout = r.float("DRAIN_TIMEOUT", 5.0, low=0.0, high=600.0)
+    shutdown_timeout = r.float("SHUTDOWN_TIMEOUT", 8.0, low=1.0, high=3600.0)
+    if drain_timeout >= shutdown_timeout:
+        r.problems.append(
+            f"DRAIN_TIMEOUT: must be below SHUTDOWN_TIMEOUT ({drain_timeout:g} >= {shutdown_timeout:g})"
+        )
+
+    channel_id = r.str("CHANNEL_ID")
+    if channel_id and not CHANNEL_RE.match(channel_id):
+        r.problems.append(f"CHANNEL_ID: expected @channelname or a -100... chat id, got {channel_id!r}")
+    post_cron = r.str("POST_CRON")
+    post_interval: float | None = None
+    if r.str("POST_INTERVAL") is not None:
+        post_interval = r.float("POST_INTERVAL", 0.0, low=0.5, high=366 * 86400.0)
+    if post_cron and post_interval is not None:
+        r.problems.append("POST_CRON and POST_INTERVAL: set one of them, not both")
+    if post_cron:
+        problem = _check_cron(post_cron)
+        if problem:
+            r.problems.append(f"POST_CRON: {problem}")
+    post_timezone = r.str("POST_TIMEZONE", "UTC") or "UTC"
+    try:
+        ZoneInfo(post_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        r.problems.append(f"POST_TIMEZONE: unknown time zone {post_timezone!r}")
+    misfire = r.float("POST_MISFIRE_GRACE", 3600.0, low=1.0, high=30 * 86400.0)
+    if channel_id and not post_cron and post_interval is None:
+        r.problems.append("CHANNEL_ID: set POST_CRON or POST_INTERVAL to say when to post")
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Settings(
+        bot_token=token,
+        bot_id=bot_id,
+        api_url=api_url,
+        lock_backend=lock_backend,
+        lock_dir=lock_dir,
+        state_dir=state_dir,
+        health_host=health_host,
+        health_port=health_port,
+        admin_ids=frozenset(admin_ids),
+        log_level=log_level,
+        log_format=log_format,
+        lock_stale_seconds=lock_stale,
+        lock_takeover=takeover,
+        database_url=database_url,
+        delete_webhook_on_conflict=delete_webhook,
+        polling_timeout=polling_timeout,
+        handler_concurrency=concurrency,
+        drain_timeout=drain_timeout,
+        shutdown_timeout=shutdown_timeout,
+        channel_id=channel_id,
+        post_cron=post_cron,
+        post_interval=post_interval,
+        post_timezone=post_timezone,
+        post_misfire_grace=misfire,
+    )
+
+
+def _check_cron(expr: str) -> str | None:
+    """Return a problem with a 5-field cron expression, or None (APScheduler parses it)."""
+    if len(expr.split()) != 5:
+        return f"expected 5 fields (minute hour day month weekday), got {expr!r}"
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(expr)
+    except ValueError as exc:
+        return f"{exc} in {expr!r}"
+    return None
