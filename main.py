@@ -220,7 +220,7 @@ class App:
                             type(exc).__name__, delay)
                 try:
                     await asyncio.wait_for(self.shutdown.wait(), timeout=delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 delay = min(delay * 2, 30.0)
 

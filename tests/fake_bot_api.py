@@ -30,8 +30,18 @@ from typing import Any
 from aiohttp import web
 
 CONFLICT_WINDOW = 3.0
-CONFLICT_TEXT = "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running"
-WEBHOOK_TEXT = "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first"
+CONFLICT_TEXT = (
+    "Conflict: terminated by other getUpdates request; "
+    "make sure that only one bot instance is running"
+)
+WEBHOOK_TEXT = (
+    "Conflict: can't use getUpdates method while webhook is active; "
+    "use deleteWebhook to delete the webhook first"
+)
+
+Params = dict[str, Any]
+Req = web.Request
+Resp = web.Response
 
 
 @dataclass
@@ -110,9 +120,7 @@ class FakeBotAPI:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
@@ -265,25 +273,26 @@ class FakeBotAPI:
         result: web.Response = await handler(state, params, request, tag)
         return result
 
-    async def _m_getMe(self, state: BotState, params: dict[str, Any], request: web.Request, tag: str) -> web.Response:
+    async def _m_getMe(self, state: BotState, params: Params, request: Req, tag: str) -> Resp:
         return self._ok({"id": state.bot_id, "is_bot": True, "first_name": "Fake",
                          "username": f"fake_{state.bot_id}_bot"})
 
-    async def _m_deleteWebhook(self, state: BotState, params: dict[str, Any], request: web.Request, tag: str) -> web.Response:
+    async def _m_deleteWebhook(self, state: BotState, params: Params, request: Req, tag: str) -> Resp:
         state.webhook = ""
         return self._ok(True)
 
-    async def _m_setWebhook(self, state: BotState, params: dict[str, Any], request: web.Request, tag: str) -> web.Response:
+    async def _m_setWebhook(self, state: BotState, params: Params, request: Req, tag: str) -> Resp:
         state.webhook = str(params.get("url", ""))
         return self._ok(True)
 
-    async def _m_getWebhookInfo(self, state: BotState, params: dict[str, Any], request: web.Request, tag: str) -> web.Response:
-        return self._ok({"url": state.webhook, "has_custom_certificate": False, "pending_update_count": len(state.updates)})
+    async def _m_getWebhookInfo(self, state: BotState, params: Params, request: Req, tag: str) -> Resp:
+        return self._ok({"url": state.webhook, "has_custom_certificate": False,
+                         "pending_update_count": len(state.updates)})
 
-    async def _m_setMyCommands(self, state: BotState, params: dict[str, Any], request: web.Request, tag: str) -> web.Response:
+    async def _m_setMyCommands(self, state: BotState, params: Params, request: Req, tag: str) -> Resp:
         return self._ok(True)
 
-    async def _m_getUpdates(self, state: BotState, params: dict[str, Any], request: web.Request, tag: str) -> web.Response:
+    async def _m_getUpdates(self, state: BotState, params: Params, request: Req, tag: str) -> Resp:
         offset = int(params["offset"]) if params.get("offset") not in (None, "") else None
         limit = max(1, min(100, int(params.get("limit") or 100)))
         timeout = float(params.get("timeout") or 0)
@@ -322,7 +331,8 @@ class FakeBotAPI:
                 if remaining <= 0:
                     break
                 state.new_update.clear()
-                waits = [asyncio.ensure_future(state.new_update.wait()), asyncio.ensure_future(me.wake.wait())]
+                waits = [asyncio.ensure_future(state.new_update.wait()),
+                         asyncio.ensure_future(me.wake.wait())]
                 try:
                     await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -370,7 +380,8 @@ class FakeBotAPI:
         text = params.get("text", params.get("caption"))
         with self._lock:
             self.sent.append(Sent(tag, method, chat_id, text, reply_to, state.next_message_id, time.time()))
-        chat: dict[str, Any] = {"id": int(chat_id) if chat_id.lstrip("-").isdigit() else -1001, "type": "private"}
+        numeric = int(chat_id) if chat_id.lstrip("-").isdigit() else -1001
+        chat: dict[str, Any] = {"id": numeric, "type": "private"}
         if chat_id.startswith("@"):
             chat = {"id": -1001234567890, "type": "channel", "username": chat_id[1:], "title": chat_id}
         message = {"message_id": state.next_message_id, "date": int(time.time()), "chat": chat, **extra}
@@ -378,10 +389,10 @@ class FakeBotAPI:
             message["text" if method == "sendMessage" else "caption"] = text
         return self._ok(message)
 
-    async def _m_sendMessage(self, state: BotState, params: dict[str, Any], request: web.Request, tag: str) -> web.Response:
+    async def _m_sendMessage(self, state: BotState, params: Params, request: Req, tag: str) -> Resp:
         return await self._send(state, params, tag, "sendMessage", {})
 
-    async def _m_sendPhoto(self, state: BotState, params: dict[str, Any], request: web.Request, tag: str) -> web.Response:
+    async def _m_sendPhoto(self, state: BotState, params: Params, request: Req, tag: str) -> Resp:
         photo = [{"file_id": str(params.get("photo")), "file_unique_id": "u", "width": 10, "height": 10}]
         return await self._send(state, params, tag, "sendPhoto", {"photo": photo})
 
@@ -389,9 +400,9 @@ class FakeBotAPI:
 
     async def _control_message(self, request: web.Request) -> web.Response:
         body = await request.json()
-        message_id = self._add_message(int(body["bot_id"]), str(body["text"]),
-                                       int(body.get("user_id", 111)), int(body.get("chat_id", body.get("user_id", 111))),
-                                       False)
+        user_id = int(body.get("user_id", 111))
+        message_id = self._add_message(int(body["bot_id"]), str(body["text"]), user_id,
+                                       int(body.get("chat_id", user_id)), False)
         return web.json_response({"message_id": message_id})
 
     async def _control_sent(self, _request: web.Request) -> web.Response:

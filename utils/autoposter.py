@@ -197,7 +197,7 @@ class Autoposter:
     # -- publishing ----------------------------------------------------------------------------
 
     def _track(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return task
@@ -266,7 +266,7 @@ class Autoposter:
             except (TelegramBadRequest, TelegramForbiddenError, TelegramNotFound,
                     TelegramUnauthorizedError) as exc:
                 return "failed", None, exc.message
-            except (TelegramNetworkError, TelegramServerError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, TelegramNetworkError, TelegramServerError) as exc:
                 return "uncertain", None, f"sending failed midway ({type(exc).__name__})"
         return "failed", None, f"still rate limited after {MAX_RATE_LIMIT_RETRIES} waits"
 

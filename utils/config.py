@@ -108,12 +108,12 @@ class _Reader:
         self.env = env
         self.problems: list[str] = []
 
-    def str(self, name: str, default: str | None = None) -> str | None:
+    def text(self, name: str, default: str | None = None) -> str | None:
         value = self.env.get(name, "").strip()
         return value if value else default
 
-    def bool(self, name: str, default: bool) -> bool:
-        raw = self.str(name)
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
         if raw is None:
             return default
         lowered = raw.lower()
@@ -124,8 +124,8 @@ class _Reader:
         self.problems.append(f"{name}: expected true or false, got {raw!r}")
         return default
 
-    def int(self, name: str, default: int, *, low: int, high: int) -> int:
-        raw = self.str(name)
+    def whole(self, name: str, default: int, *, low: int, high: int) -> int:
+        raw = self.text(name)
         if raw is None:
             return default
         try:
@@ -137,8 +137,8 @@ class _Reader:
             self.problems.append(f"{name}: must be between {low} and {high}, got {value}")
         return value
 
-    def float(self, name: str, default: float, *, low: float, high: float) -> float:
-        raw = self.str(name)
+    def seconds(self, name: str, default: float, *, low: float, high: float) -> float:
+        raw = self.text(name)
         if raw is None:
             return default
         try:
@@ -156,7 +156,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     r = _Reader(env)
 
-    token = r.str("BOT_TOKEN") or ""
+    token = r.text("BOT_TOKEN") or ""
     bot_id = 0
     match = TOKEN_RE.match(token)
     if not token:
@@ -169,15 +169,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     else:
         bot_id = int(match["bot_id"])
 
-    api_url = (r.str("TELEGRAM_API_URL", DEFAULT_API_URL) or DEFAULT_API_URL).rstrip("/")
+    api_url = (r.text("TELEGRAM_API_URL", DEFAULT_API_URL) or DEFAULT_API_URL).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", api_url):
         r.problems.append(f"TELEGRAM_API_URL: expected an http(s) URL, got {api_url!r}")
 
-    lock_backend = (r.str("LOCK_BACKEND", "file") or "file").lower()
+    lock_backend = (r.text("LOCK_BACKEND", "file") or "file").lower()
     if lock_backend not in ("file", "postgres"):
         r.problems.append(f"LOCK_BACKEND: expected 'file' or 'postgres', got {lock_backend!r}")
 
-    database_url = r.str("DATABASE_URL")
+    database_url = r.text("DATABASE_URL")
     if database_url and not re.match(r"^postgres(ql)?(\+psycopg)?://", database_url):
         r.problems.append(
             f"DATABASE_URL: expected a postgresql:// URL, got {mask_dsn(database_url)!r}"
@@ -185,14 +185,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if lock_backend == "postgres" and not database_url:
         r.problems.append("DATABASE_URL: required when LOCK_BACKEND=postgres")
 
-    lock_dir = Path(r.str("LOCK_DIR") or default_lock_dir(env))
-    state_dir = Path(r.str("STATE_DIR") or default_state_dir(env))
+    lock_dir = Path(r.text("LOCK_DIR") or default_lock_dir(env))
+    state_dir = Path(r.text("STATE_DIR") or default_state_dir(env))
 
-    health_host = r.str("HEALTH_HOST", "127.0.0.1") or "127.0.0.1"
-    health_port = r.int("HEALTH_PORT", 8080, low=0, high=65535)
+    health_host = r.text("HEALTH_HOST", "127.0.0.1") or "127.0.0.1"
+    health_port = r.whole("HEALTH_PORT", 8080, low=0, high=65535)
 
     admin_ids: set[int] = set()
-    for part in (r.str("ADMIN_IDS") or "").split(","):
+    for part in (r.text("ADMIN_IDS") or "").split(","):
         part = part.strip()
         if not part:
             continue
@@ -201,44 +201,44 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         else:
             r.problems.append(f"ADMIN_IDS: expected comma-separated numeric user ids, got {part!r}")
 
-    log_level = (r.str("LOG_LEVEL", "INFO") or "INFO").upper()
+    log_level = (r.text("LOG_LEVEL", "INFO") or "INFO").upper()
     if log_level not in LOG_LEVELS:
         r.problems.append(f"LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
-    log_format = (r.str("LOG_FORMAT", "text") or "text").lower()
+    log_format = (r.text("LOG_FORMAT", "text") or "text").lower()
     if log_format not in ("text", "json"):
         r.problems.append(f"LOG_FORMAT: expected 'text' or 'json', got {log_format!r}")
 
-    lock_stale = r.float("LOCK_STALE_SECONDS", 15.0, low=1.0, high=3600.0)
-    takeover = r.bool("LOCK_TAKEOVER", True)
-    delete_webhook = r.bool("DELETE_WEBHOOK_ON_CONFLICT", True)
-    polling_timeout = r.int("POLLING_TIMEOUT", 30, low=0, high=50)
-    concurrency = r.int("HANDLER_CONCURRENCY", 16, low=1, high=1000)
-    drain_timeout = r.float("DRAIN_TIMEOUT", 5.0, low=0.0, high=600.0)
-    shutdown_timeout = r.float("SHUTDOWN_TIMEOUT", 8.0, low=1.0, high=3600.0)
+    lock_stale = r.seconds("LOCK_STALE_SECONDS", 15.0, low=1.0, high=3600.0)
+    takeover = r.flag("LOCK_TAKEOVER", True)
+    delete_webhook = r.flag("DELETE_WEBHOOK_ON_CONFLICT", True)
+    polling_timeout = r.whole("POLLING_TIMEOUT", 30, low=0, high=50)
+    concurrency = r.whole("HANDLER_CONCURRENCY", 16, low=1, high=1000)
+    drain_timeout = r.seconds("DRAIN_TIMEOUT", 5.0, low=0.0, high=600.0)
+    shutdown_timeout = r.seconds("SHUTDOWN_TIMEOUT", 8.0, low=1.0, high=3600.0)
     if drain_timeout >= shutdown_timeout:
         r.problems.append(
             f"DRAIN_TIMEOUT: must be below SHUTDOWN_TIMEOUT ({drain_timeout:g} >= {shutdown_timeout:g})"
         )
 
-    channel_id = r.str("CHANNEL_ID")
+    channel_id = r.text("CHANNEL_ID")
     if channel_id and not CHANNEL_RE.match(channel_id):
         r.problems.append(f"CHANNEL_ID: expected @channelname or a -100... chat id, got {channel_id!r}")
-    post_cron = r.str("POST_CRON")
+    post_cron = r.text("POST_CRON")
     post_interval: float | None = None
-    if r.str("POST_INTERVAL") is not None:
-        post_interval = r.float("POST_INTERVAL", 0.0, low=0.5, high=366 * 86400.0)
+    if r.text("POST_INTERVAL") is not None:
+        post_interval = r.seconds("POST_INTERVAL", 0.0, low=0.5, high=366 * 86400.0)
     if post_cron and post_interval is not None:
         r.problems.append("POST_CRON and POST_INTERVAL: set one of them, not both")
     if post_cron:
         problem = _check_cron(post_cron)
         if problem:
             r.problems.append(f"POST_CRON: {problem}")
-    post_timezone = r.str("POST_TIMEZONE", "UTC") or "UTC"
+    post_timezone = r.text("POST_TIMEZONE", "UTC") or "UTC"
     try:
         ZoneInfo(post_timezone)
     except (ZoneInfoNotFoundError, ValueError):
         r.problems.append(f"POST_TIMEZONE: unknown time zone {post_timezone!r}")
-    misfire = r.float("POST_MISFIRE_GRACE", 3600.0, low=1.0, high=30 * 86400.0)
+    misfire = r.seconds("POST_MISFIRE_GRACE", 3600.0, low=1.0, high=30 * 86400.0)
     if channel_id and not post_cron and post_interval is None:
         r.problems.append("CHANNEL_ID: set POST_CRON or POST_INTERVAL to say when to post")
 

@@ -71,7 +71,7 @@ def current_pid_ns() -> str:
 def process_start_time(pid: int) -> float | None:
     """Start time of *pid* as psutil sees it, or None if there is no such process."""
     try:
-        return psutil.Process(pid).create_time()
+        return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
         return None
 
@@ -180,7 +180,7 @@ class InstanceLock:
                 try:
                     self.wait_until_free()
                     error: BaseException | None = None
-                except BaseException as exc:  # reported on the loop
+                except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
                     error = exc
 
                 def settle() -> None:

@@ -24,7 +24,7 @@ from utils.lock_backend import HolderInfo, Lease, LockBackend
 log = logging.getLogger("solobot.leadership")
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     PASSIVE = "passive"
     ACTIVE = "active"
     STOPPING = "stopping"
@@ -87,7 +87,7 @@ class LeadershipController:
         """The current holder as the backend sees it (cached if the backend cannot answer)."""
         try:
             self._holder_cache = await asyncio.wait_for(self.backend.holder(), timeout=2.0)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("holder lookup failed", exc_info=True)
         return self._holder_cache
 
@@ -115,7 +115,7 @@ class LeadershipController:
         for listener in self._listeners:
             try:
                 listener(mode, detail)
-            except Exception:  # noqa: BLE001 - a listener must not break leadership
+            except Exception:
                 log.exception("mode listener failed")
 
     def step_down(self, reason: str) -> None:
@@ -165,7 +165,7 @@ class LeadershipController:
                 log.warning("lock acquisition failed (%s); retrying in 2 s", exc)
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=2.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 return await self._until_stop(asyncio.create_task(self.backend.acquire()))
         task.cancel()
@@ -202,7 +202,7 @@ class LeadershipController:
                 reason, voluntary = hold.result(), False
             elif step in done:
                 reason, voluntary = self._step_down_reason, False
-        except Exception as exc:  # noqa: BLE001 - a role failed to start: step down, retry later
+        except Exception as exc:
             log.exception("could not start active roles")
             reason, voluntary = f"start failed: {exc}", False
         finally:
@@ -216,7 +216,7 @@ class LeadershipController:
                     await asyncio.wait_for(
                         role.stop(voluntary=voluntary), timeout=self.role_stop_timeout
                     )
-                except Exception:  # noqa: BLE001 - release the lock regardless
+                except Exception:
                     log.exception("stopping %s failed", role.name)
             await self.backend.release(clean=voluntary)
             self.epoch = 0

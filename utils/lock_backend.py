@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from utils.instance_lock import (
     InstanceLock,
     current_pid_ns,
-    process_start_time,
     proc_is_ours,
+    process_start_time,
 )
 from utils.state_store import StateStore
 
@@ -112,7 +112,7 @@ class LockBackend(abc.ABC):
         while True:
             try:
                 ok = await asyncio.wait_for(self._lock_heartbeat(), timeout=HEARTBEAT_INTERVAL * 2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return "lock check timed out"
             except Exception as exc:  # noqa: BLE001 - any failure means we cannot prove we lead
                 return f"lock check failed ({type(exc).__name__}: {exc})"
@@ -124,7 +124,7 @@ class LockBackend(abc.ABC):
         """Is the lock still ours and our epoch current? Checked before each getUpdates."""
         try:
             return await asyncio.wait_for(self._lock_verify(), timeout=HEARTBEAT_INTERVAL * 2)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("lock verification failed", exc_info=True)
             return False
 
@@ -145,7 +145,7 @@ class LockBackend(abc.ABC):
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
                 holder = await self.holder()
-            except Exception:  # noqa: BLE001 - e.g. the database is down; keep waiting
+            except Exception:
                 log.debug("could not read the holder", exc_info=True)
                 continue
             if holder is None or holder.heartbeat_age is None:
@@ -179,7 +179,7 @@ class LockBackend(abc.ABC):
     @abc.abstractmethod
     async def _lock_acquire(self) -> None: ...
 
-    async def _lock_acquired(self, epoch: int) -> None:
+    async def _lock_acquired(self, epoch: int) -> None:  # noqa: B027 - optional hook
         """Record the new epoch where the mechanism keeps its holder record."""
 
     @abc.abstractmethod
@@ -208,7 +208,7 @@ class LockBackend(abc.ABC):
     async def _pause_between_heartbeats(self) -> None:
         await asyncio.sleep(HEARTBEAT_INTERVAL)
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Free resources (connections); the lock must already be released."""
 
 

@@ -39,7 +39,7 @@ def advisory_key(bot_id: int) -> int:
 
 def libpq_dsn(database_url: str) -> str:
     """``postgresql+psycopg://...`` (SQLAlchemy style) -> ``postgresql://...`` for libpq."""
-    scheme, sep, rest = database_url.partition("://")
+    _, sep, rest = database_url.partition("://")
     return f"postgresql://{rest}" if sep else database_url
 
 
@@ -118,10 +118,14 @@ class PostgresLockBackend(LockBackend):
         loop = asyncio.get_running_loop()
         fd = os.dup(conn.fileno())
         stirred = loop.create_future()
-        loop.add_reader(fd, lambda: stirred.done() or stirred.set_result(None))
+        def stir() -> None:
+            if not stirred.done():
+                stirred.set_result(None)
+
+        loop.add_reader(fd, stir)
         try:
             await asyncio.wait_for(stirred, timeout=HEARTBEAT_INTERVAL)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             loop.remove_reader(fd)
@@ -135,7 +139,7 @@ class PostgresLockBackend(LockBackend):
             await asyncio.wait_for(
                 conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,)), timeout=2
             )
-        except Exception:  # noqa: BLE001 - closing the session releases it anyway
+        except Exception:
             log.debug("advisory unlock failed; closing the session releases it", exc_info=True)
         await self._close_quietly(conn)
 
@@ -154,7 +158,7 @@ class PostgresLockBackend(LockBackend):
     async def _query_monitor(self, query: sql.SQL | str, params: tuple[Any, ...]) -> Any:
         conn = await self._monitor_conn()
         try:
-            cur = await conn.execute(query, params)  # type: ignore[arg-type]
+            cur = await conn.execute(query, params)
             return await cur.fetchone()
         except psycopg.errors.UndefinedTable:
             return None

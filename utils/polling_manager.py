@@ -199,7 +199,7 @@ class PollingManager:
         except LeadershipLost as exc:
             log.warning("stopping polling: %s", exc)
             self.step_down(str(exc))
-        except Exception as exc:  # noqa: BLE001 - unexpected: step down rather than die
+        except Exception as exc:
             log.exception("polling loop failed")
             self.step_down(f"polling failed: {exc}")
         finally:
@@ -331,7 +331,7 @@ class PollingManager:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=IDLE_RECHECK)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         for update in updates:
             uid = update.update_id
@@ -347,7 +347,7 @@ class PollingManager:
                     await self.bot(result)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a handler bug must not stop polling
+            except Exception:
                 log.exception("handler for update %d failed", uid)
             try:
                 await self.store.mark_processed(uid, self._epoch)

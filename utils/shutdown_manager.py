@@ -119,9 +119,9 @@ class ShutdownManager:
             if inspect.isawaitable(result):
                 await asyncio.wait_for(result, timeout=timeout)
             log.debug("shutdown: %s done", entry.name)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             self.errors.append((entry.name, exc))
             log.error("shutdown: %s timed out after %.1f s", entry.name, timeout)
-        except Exception as exc:  # noqa: BLE001 - collect and go on, like aiohttp's runner
+        except Exception as exc:
             self.errors.append((entry.name, exc))
             log.exception("shutdown: %s failed", entry.name)

@@ -120,13 +120,13 @@ class LeaderRow:
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
     """SQLite hands back naive datetimes; everything here is UTC."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
+        return value.replace(tzinfo=dt.UTC)
     return value
 
 
@@ -134,7 +134,7 @@ def async_url(database_url: str | None, state_dir: Path) -> str:
     """Map the configured target to an async SQLAlchemy URL."""
     if not database_url:
         return f"sqlite+aiosqlite:///{(state_dir / 'solobot.sqlite3').resolve()}"
-    scheme, _, rest = database_url.partition("://")
+    _, _, rest = database_url.partition("://")
     return f"postgresql+psycopg://{rest}"
 
 

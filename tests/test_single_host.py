@@ -1,0 +1,271 @@
+"""End to end on one host: real ``python main.py`` processes against the fake Bot API."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import BOT_ID, ROOT, TOKEN, BotProcess, have_unshare, wait_until
+from tests.fake_bot_api import FakeBotAPI
+
+Spawn = Callable[..., BotProcess]
+
+
+def start_pair(spawn: Spawn, **env: str) -> tuple[BotProcess, BotProcess]:
+    a = spawn("a", **env)
+    a.wait_mode("active")
+    b = spawn("b", **env)
+    b.wait_mode("passive")
+    return a, b
+
+
+def first_ok_poll_after(fake: FakeBotAPI, tag: str, t0: float) -> float | None:
+    for poll in fake.snapshot_polls():
+        if poll.tag == tag and poll.started >= t0 and poll.outcome in ("ok", "pending"):
+            return poll.started
+    return None
+
+
+def assert_each_answered_once(fake: FakeBotAPI, message_ids: list[int]) -> None:
+    wait_until(lambda: all(fake.replies_to(m) for m in message_ids), 20,
+               message="every /ping to be answered")
+    time.sleep(0.3)  # let a (wrong) second answer arrive if there were one
+    counts = Counter(s.reply_to for s in fake.snapshot_sent() if s.text == "pong")
+    doubled = {m: counts[m] for m in message_ids if counts[m] != 1}
+    assert not doubled, f"answered other than once: {doubled}"
+
+
+def test_two_instances_one_poller(fake: FakeBotAPI, spawn: Spawn) -> None:
+    a, b = start_pair(spawn)
+    pings = [fake.send_user_message(BOT_ID, "/ping") for _ in range(20)]
+    assert_each_answered_once(fake, pings)
+    assert {s.tag for s in fake.snapshot_sent()} == {"a"}
+    assert {p.tag for p in fake.snapshot_polls()} == {"a"}, "the standby must never poll"
+    assert fake.conflicts() == 0
+    health = b.health()
+    assert health is not None and health["mode"] == "passive"
+    assert health["lock"]["holder"]["pid"] == a.pid
+    a.signal(signal.SIGTERM)
+    b.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+    assert b.wait_exit() == 0
+    passive_log = b.log()
+    assert "WARNING" not in passive_log and "ERROR" not in passive_log, passive_log
+    assert passive_log.count("standby: lock held by pid") == 1
+
+
+def test_sigterm_handover_loses_and_doubles_nothing(fake: FakeBotAPI, spawn: Spawn) -> None:
+    a, b = start_pair(spawn)
+    sent: list[int] = []
+    stop = threading.Event()
+
+    def user() -> None:
+        while not stop.is_set():
+            sent.append(fake.send_user_message(BOT_ID, "/ping"))
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=user)
+    writer.start()
+    wait_until(lambda: len(sent) > 20, message="pings before the handover")
+    t_term = time.time()
+    a.signal(signal.SIGTERM)
+    first = wait_until(lambda: first_ok_poll_after(fake, "b", t_term), 5, message="standby polls")
+    wait_until(lambda: len(sent) > 60, message="pings after the handover")
+    stop.set()
+    writer.join()
+    assert a.wait_exit() == 0
+    gap = first - t_term
+    print(f"\nSIGTERM handover: standby's first getUpdates {gap * 1000:.1f} ms after SIGTERM")
+    assert gap < 0.5
+    assert_each_answered_once(fake, sent)
+    assert fake.conflicts() == 0
+    tags = {s.tag for s in fake.snapshot_sent()}
+    assert tags == {"a", "b"}, tags
+    b.signal(signal.SIGTERM)
+    assert b.wait_exit() == 0
+
+
+def test_sigkill_with_handlers_in_flight_loses_nothing(fake: FakeBotAPI, spawn: Spawn) -> None:
+    a, _b = start_pair(spawn)
+    fake.send_delay = 0.2  # every handler's reply takes 0.2 s
+    pings = [fake.send_user_message(BOT_ID, "/ping") for _ in range(8)]
+    wait_until(lambda: fake.sending_now > 0, message="handlers in flight")
+    t_kill = time.time()
+    a.signal(signal.SIGKILL)
+    first = wait_until(lambda: first_ok_poll_after(fake, "b", t_kill), 5, message="standby polls")
+    gap = first - t_kill
+    print(f"\nSIGKILL handover: standby's first getUpdates {gap * 1000:.1f} ms after SIGKILL")
+    assert gap < 1.0
+    wait_until(lambda: all(fake.replies_to(m) for m in pings), 20, message="no /ping lost")
+    assert fake.conflicts() == 0
+
+
+def test_stale_pid_file_is_reported_and_replaced(fake: FakeBotAPI, spawn: Spawn,
+                                                 shared_dirs: dict[str, Path]) -> None:
+    a = spawn("a")
+    a.wait_mode("active")
+    a.signal(signal.SIGKILL)
+    a.wait_exit()
+    pid_file = shared_dirs["lock"] / f"solobot-{BOT_ID}.pid"
+    assert pid_file.exists(), "SIGKILL leaves the record behind"
+    b = spawn("b")
+    b.wait_mode("active")
+    assert "stale PID file" in b.log() and "dead" in b.log()
+    pid_file.write_text("{not json")
+    b.signal(signal.SIGKILL)
+    b.wait_exit()
+    pid_file.write_text("{corrupt")
+    c = spawn("c")
+    c.wait_mode("active")
+    assert "corrupt" in c.log()
+
+
+def test_webhook_is_deleted_once_and_polling_starts(fake: FakeBotAPI, spawn: Spawn) -> None:
+    fake.set_webhook(BOT_ID, "https://example.invalid/hook")
+    a = spawn("a")
+    a.wait_mode("active")
+    ping = fake.send_user_message(BOT_ID, "/ping")
+    wait_until(lambda: fake.replies_to(ping), message="reply after deleteWebhook")
+    assert fake.webhook(BOT_ID) == ""
+    assert sum(1 for tag, m, _ in fake.calls if m == "deleteWebhook") == 1
+
+
+def test_webhook_kept_when_opted_out(fake: FakeBotAPI, spawn: Spawn) -> None:
+    fake.set_webhook(BOT_ID, "https://example.invalid/hook")
+    a = spawn("a", DELETE_WEBHOOK_ON_CONFLICT="false")
+    wait_until(lambda: "DELETE_WEBHOOK_ON_CONFLICT=false" in a.log(), message="error line")
+    assert fake.webhook(BOT_ID) == "https://example.invalid/hook"
+    assert not any(m == "deleteWebhook" for _, m, _ in fake.calls)
+
+
+def test_429_retry_after_is_honoured(fake: FakeBotAPI, spawn: Spawn) -> None:
+    a = spawn("a")
+    a.wait_mode("active")
+    fake.set_flood("getUpdates", 1, 2)
+    ping = fake.send_user_message(BOT_ID, "/ping")  # ends the pending poll; the next one floods
+    wait_until(lambda: any(p.outcome == "flood" for p in fake.snapshot_polls()), message="a 429")
+    flood_at = next(p.started for p in fake.snapshot_polls() if p.outcome == "flood")
+    retry = wait_until(lambda: next((p.started for p in fake.snapshot_polls() if p.started > flood_at),
+                                    None), 15, message="the retry after the 429")
+    assert retry - flood_at >= 1.9, f"retried {retry - flood_at:.2f} s after a 429 with retry_after=2"
+    wait_until(lambda: fake.replies_to(ping), 15, message="reply")
+
+
+def test_outside_poller_conflict_backs_off_with_one_warning(fake: FakeBotAPI, spawn: Spawn) -> None:
+    a = spawn("a")
+    a.wait_mode("active")
+    wait_until(lambda: any(p.tag == "a" and p.outcome == "pending" for p in fake.snapshot_polls()),
+               message="a pending poll")
+    # Someone outside solobot polls the same token (a forgotten terminal).
+    import urllib.request
+    urllib.request.urlopen(f"{fake.url('outsider')}/bot{TOKEN}/getUpdates?timeout=0", timeout=10).read()
+    conflict = wait_until(lambda: next((p for p in fake.snapshot_polls()
+                                         if p.tag == "a" and p.outcome == "conflict"), None),
+                          message="a's poll ended with 409")
+    assert conflict.ended is not None
+    retry = wait_until(lambda: next((p.started for p in fake.snapshot_polls()
+                                      if p.tag == "a" and p.started > conflict.ended), None),
+                       15, message="a retries")
+    assert retry - conflict.ended >= 4.9, "backoff starts at 5 s"
+    assert a.log().count("409 Conflict") == 1
+    assert a.mode() == "active"
+
+
+BAD_CONFIGS = [
+    ({"BOT_TOKEN": ""}, "BOT_TOKEN"),
+    ({"BOT_TOKEN": "123456:SHORTSECRETxyz"}, "BOT_TOKEN"),
+    ({"BOT_TOKEN": "notanumber:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"}, "BOT_TOKEN"),
+    ({"HEALTH_PORT": "eighty"}, "HEALTH_PORT"),
+    ({"LOCK_BACKEND": "redis"}, "LOCK_BACKEND"),
+    ({"ADMIN_IDS": "12,abc"}, "ADMIN_IDS"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"LOCK_STALE_SECONDS": "soon"}, "LOCK_STALE_SECONDS"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "variable"), BAD_CONFIGS, ids=[v for _, v in BAD_CONFIGS])
+def test_bad_configuration_exits_78(overrides: dict[str, str], variable: str, tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(tmp_path / "l"),
+           "STATE_DIR": str(tmp_path / "s"), "HEALTH_PORT": "0", **overrides}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=10)
+    elapsed = time.monotonic() - started
+    output = done.stdout + done.stderr
+    assert done.returncode == 78, output
+    assert elapsed < 5
+    assert variable in output
+    assert "Traceback" not in output
+    for secret in ("SHORTSECRETxyz", "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"):
+        assert secret not in output
+
+
+def test_unsafe_lock_dir_exits_78(tmp_path: Path) -> None:
+    lock_dir = tmp_path / "open"
+    lock_dir.mkdir()
+    lock_dir.chmod(0o777)
+    env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(lock_dir),
+           "STATE_DIR": str(tmp_path / "s"), "HEALTH_PORT": "0"}
+    done = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 78
+    assert "world-writable" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_health_port_in_use_is_a_clear_error(fake: FakeBotAPI, spawn: Spawn) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        a = spawn("a", HEALTH_PORT=str(port))
+        assert a.wait_exit() == 1
+    assert f"HEALTH_PORT {port}" in a.log() and "Traceback" not in a.log()
+    assert not fake.snapshot_polls(), "nothing polls when startup fails"
+
+
+def test_token_never_logged(fake: FakeBotAPI, spawn: Spawn) -> None:
+    a = spawn("a", LOG_LEVEL="DEBUG")
+    a.wait_mode("active")
+    ping = fake.send_user_message(BOT_ID, "/ping")
+    wait_until(lambda: fake.replies_to(ping))
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+    secret = TOKEN.partition(":")[2]
+    assert secret not in a.log()
+    assert f"{BOT_ID}:***" in a.log()
+
+
+@pytest.mark.skipif(not have_unshare(), reason="needs unshare with PID namespaces (root)")
+def test_two_pid_namespaces_share_lock_dir(fake: FakeBotAPI, spawn: Spawn) -> None:
+    """Both processes are PID 1 in their own namespace, as in two containers."""
+    ns = ["unshare", "-pf", "--mount-proc"]
+    a = spawn("a", prefix=ns)
+    a.wait_mode("active")
+    b = spawn("b", prefix=ns)
+    b.wait_mode("passive")
+    ha, hb = a.health(), b.health()
+    assert ha is not None and hb is not None
+    assert ha["pid"] == 1 and hb["pid"] == 1
+    assert hb["lock"]["holder"]["instance_id"] == ha["instance_id"]
+    ping = fake.send_user_message(BOT_ID, "/ping")
+    wait_until(lambda: fake.replies_to(ping))
+    # SIGTERM the PID-1 python inside a's namespace (unshare does not forward signals).
+    inner = psutil.Process(a.pid).children()[0]
+    t_term = time.time()
+    inner.send_signal(signal.SIGTERM)
+    wait_until(lambda: first_ok_poll_after(fake, "b", t_term), 5, message="b takes over")
+    assert a.wait_exit() == 0, a.log()
+    assert fake.conflicts() == 0
+    ping2 = fake.send_user_message(BOT_ID, "/ping")
+    wait_until(lambda: fake.replies_to(ping2))
+    assert [s.tag for s in fake.snapshot_sent()] == ["a", "b"]
