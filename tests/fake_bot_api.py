@@ -95,6 +95,7 @@ class FakeBotAPI:
         self.sent: list[Sent] = []
         self.calls: list[tuple[str, str, float]] = []  # (tag, method, at)
         self.flood: dict[str, list[int]] = {}  # method -> [remaining, retry_after]
+        self.flood_chat: dict[str, str] = {}  # method -> only requests to this chat_id
         self.send_delay = 0.0
         self.sending_now = 0
         self.port = 0
@@ -175,8 +176,15 @@ class FakeBotAPI:
     def webhook(self, bot_id: int) -> str:
         return str(self._call(lambda: self._bot(bot_id).webhook))
 
-    def set_flood(self, method: str, count: int, retry_after: int) -> None:
-        self._call(lambda: self.flood.__setitem__(method, [count, retry_after]))
+    def set_flood(self, method: str, count: int, retry_after: int, chat_id: str | None = None) -> None:
+        """The next *count* calls of *method* (to *chat_id*, if given) get 429 retry_after."""
+
+        def arm() -> None:
+            self.flood[method] = [count, retry_after]
+            if chat_id is not None:
+                self.flood_chat[method] = chat_id
+
+        self._call(arm)
 
     def pending_updates(self, bot_id: int) -> int:
         return int(self._call(lambda: len(self._bot(bot_id).updates)))
@@ -261,6 +269,9 @@ class FakeBotAPI:
         with self._lock:
             self.calls.append((tag, method, time.time()))
         flood = self.flood.get(method)
+        wanted_chat = self.flood_chat.get(method)
+        if wanted_chat is not None and str(params.get("chat_id")) != wanted_chat:
+            flood = None
         if flood and flood[0] > 0:
             flood[0] -= 1
             if method == "getUpdates":
