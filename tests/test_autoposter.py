@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import sqlite3
 import time
@@ -76,7 +77,7 @@ def test_failover_publishes_every_post_exactly_once(
     assert [p.text for p in posts] == [f"post {i}" for i in range(1, 9)], "in queue order"
     assert {p.tag for p in posts if p.at > t_stop} == {"b"}, "later ones from the former standby"
     assert all(p.tag == "a" for p in posts if p.at < t_stop)
-    gaps = [round(b2.at - b1.at, 2) for b1, b2 in zip(posts, posts[1:], strict=False)]
+    gaps = [round(b2.at - b1.at, 2) for b1, b2 in itertools.pairwise(posts)]
     print(f"\n{sig.name}: post gaps (s) {gaps}; from b: {sum(p.tag == 'b' for p in posts)}")
     assert all(0.5 <= g <= 2.5 for g in gaps), gaps
     assert all(status == "sent" for _, status, _ in post_rows(shared_dirs["state"]))
