@@ -162,17 +162,18 @@ class LockBackend(abc.ABC):
                     )
                     reported = key
                 continue
-            outcome = await self._fence_holder(holder)
-            if outcome is None:
-                self.fenced_holders += 1
-                log.warning(
-                    "fenced hung holder: instance %s pid %s on %s (heartbeat %.1f s old > %.0f s)",
-                    holder.instance_id, holder.pid, holder.host, holder.heartbeat_age,
-                    self.stale_seconds,
-                )
-            elif reported != key:
-                log.warning("holder %s looks hung but cannot be fenced: %s", key, outcome)
-                reported = key
+            # Log first: fencing frees the lock, and winning it cancels this watcher at once.
+            log.warning(
+                "fencing hung holder: instance %s pid %s on %s (heartbeat %.1f s old > %.0f s)",
+                holder.instance_id, holder.pid, holder.host, holder.heartbeat_age, self.stale_seconds,
+            )
+            self.fenced_holders += 1
+            outcome = await asyncio.shield(self._fence_holder(holder))
+            if outcome is not None:
+                self.fenced_holders -= 1
+                if reported != key:
+                    log.warning("could not fence holder %s: %s", key, outcome)
+                    reported = key
 
     # -- mechanism ---------------------------------------------------------------------------
 

@@ -252,11 +252,7 @@ class StateStore:
     async def _fenced_write(self, conn: AsyncConnection, statement: sa.Executable, epoch: int) -> int:
         result = await conn.execute(statement)
         if result.rowcount == 0:
-            newer = await conn.scalar(
-                sa.select(leader_table.c.epoch).where(leader_table.c.bot_id == self.bot_id)
-            )
-            if newer is not None and int(newer) > epoch:
-                raise FencedError(f"epoch {epoch} is fenced off by epoch {newer}")
+            await self._raise_if_fenced(conn, epoch)
         return int(result.rowcount)
 
     # -- offsets and processed updates ------------------------------------------------------
@@ -283,8 +279,9 @@ class StateStore:
                 epoch,
             )
             if updated == 0:
-                await conn.execute(
-                    sa.insert(offset_table).from_select(
+                inserted = await conn.execute(
+                    sa.insert(offset_table)
+                    .from_select(
                         ["bot_id", "next_offset", "epoch", "updated_at"],
                         sa.select(
                             sa.literal(self.bot_id, sa.BigInteger),
@@ -293,7 +290,10 @@ class StateStore:
                             sa.literal(now, sa.DateTime(timezone=True)),
                         ).where(self._fence(epoch)),
                     )
+                    .returning(offset_table.c.bot_id)
                 )
+                if inserted.first() is None:
+                    await self._raise_if_fenced(conn, epoch)
             await conn.execute(
                 sa.delete(processed_table).where(
                     processed_table.c.bot_id == self.bot_id,
@@ -318,7 +318,8 @@ class StateStore:
         """Record a finished update (fenced), so a later leader never handles it again."""
         async with self.engine.begin() as conn:
             inserted = await conn.execute(
-                sa.insert(processed_table).from_select(
+                sa.insert(processed_table)
+                .from_select(
                     ["bot_id", "update_id", "epoch", "processed_at"],
                     sa.select(
                         sa.literal(self.bot_id, sa.BigInteger),
@@ -333,13 +334,17 @@ class StateStore:
                         ),
                     ),
                 )
+                .returning(processed_table.c.update_id)
             )
-            if inserted.rowcount == 0:
-                newer = await conn.scalar(
-                    sa.select(leader_table.c.epoch).where(leader_table.c.bot_id == self.bot_id)
-                )
-                if newer is not None and int(newer) > epoch:
-                    raise FencedError(f"epoch {epoch} is fenced off by epoch {newer}")
+            if inserted.first() is None:
+                await self._raise_if_fenced(conn, epoch)
+
+    async def _raise_if_fenced(self, conn: AsyncConnection, epoch: int) -> None:
+        newer = await conn.scalar(
+            sa.select(leader_table.c.epoch).where(leader_table.c.bot_id == self.bot_id)
+        )
+        if newer is not None and int(newer) > epoch:
+            raise FencedError(f"epoch {epoch} is fenced off by epoch {newer}")
 
     # -- flags --------------------------------------------------------------------------------
 
@@ -469,11 +474,7 @@ class StateStore:
                 )
             ).first()
             if row is None:
-                newer = await conn.scalar(
-                    sa.select(leader_table.c.epoch).where(leader_table.c.bot_id == self.bot_id)
-                )
-                if newer is not None and int(newer) > epoch:
-                    raise FencedError(f"epoch {epoch} is fenced off by epoch {newer}")
+                await self._raise_if_fenced(conn, epoch)
                 return None
             return self._post(row)
 

@@ -1,0 +1,242 @@
+"""Across hosts: the PostgreSQL backend against the machine's real PostgreSQL, and hung holders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import BOT_ID, DATABASE_URL, ROOT, TOKEN, BotProcess, free_port, wait_until
+from tests.fake_bot_api import FakeBotAPI, Poll
+
+Spawn = Callable[..., BotProcess]
+TABLES = ("solobot_posts", "solobot_flags", "solobot_processed", "solobot_offset", "solobot_leader",
+          "solobot_schema")
+
+
+@pytest.fixture
+def pg() -> Iterator[str]:
+    """The real PostgreSQL, with solobot's tables dropped so each test starts clean."""
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        for table in TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+    yield DATABASE_URL
+
+
+def pg_env(url: str, **extra: str) -> dict[str, str]:
+    return {"LOCK_BACKEND": "postgres", "DATABASE_URL": url, **extra}
+
+
+def polls_of(fake: FakeBotAPI, tag: str, after: float = 0.0) -> list[Poll]:
+    return [p for p in fake.snapshot_polls() if p.tag == tag and p.started >= after]
+
+
+def first_poll(fake: FakeBotAPI, tag: str, after: float) -> float | None:
+    polls = [p.started for p in polls_of(fake, tag, after) if p.outcome in ("ok", "pending")]
+    return polls[0] if polls else None
+
+
+def overlaps(fake: FakeBotAPI, a: str, b: str) -> list[tuple[Poll, Poll]]:
+    """Pairs of getUpdates from *a* and *b* that were in progress at the same moment."""
+    now = time.time()
+    pa, pb = polls_of(fake, a), polls_of(fake, b)
+    return [(x, y) for x in pa for y in pb
+            if x.started < (y.ended or now) and y.started < (x.ended or now)]
+
+
+def test_pg_kill9_gap_and_nothing_lost(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
+    a = spawn("a", **pg_env(pg))
+    a.wait_mode("active")
+    b = spawn("b", **pg_env(pg))
+    b.wait_mode("passive")
+    wait_until(lambda: "standby: lock held by pid" in b.log(), message="b announces its standby once")
+    fake.send_delay = 0.2
+    pings = [fake.send_user_message(BOT_ID, "/ping") for _ in range(6)]
+    wait_until(lambda: fake.sending_now > 0, message="handlers in flight")
+    t_kill = time.time()
+    a.signal(signal.SIGKILL)
+    first = wait_until(lambda: first_poll(fake, "b", t_kill), 5, message="b polls")
+    gap = first - t_kill
+    print(f"\npostgres kill -9: standby's first getUpdates {gap * 1000:.0f} ms after SIGKILL")
+    assert gap <= 1.0
+    wait_until(lambda: all(fake.replies_to(m) for m in pings), 20, message="no /ping lost")
+    assert fake.conflicts() == 0
+    health = b.health()
+    assert health is not None and health["epoch"] == 2 and health["lock"]["backend"] == "postgres"
+
+
+@pytest.mark.parametrize("backend", ["postgres", "file"])
+def test_sigstop_holder_is_fenced_and_never_polls_again(
+    fake: FakeBotAPI, spawn: Spawn, pg: str, backend: str
+) -> None:
+    env = pg_env(pg, LOCK_STALE_SECONDS="3") if backend == "postgres" else {"LOCK_STALE_SECONDS": "3"}
+    a = spawn("a", **env)
+    a.wait_mode("active")
+    b = spawn("b", **env)
+    b.wait_mode("passive")
+    t_stop = time.time()
+    a.signal(signal.SIGSTOP)
+    first = wait_until(lambda: first_poll(fake, "b", t_stop), 10, message="b takes over")
+    takeover = first - t_stop
+    print(f"\n{backend} SIGSTOP takeover: {takeover:.2f} s (LOCK_STALE_SECONDS=3)")
+    assert takeover <= 6.0
+    assert "fencing hung holder" in b.log()
+    t_cont = time.time()
+    a.signal(signal.SIGCONT)
+    ping = fake.send_user_message(BOT_ID, "/ping")
+    wait_until(lambda: fake.replies_to(ping), message="b answers")
+    time.sleep(2.5)  # time for a resumed process to (wrongly) poll again
+    assert polls_of(fake, "a", t_cont) == [], "the resumed process must never poll again"
+    assert [s.tag for s in fake.replies_to(ping)] == ["b"]
+    if backend == "postgres":
+        wait_until(lambda: a.mode() == "passive", 10, message="a steps down to passive")
+        assert "stepped down" in a.log()
+    else:
+        assert a.wait_exit(10) == -signal.SIGKILL, "the file backend fences by killing the recorded process"
+
+
+class TcpProxy:
+    """A TCP proxy to PostgreSQL that a test can cut (every connection closed, new ones refused)."""
+
+    def __init__(self, target_port: int = 5432) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.cut_now = False
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._started.wait(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_now:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.update({writer, up_writer})
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        def do() -> None:
+            self.cut_now = True
+            for w in list(self._writers):
+                transport = w.transport
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    except OSError:
+                        pass
+                transport.abort()
+
+        self._loop.call_soon_threadsafe(do)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def test_partition_from_database_never_two_pollers(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
+    proxy = TcpProxy()
+    try:
+        via_proxy = pg.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        assert via_proxy != pg
+        a = spawn("a", **pg_env(via_proxy))
+        a.wait_mode("active")
+        b = spawn("b", **pg_env(pg))
+        b.wait_mode("passive")
+        ping = fake.send_user_message(BOT_ID, "/ping")
+        wait_until(lambda: fake.replies_to(ping), message="a answers")
+        # Cut while a's long poll is pending: the hard case (a must cancel it in time).
+        wait_until(lambda: any(p.outcome == "pending" for p in polls_of(fake, "a")), message="a long-polling")
+        t_cut = time.time()
+        proxy.cut()
+        first = wait_until(lambda: first_poll(fake, "b", t_cut), 10, message="b takes over")
+        wait_until(lambda: a.mode() == "passive", 10, message="a stops polling and goes passive")
+        last_a = max((p.ended or time.time()) for p in polls_of(fake, "a"))
+        print(f"\npartition: a's last getUpdates ended {(last_a - t_cut) * 1000:.0f} ms after the cut, "
+              f"b's first began {(first - t_cut) * 1000:.0f} ms after it")
+        ping2 = fake.send_user_message(BOT_ID, "/ping")
+        wait_until(lambda: fake.replies_to(ping2), message="b answers")
+        assert overlaps(fake, "a", "b") == [], "two pollers at once"
+        assert fake.conflicts() == 0
+        assert last_a <= first
+    finally:
+        proxy.stop()
+
+
+def test_status_command_ready_and_metrics(fake: FakeBotAPI, spawn: Spawn, pg: str, tmp_path: Path) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BOT_TOKEN": TOKEN, **pg_env(pg),
+           "STATE_DIR": str(tmp_path / "s")}
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "main.py"), "status"], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=20)
+
+    none = status()
+    assert none.returncode == 3, none.stdout + none.stderr
+    assert "no active holder" in none.stdout
+    a = spawn("a", **pg_env(pg))
+    a.wait_mode("active")
+    b = spawn("b", **pg_env(pg))
+    b.wait_mode("passive")
+    held = status()
+    assert held.returncode == 0, held.stderr
+    info = json.loads(held.stdout)
+    assert info["pid"] == a.pid and info["epoch"] == 1 and info["heartbeat_age_s"] < 3
+    assert a.get("/ready")[0] == 200
+    code, body = b.get("/ready")
+    assert code == 503 and b"passive" in body
+    code, metrics = a.get("/metrics")
+    assert code == 200
+    text = metrics.decode()
+    assert 'solobot_mode{mode="active"} 1.0' in text and "solobot_epoch 1.0" in text
+    assert "solobot_handler_seconds_bucket" in text
+    with psycopg.connect(pg, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid "
+                           "WHERE l.locktype = 'advisory' AND l.granted "
+                           "AND s.application_name = %s", (f"solobot-lock-{BOT_ID}",)).fetchone()
+    assert row is not None and row[0] == 1, "the runbook's pg_locks query finds exactly one holder"
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+    b.wait_mode("active")
+    assert json.loads(status().stdout)["pid"] == b.pid
+
+
+def test_database_down_at_start_stays_passive_and_says_why(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    a = spawn("a", **pg_env(dead))
+    wait_until(lambda: (a.health() or {}).get("passive_reason", "") and
+               "unavailable" in str((a.health() or {}).get("passive_reason")), 15, message="reason in /health")
+    assert a.mode() == "passive"
+    assert fake.snapshot_polls() == []
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
