@@ -132,47 +132,55 @@ class LeadershipController:
     async def run(self) -> None:
         """The one watcher: contend, lead, lose or stop, repeat."""
         self._set_mode(Mode.PASSIVE, f"standby, waiting for the {self.backend.name} lock")
-        announced = False
         while not self._stop.is_set():
-            acquire = asyncio.create_task(self.backend.acquire(), name="solobot-acquire")
-            if not announced:
-                # Say once who we wait for; then stay quiet until something changes.
-                await asyncio.wait({acquire}, timeout=0.2)
-                if not acquire.done():
-                    holder = await self.holder()
-                    who = (
-                        f"held by pid {holder.pid} on {holder.host} (instance {holder.instance_id})"
-                        if holder else "held by another instance"
-                    )
-                    log.info("standby: lock %s; waiting quietly", who)
-                announced = True
-            lease = await self._until_stop(acquire)
+            lease = await self._acquire_until_stop()
             if lease is None:
                 break
             await self._lead(lease)
-            announced = False
         self._set_mode(Mode.STOPPING, "shutting down")
 
-    async def _until_stop(self, task: asyncio.Task[Lease]) -> Lease | None:
-        stopper = asyncio.create_task(self._stop.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if task in done:
+    async def _acquire_until_stop(self) -> Lease | None:
+        """Wait for the lock (announced once); a failing backend is retried with backoff, quietly."""
+        announced = False
+        failing = False
+        delay = 1.0
+        while not self._stop.is_set():
+            acquire = asyncio.create_task(self.backend.acquire(), name="solobot-acquire")
+            stopper = asyncio.create_task(self._stop.wait())
+            if not announced:
+                # Say once who we wait for; then stay quiet until something changes.
+                done, _ = await asyncio.wait({acquire, stopper}, timeout=0.2,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    holder = await self.holder()
+                    who = (f"held by pid {holder.pid} on {holder.host} (instance {holder.instance_id})"
+                           if holder else "held by another instance")
+                    log.info("standby: lock %s; waiting quietly", who)
+                announced = True
+            await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not acquire.done():
+                acquire.cancel()
+                await asyncio.gather(acquire, return_exceptions=True)
+                if acquire.done() and not acquire.cancelled() and acquire.exception() is None:
+                    # Acquired in the same instant we were told to stop: let go at once.
+                    await self.backend.release(clean=True)
+                return None
             try:
-                return task.result()
+                return acquire.result()
             except Exception as exc:  # noqa: BLE001 - e.g. database down: stay passive, retry
                 self.passive_reason = f"cannot acquire the lock: {exc}"
-                log.warning("lock acquisition failed (%s); retrying in 2 s", exc)
+                if not failing:
+                    log.warning("cannot acquire the %s lock (%s); staying passive and retrying with "
+                                "backoff", self.backend.name, exc)
+                    failing = True
+                else:
+                    log.debug("lock acquisition retry in %.0f s: %s", delay, exc)
                 try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=2.0)
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
                 except TimeoutError:
                     pass
-                return await self._until_stop(asyncio.create_task(self.backend.acquire()))
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        if task.done() and not task.cancelled() and task.exception() is None:
-            # Acquired in the same instant we were told to stop: let go at once.
-            await self.backend.release(clean=True)
+                delay = min(delay * 2, 30.0)
         return None
 
     async def _lead(self, lease: Lease) -> None:

@@ -1,0 +1,171 @@
+"""Deployment: systemd units verified, sd_notify over a real socket, PID 1, Docker files checked."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import ROOT, BotProcess, have_unshare, wait_until
+
+Spawn = Callable[..., BotProcess]
+UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+
+
+def unit_settings(path: Path) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_systemd_analyze_verify_is_clean(unit: Path, tmp_path: Path) -> None:
+    assert shutil.which("systemd-analyze"), ".ci/run installs systemd"
+    # verify insists that ExecStart exists: point the install paths at this checkout.
+    text = (unit.read_text()
+            .replace("/opt/solobot/.venv/bin/python", str(Path(sys.executable).resolve()))
+            .replace("/opt/solobot/main.py", str(ROOT / "main.py"))
+            .replace("WorkingDirectory=/opt/solobot", f"WorkingDirectory={ROOT}"))
+    name = unit.name.replace("@.service", "@demo.service")
+    (tmp_path / name).write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "" and done.stderr.strip() == "", done.stderr
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_unit_properties(unit: Path) -> None:
+    s = unit_settings(unit)
+    assert s["Type"] == "notify" and s["Restart"] == "on-failure"
+    assert s["RestartPreventExitStatus"] == "78" and s["KillMode"] == "mixed"
+    assert int(s["TimeoutStopSec"]) > 8, "above the default SHUTDOWN_TIMEOUT"
+    assert "WatchdogSec" in s and s["RuntimeDirectory"].startswith("solobot")
+    assert s["StateDirectory"].startswith("solobot") and s["EnvironmentFile"].startswith("/etc/solobot/")
+    assert s["User"] == "solobot"
+    for hardening in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
+        assert s[hardening] == "yes"
+    assert s["ProtectSystem"] == "strict"
+    if "@" in unit.name:
+        assert "%i" in s["EnvironmentFile"] and "%i" in s["RuntimeDirectory"]
+
+
+class NotifySocket:
+    """An AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, str]] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                break
+            self.messages.append((time.monotonic(), data.decode()))
+        return [m for _, m in self.messages]
+
+
+def test_sd_notify_ready_status_watchdog_stopping(spawn: Spawn, tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    a = spawn("a", NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000")
+    wait_until(lambda: "READY=1" in notify.drain(), 20, message="READY=1")
+    ready_at = next(t for t, m in notify.messages if m == "READY=1")
+    wait_until(lambda: any(m.startswith("STATUS=active") for m in notify.drain()), 10, message="STATUS active")
+    def pings_within_3s() -> list[float]:
+        notify.drain()
+        return [t for t, m in notify.messages if m == "WATCHDOG=1" and t - ready_at <= 3.0]
+
+    wait_until(lambda: len(pings_within_3s()) >= 2 or time.monotonic() - ready_at > 3.2, 5)
+    assert len(pings_within_3s()) >= 2, notify.messages
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+    messages = notify.drain()
+    assert "STOPPING=1" in messages
+    statuses = [m for m in messages if m.startswith("STATUS=")]
+    assert statuses[0].startswith("STATUS=passive") and any(s.startswith("STATUS=stopping") for s in statuses)
+    assert messages.index("READY=1") < messages.index("STOPPING=1")
+
+
+def test_no_watchdog_without_watchdog_usec(spawn: Spawn, tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "n.sock")
+    a = spawn("a", NOTIFY_SOCKET=str(notify.path))
+    wait_until(lambda: "READY=1" in notify.drain(), 20, message="READY=1")
+    time.sleep(1.2)
+    assert "WATCHDOG=1" not in notify.drain()
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+
+
+@pytest.mark.skipif(not have_unshare(), reason="needs unshare with PID namespaces (root)")
+def test_pid1_in_new_namespace_stops_cleanly(spawn: Spawn) -> None:
+    """As in a container: python is PID 1, which ignores signals it has no handler for."""
+    a = spawn("a", prefix=["unshare", "-pf", "--mount-proc"])
+    a.wait_mode("active")
+    health = a.health()
+    assert health is not None and health["pid"] == 1
+    psutil.Process(a.pid).children()[0].send_signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+    assert "shutdown complete" in a.log()
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_properties() -> None:
+    ins = dockerfile_instructions()
+    keys = [k for k, _ in ins]
+    assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", dict(ins)["FROM"])
+    user = [v for k, v in ins if k == "USER"]
+    assert user and not user[-1].startswith(("root", "0"))
+    copies = [i for i, (k, v) in enumerate(ins) if k == "COPY"]
+    pip = next(i for i, (k, v) in enumerate(ins) if k == "RUN" and "pip install" in v)
+    assert ins[copies[0]][1].startswith("requirements.txt"), "dependencies in their own layer"
+    assert copies[0] < pip < copies[1], "requirements, then install, then the code"
+    entry = json.loads(dict(ins)["ENTRYPOINT"])
+    assert entry[0] == "python" and entry[1] == "main.py", "exec form: python is PID 1"
+    assert dict(ins)["STOPSIGNAL"] == "SIGTERM"
+    health = dict(ins)["HEALTHCHECK"]
+    cmd = json.loads(health[health.index("CMD") + 3:].strip())
+    assert cmd[0] == "python" and "curl" not in health and "/health" in health
+    assert keys.index("USER") < keys.index("ENTRYPOINT")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".git" in ignored and ".env" in ignored and ".venv" in ignored
+
+
+def test_compose_properties() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    pg = compose["services"]["postgres"]
+    assert "healthcheck" in pg and any("/var/lib/postgresql/data" in v for v in pg["volumes"])
+    bot = compose["services"]["bot"]
+    assert bot["deploy"]["replicas"] == 2
+    assert bot["environment"]["LOCK_BACKEND"] == "postgres" and "postgres:5432" in bot["environment"]["DATABASE_URL"]
+    assert bot["depends_on"]["postgres"]["condition"] == "service_healthy"
+    grace = int(str(bot["stop_grace_period"]).rstrip("s"))
+    assert grace > 8, "above SHUTDOWN_TIMEOUT"
+    assert "pgdata" in compose["volumes"]
