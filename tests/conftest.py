@@ -40,6 +40,27 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def first_poll_after(fake: FakeBotAPI, tag: str, t0: float) -> float | None:
+    """When the server got *tag*'s first (non-failing) getUpdates at or after *t0*."""
+    for poll in fake.snapshot_polls():
+        if poll.tag == tag and poll.started >= t0 and poll.outcome in ("ok", "pending"):
+            return poll.started
+    return None
+
+
+def sigkill_mid_handlers(fake: FakeBotAPI, victim: BotProcess, standby_tag: str,
+                         pings: int = 8) -> tuple[float, list[int]]:
+    """SIGKILL *victim* while 0.2 s handlers run; return (gap to the standby's first poll, ping ids)."""
+    fake.send_delay = 0.2  # every handler's reply takes 0.2 s
+    sent = [fake.send_user_message(BOT_ID, "/ping") for _ in range(pings)]
+    wait_until(lambda: fake.sending_now > 0, message="handlers in flight")
+    t_kill = time.time()
+    victim.signal(signal.SIGKILL)
+    first = wait_until(lambda: first_poll_after(fake, standby_tag, t_kill), 5, message="the standby polls")
+    wait_until(lambda: all(fake.replies_to(m) for m in sent), 20, message="no /ping lost")
+    return first - t_kill, sent
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

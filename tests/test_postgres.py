@@ -17,7 +17,17 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import BOT_ID, DATABASE_URL, ROOT, TOKEN, BotProcess, free_port, wait_until
+from tests.conftest import (
+    BOT_ID,
+    DATABASE_URL,
+    ROOT,
+    TOKEN,
+    BotProcess,
+    first_poll_after,
+    free_port,
+    sigkill_mid_handlers,
+    wait_until,
+)
 from tests.fake_bot_api import FakeBotAPI, Poll
 
 Spawn = Callable[..., BotProcess]
@@ -42,11 +52,6 @@ def polls_of(fake: FakeBotAPI, tag: str, after: float = 0.0) -> list[Poll]:
     return [p for p in fake.snapshot_polls() if p.tag == tag and p.started >= after]
 
 
-def first_poll(fake: FakeBotAPI, tag: str, after: float) -> float | None:
-    polls = [p.started for p in polls_of(fake, tag, after) if p.outcome in ("ok", "pending")]
-    return polls[0] if polls else None
-
-
 def overlaps(fake: FakeBotAPI, a: str, b: str) -> list[tuple[Poll, Poll]]:
     """Pairs of getUpdates from *a* and *b* that were in progress at the same moment."""
     now = time.time()
@@ -61,16 +66,9 @@ def test_pg_kill9_gap_and_nothing_lost(fake: FakeBotAPI, spawn: Spawn, pg: str) 
     b = spawn("b", **pg_env(pg))
     b.wait_mode("passive")
     wait_until(lambda: "standby: lock held by pid" in b.log(), message="b announces its standby once")
-    fake.send_delay = 0.2
-    pings = [fake.send_user_message(BOT_ID, "/ping") for _ in range(6)]
-    wait_until(lambda: fake.sending_now > 0, message="handlers in flight")
-    t_kill = time.time()
-    a.signal(signal.SIGKILL)
-    first = wait_until(lambda: first_poll(fake, "b", t_kill), 5, message="b polls")
-    gap = first - t_kill
+    gap, _ = sigkill_mid_handlers(fake, a, "b", pings=6)
     print(f"\npostgres kill -9: standby's first getUpdates {gap * 1000:.0f} ms after SIGKILL")
     assert gap <= 1.0
-    wait_until(lambda: all(fake.replies_to(m) for m in pings), 20, message="no /ping lost")
     assert fake.conflicts() == 0
     health = b.health()
     assert health is not None and health["epoch"] == 2 and health["lock"]["backend"] == "postgres"
@@ -87,7 +85,7 @@ def test_sigstop_holder_is_fenced_and_never_polls_again(
     b.wait_mode("passive")
     t_stop = time.time()
     a.signal(signal.SIGSTOP)
-    first = wait_until(lambda: first_poll(fake, "b", t_stop), 10, message="b takes over")
+    first = wait_until(lambda: first_poll_after(fake, "b", t_stop), 10, message="b takes over")
     takeover = first - t_stop
     print(f"\n{backend} SIGSTOP takeover: {takeover:.2f} s (LOCK_STALE_SECONDS=3)")
     assert takeover <= 6.0
@@ -179,7 +177,7 @@ def test_partition_from_database_never_two_pollers(fake: FakeBotAPI, spawn: Spaw
         wait_until(lambda: any(p.outcome == "pending" for p in polls_of(fake, "a")), message="a long-polling")
         t_cut = time.time()
         proxy.cut()
-        first = wait_until(lambda: first_poll(fake, "b", t_cut), 10, message="b takes over")
+        first = wait_until(lambda: first_poll_after(fake, "b", t_cut), 10, message="b takes over")
         wait_until(lambda: a.mode() == "passive", 10, message="a stops polling and goes passive")
         last_a = max((p.ended or time.time()) for p in polls_of(fake, "a"))
         print(f"\npartition: a's last getUpdates ended {(last_a - t_cut) * 1000:.0f} ms after the cut, "

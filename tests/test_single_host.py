@@ -15,7 +15,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import BOT_ID, ROOT, TOKEN, BotProcess, have_unshare, wait_until
+from tests.conftest import (
+    BOT_ID,
+    ROOT,
+    TOKEN,
+    BotProcess,
+    first_poll_after,
+    have_unshare,
+    sigkill_mid_handlers,
+    wait_until,
+)
 from tests.fake_bot_api import FakeBotAPI
 
 Spawn = Callable[..., BotProcess]
@@ -27,13 +36,6 @@ def start_pair(spawn: Spawn, **env: str) -> tuple[BotProcess, BotProcess]:
     b = spawn("b", **env)
     b.wait_mode("passive")
     return a, b
-
-
-def first_ok_poll_after(fake: FakeBotAPI, tag: str, t0: float) -> float | None:
-    for poll in fake.snapshot_polls():
-        if poll.tag == tag and poll.started >= t0 and poll.outcome in ("ok", "pending"):
-            return poll.started
-    return None
 
 
 def assert_each_answered_once(fake: FakeBotAPI, message_ids: list[int]) -> None:
@@ -79,7 +81,7 @@ def test_sigterm_handover_loses_and_doubles_nothing(fake: FakeBotAPI, spawn: Spa
     wait_until(lambda: len(sent) > 20, message="pings before the handover")
     t_term = time.time()
     a.signal(signal.SIGTERM)
-    first = wait_until(lambda: first_ok_poll_after(fake, "b", t_term), 5, message="standby polls")
+    first = wait_until(lambda: first_poll_after(fake, "b", t_term), 5, message="standby polls")
     wait_until(lambda: len(sent) > 60, message="pings after the handover")
     stop.set()
     writer.join()
@@ -97,16 +99,9 @@ def test_sigterm_handover_loses_and_doubles_nothing(fake: FakeBotAPI, spawn: Spa
 
 def test_sigkill_with_handlers_in_flight_loses_nothing(fake: FakeBotAPI, spawn: Spawn) -> None:
     a, _b = start_pair(spawn)
-    fake.send_delay = 0.2  # every handler's reply takes 0.2 s
-    pings = [fake.send_user_message(BOT_ID, "/ping") for _ in range(8)]
-    wait_until(lambda: fake.sending_now > 0, message="handlers in flight")
-    t_kill = time.time()
-    a.signal(signal.SIGKILL)
-    first = wait_until(lambda: first_ok_poll_after(fake, "b", t_kill), 5, message="standby polls")
-    gap = first - t_kill
+    gap, _ = sigkill_mid_handlers(fake, a, "b")
     print(f"\nSIGKILL handover: standby's first getUpdates {gap * 1000:.1f} ms after SIGKILL")
     assert gap < 1.0
-    wait_until(lambda: all(fake.replies_to(m) for m in pings), 20, message="no /ping lost")
     assert fake.conflicts() == 0
 
 
@@ -263,9 +258,27 @@ def test_two_pid_namespaces_share_lock_dir(fake: FakeBotAPI, spawn: Spawn) -> No
     inner = psutil.Process(a.pid).children()[0]
     t_term = time.time()
     inner.send_signal(signal.SIGTERM)
-    wait_until(lambda: first_ok_poll_after(fake, "b", t_term), 5, message="b takes over")
+    wait_until(lambda: first_poll_after(fake, "b", t_term), 5, message="b takes over")
     assert a.wait_exit() == 0, a.log()
     assert fake.conflicts() == 0
     ping2 = fake.send_user_message(BOT_ID, "/ping")
     wait_until(lambda: fake.replies_to(ping2))
     assert [s.tag for s in fake.snapshot_sent()] == ["a", "b"]
+
+
+def test_status_command_file_backend(fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]) -> None:
+    env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(shared_dirs["lock"]),
+           "STATE_DIR": str(shared_dirs["state"])}
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "main.py"), "status"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=20)
+
+    assert status().returncode == 3
+    a = spawn("a")
+    a.wait_mode("active")
+    held = status()
+    assert held.returncode == 0 and f'"pid": {a.pid}' in held.stdout
+    a.signal(signal.SIGKILL)
+    a.wait_exit()
+    assert status().returncode == 3, "a PID file left by a dead process is not an active holder"
