@@ -135,8 +135,12 @@ class App:
         autoposter = "off (no CHANNEL_ID)"
         if self.autoposter is not None:
             autoposter = self.autoposter.state
-            if await self.autoposter.is_paused():
-                autoposter = "paused"
+            try:
+                # /health must answer even when the state database does not.
+                if await asyncio.wait_for(self.autoposter.is_paused(), timeout=1.0):
+                    autoposter = "paused"
+            except Exception as exc:  # noqa: BLE001
+                autoposter += f" (pause flag unknown: {type(exc).__name__})"
         return {
             "status": "ok",
             **snap,

@@ -207,3 +207,19 @@ def test_missed_slots_give_one_catch_up_not_a_burst(
     later = [p for p in channel_posts(fake) if p.at > restarted]
     assert later[1].at - later[0].at >= 0.8, "one catch-up, then back on schedule (no burst)"
     assert "catch-up post now" in b.log()
+
+
+def test_sigterm_mid_send_finishes_and_marks_the_post(
+    fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]
+) -> None:
+    a = spawn("a", **POSTER)
+    a.wait_mode("active")
+    queue_paused(fake, 1)
+    fake.send_delay = 1.0  # the channel send is slow: SIGTERM lands in the middle of it
+    fake.send_user_message(BOT_ID, "/resume", user_id=ADMIN_ID)
+    wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sending"], 15, message="sending")
+    wait_until(lambda: fake.sending_now >= 1, message="the send in flight")
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+    assert [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"]
+    assert [p.text for p in channel_posts(fake)] == ["post 1"]

@@ -113,7 +113,7 @@ async def test_waiter_wakes_when_holder_releases(tmp_path: Path) -> None:
     released = time.monotonic()
     a.release()
     await asyncio.wait_for(waiter, 2)
-    assert time.monotonic() - released < 0.1
+    assert time.monotonic() - released < 0.5  # typically ~1 ms: no polling
     b.release()
 
 
@@ -134,7 +134,7 @@ async def test_waiter_wakes_when_holder_process_dies(tmp_path: Path) -> None:
     holder.kill()
     holder.wait()
     await asyncio.wait_for(waiter, 2)
-    assert time.monotonic() - killed < 0.2
+    assert time.monotonic() - killed < 0.5  # typically a few ms
     b.release()
 
 

@@ -158,8 +158,16 @@ class TcpProxy:
 
         self._loop.call_soon_threadsafe(do)
 
+    def restore(self) -> None:
+        self.cut_now = False
+
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        def close_all() -> None:
+            for w in list(self._writers):
+                w.transport.abort()
+            self._loop.stop()
+
+        self._loop.call_soon_threadsafe(close_all)
 
 
 def test_partition_from_database_never_two_pollers(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
@@ -240,3 +248,45 @@ def test_database_down_at_start_stays_passive_and_says_why(fake: FakeBotAPI, spa
     assert fake.snapshot_polls() == []
     a.signal(signal.SIGTERM)
     assert a.wait_exit() == 0
+
+
+def test_autoposter_across_hosts_and_reactivation_in_the_same_process(
+    fake: FakeBotAPI, spawn: Spawn, pg: str
+) -> None:
+    """Posts in PostgreSQL: a partitioned leader hands the queue over; later the same process leads again."""
+    from tests.test_autoposter import CHANNEL, admin_says, channel_posts
+
+    poster = {"CHANNEL_ID": CHANNEL, "POST_INTERVAL": "1"}
+    proxy = TcpProxy()
+    try:
+        a = spawn("a", **pg_env(pg.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")), **poster)
+        a.wait_mode("active")
+        b = spawn("b", **pg_env(pg), **poster)
+        b.wait_mode("passive")
+        admin_says(fake, "/pause", expect="Paused")
+        for i in range(1, 10):
+            admin_says(fake, f"/post post {i}", expect="Queued post")
+        admin_says(fake, "/resume", expect="Resumed")
+        wait_until(lambda: len(channel_posts(fake)) >= 2, 15, message="a posts")
+        proxy.cut()
+        wait_until(lambda: a.mode() == "passive" and b.mode() == "active", 15, message="b leads")
+        wait_until(lambda: any(p.tag == "b" for p in channel_posts(fake)), 15, message="b posts")
+        proxy.restore()
+        b.signal(signal.SIGTERM)
+        assert b.wait_exit() == 0
+        wait_until(lambda: a.mode() == "active", 60, message="the same process a leads again")
+        wait_until(lambda: len(channel_posts(fake)) >= 9, 30, message="all nine posts")
+        time.sleep(1.5)
+        posts = channel_posts(fake)
+        texts = [p.text for p in posts]
+        assert sorted(texts, key=lambda t: int(str(t).split()[1])) == [f"post {i}" for i in range(1, 10)], texts
+        tags = [p.tag for p in posts]
+        assert tags[0] == "a" and "b" in tags and tags[-1] == "a", tags
+        assert a.log().count("autoposter running") == 2
+        with psycopg.connect(pg) as conn:
+            statuses = [r[0] for r in conn.execute("SELECT status FROM solobot_posts ORDER BY id")]
+        assert statuses == ["sent"] * 9, "a SIGTERM mid-send finishes and marks the post (never uncertain)"
+        ping = fake.send_user_message(BOT_ID, "/ping")
+        wait_until(lambda: [s.tag for s in fake.replies_to(ping)] == ["a"], message="a polls again")
+    finally:
+        proxy.stop()

@@ -203,7 +203,15 @@ class Autoposter:
         return task
 
     async def _slot(self) -> None:
-        """One schedule slot: at most one post."""
+        """One schedule slot: at most one post.
+
+        APScheduler's executor cancels running jobs on shutdown; a post being sent must instead
+        finish and be marked before the lock goes, so the work runs as our own tracked task
+        (awaited by :meth:`stop`), shielded from that cancellation.
+        """
+        await asyncio.shield(self._track(self._serve_slot()))
+
+    async def _serve_slot(self) -> None:
         epoch = self.epoch
         if not epoch:
             return
@@ -217,7 +225,7 @@ class Autoposter:
         if await self.is_paused():
             log.debug("slot skipped: paused")
             return
-        await self._track(self._publish(None))
+        await self._publish(None)
 
     async def _publish(self, post_id: int | None) -> Post | None:
         async with self._publish_lock:
