@@ -68,6 +68,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.instance_id = uuid.uuid4().hex[:12]
+        self.exit_code = EXIT_OK
         self.shutdown = ShutdownManager(deadline=settings.shutdown_timeout,
                                         callback_timeout=settings.drain_timeout + 2)
         self.store = StateStore.create(settings.database_url, settings.state_dir, settings.bot_id)
@@ -81,6 +82,7 @@ class App:
             self.bot, self.dp, self.store,
             verify_lease=self.backend.verify,
             step_down=self._step_down,
+            on_fatal=self._fatal,
             polling_timeout=settings.polling_timeout,
             concurrency=settings.handler_concurrency,
             drain_timeout=settings.drain_timeout,
@@ -119,6 +121,11 @@ class App:
 
     def _step_down(self, reason: str) -> None:
         self.controller.step_down(reason)
+
+    def _fatal(self, reason: str) -> None:
+        """A problem no retry fixes (revoked token): stop with exit 78 so systemd does not loop."""
+        self.exit_code = EX_CONFIG
+        self.shutdown.request(reason)
 
     def _on_mode(self, mode: Mode, detail: str) -> None:
         self.metrics.on_mode(mode)
@@ -209,6 +216,8 @@ class App:
             sd.request("leadership watcher ended")
         stopper.cancel()
         errors = await sd.run()
+        if self.exit_code != EXIT_OK:
+            return self.exit_code
         return EXIT_OK if not errors else EXIT_FAILURE
 
     async def _prepare_store(self) -> None:

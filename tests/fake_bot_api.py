@@ -97,6 +97,7 @@ class FakeBotAPI:
         self.flood: dict[str, list[int]] = {}  # method -> [remaining, retry_after]
         self.flood_chat: dict[str, str] = {}  # method -> only requests to this chat_id
         self.send_delay = 0.0
+        self.revoked: set[str] = set()  # tokens answered with 401
         self.sending_now = 0
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -262,12 +263,12 @@ class FakeBotAPI:
         method = request.match_info["method"]
         tag = request.match_info.get("tag", "")
         bot_id_text, _, secret = token.partition(":")
-        if not bot_id_text.isdigit() or len(secret) < 30:
+        with self._lock:
+            self.calls.append((tag, method, time.time()))
+        if not bot_id_text.isdigit() or len(secret) < 30 or token in self.revoked:
             return self._error(401, "Unauthorized")
         state = self._bot(int(bot_id_text))
         params = await self._params(request)
-        with self._lock:
-            self.calls.append((tag, method, time.time()))
         flood = self.flood.get(method)
         wanted_chat = self.flood_chat.get(method)
         if wanted_chat is not None and str(params.get("chat_id")) != wanted_chat:

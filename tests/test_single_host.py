@@ -282,3 +282,12 @@ def test_status_command_file_backend(fake: FakeBotAPI, spawn: Spawn, shared_dirs
     a.signal(signal.SIGKILL)
     a.wait_exit()
     assert status().returncode == 3, "a PID file left by a dead process is not an active holder"
+
+
+def test_revoked_token_stops_with_exit_78(fake: FakeBotAPI, spawn: Spawn) -> None:
+    fake.revoked.add(TOKEN)
+    a = spawn("a")
+    assert a.wait_exit(20) == 78
+    assert "401" in a.log() and "Traceback" not in a.log()
+    assert len([p for p in fake.calls if p[1] == "getUpdates"]) == 1, "no retry loop on a rejected token"
+    assert TOKEN.partition(":")[2] not in a.log()

@@ -231,3 +231,9 @@ class LeadershipController:
         if not self._stop.is_set():
             self.passive_reason = reason
             self._set_mode(Mode.PASSIVE, f"stepped down ({reason}); contending again")
+            if not voluntary:
+                # Whatever made us step down may still hold; never contend in a tight loop.
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass

@@ -27,10 +27,12 @@ from typing import Any, TypeVar
 
 from aiogram import Bot, Dispatcher
 from aiogram.exceptions import (
+    ClientDecodeError,
     TelegramConflictError,
     TelegramNetworkError,
     TelegramRetryAfter,
     TelegramServerError,
+    TelegramUnauthorizedError,
 )
 from aiogram.methods import DeleteWebhook, GetUpdates, TelegramMethod
 from aiogram.types import Update
@@ -50,7 +52,8 @@ log = logging.getLogger("solobot.polling")
 T = TypeVar("T")
 
 CONFLICT_WAIT = wait_exponential(multiplier=5, min=5, max=300) + wait_random(0, 2)
-TRANSIENT_ERRORS = (TelegramNetworkError, TelegramServerError, asyncio.TimeoutError, OSError)
+# A proxy answering HTML (ClientDecodeError) is as transient as a dropped connection.
+TRANSIENT_ERRORS = (TelegramNetworkError, TelegramServerError, ClientDecodeError, TimeoutError, OSError)
 IDLE_RECHECK = 0.25  # while a slow handler pins the offset, how often to look for new updates
 
 
@@ -107,6 +110,7 @@ class PollingManager:
         *,
         verify_lease: Callable[[], Awaitable[bool]],
         step_down: Callable[[str], None],
+        on_fatal: Callable[[str], None] | None = None,
         polling_timeout: int = 30,
         concurrency: int = 16,
         drain_timeout: float = 5.0,
@@ -118,6 +122,7 @@ class PollingManager:
         self.store = store
         self.verify_lease = verify_lease
         self.step_down = step_down
+        self.on_fatal = on_fatal or step_down
         self.polling_timeout = polling_timeout
         self.concurrency = concurrency
         self.drain_timeout = drain_timeout
@@ -199,6 +204,10 @@ class PollingManager:
         except LeadershipLost as exc:
             log.warning("stopping polling: %s", exc)
             self.step_down(str(exc))
+        except TelegramUnauthorizedError as exc:
+            # Retrying cannot help and would only hammer Telegram: a configuration problem.
+            log.error("Telegram rejected the token (401 %s): wrong or revoked BOT_TOKEN", exc.message)
+            self.on_fatal("Telegram rejected BOT_TOKEN (401 Unauthorized)")
         except Exception as exc:
             log.exception("polling loop failed")
             self.step_down(f"polling failed: {exc}")
