@@ -80,7 +80,7 @@ def test_failover_publishes_every_post_exactly_once(
     gaps = [round(b2.at - b1.at, 2) for b1, b2 in itertools.pairwise(posts)]
     print(f"\n{sig.name}: post gaps (s) {gaps}; from b: {sum(p.tag == 'b' for p in posts)}")
     assert all(0.5 <= g <= 2.5 for g in gaps), gaps
-    assert all(status == "sent" for _, status, _ in post_rows(shared_dirs["state"]))
+    wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"] * 8, message="all marked sent")
     if sig == signal.SIGTERM:
         assert a.wait_exit() == 0
 
@@ -183,7 +183,7 @@ def test_rate_limited_post_waits_retry_after(fake: FakeBotAPI, spawn: Spawn, sha
     fake.send_user_message(BOT_ID, "/resume", user_id=ADMIN_ID)
     wait_until(lambda: channel_posts(fake), 15, message="the post after the 429")
     assert channel_posts(fake)[0].at - resumed >= 2.0
-    assert [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"]
+    wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"], message="marked sent")
 
 
 def test_missed_slots_give_one_catch_up_not_a_burst(

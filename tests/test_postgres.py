@@ -283,9 +283,12 @@ def test_autoposter_across_hosts_and_reactivation_in_the_same_process(
         tags = [p.tag for p in posts]
         assert tags[0] == "a" and "b" in tags and tags[-1] == "a", tags
         assert a.log().count("autoposter running") == 2
-        with psycopg.connect(pg) as conn:
-            statuses = [r[0] for r in conn.execute("SELECT status FROM solobot_posts ORDER BY id")]
-        assert statuses == ["sent"] * 9, "a SIGTERM mid-send finishes and marks the post (never uncertain)"
+        def statuses() -> list[str]:
+            with psycopg.connect(pg) as conn:
+                return [r[0] for r in conn.execute("SELECT status FROM solobot_posts ORDER BY id")]
+
+        # A SIGTERM mid-send finishes and marks the post: never uncertain.
+        wait_until(lambda: statuses() == ["sent"] * 9, message=f"all nine marked sent: {statuses()}")
         ping = fake.send_user_message(BOT_ID, "/ping")
         wait_until(lambda: [s.tag for s in fake.replies_to(ping)] == ["a"], message="a polls again")
     finally:
