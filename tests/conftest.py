@@ -61,6 +61,16 @@ def sigkill_mid_handlers(fake: FakeBotAPI, victim: BotProcess, standby_tag: str,
     return first - t_kill, sent
 
 
+def start_pair(spawn: Callable[..., BotProcess], **env: str) -> tuple[BotProcess, BotProcess]:
+    """Instance "a" active, then "b" waiting as its standby."""
+    a = spawn("a", **env)
+    a.wait_mode("active")
+    b = spawn("b", **env)
+    b.wait_mode("passive")
+    wait_until(lambda: "standby: lock held by pid" in b.log(), message="b announces its standby")
+    return a, b
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

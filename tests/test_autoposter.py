@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADMIN_ID, BOT_ID, BotProcess, wait_until
+from tests.conftest import ADMIN_ID, BOT_ID, BotProcess, start_pair, wait_until
 from tests.fake_bot_api import FakeBotAPI, Sent
 
 Spawn = Callable[..., BotProcess]
@@ -57,10 +57,7 @@ def queue_paused(fake: FakeBotAPI, count: int) -> None:
 def test_failover_publishes_every_post_exactly_once(
     fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path], sig: signal.Signals
 ) -> None:
-    a = spawn("a", **POSTER)
-    a.wait_mode("active")
-    b = spawn("b", **POSTER)
-    b.wait_mode("passive")
+    a, _b = start_pair(spawn, **POSTER)
     queue_paused(fake, 8)
     admin_says(fake, "/resume", expect="Resumed")
     wait_until(lambda: len(channel_posts(fake)) >= 3, 15, message="three posts")
@@ -137,10 +134,7 @@ def test_admin_commands(fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, P
 def test_interrupted_send_is_uncertain_and_reported(
     fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]
 ) -> None:
-    a = spawn("a", **POSTER)
-    a.wait_mode("active")
-    b = spawn("b", **POSTER)
-    b.wait_mode("passive")
+    a, b = start_pair(spawn, **POSTER)
     queue_paused(fake, 2)
     fake.send_delay = 2.0  # the channel send hangs: kill it midway
     fake.send_user_message(BOT_ID, "/resume", user_id=ADMIN_ID)

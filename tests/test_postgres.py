@@ -26,6 +26,7 @@ from tests.conftest import (
     first_poll_after,
     free_port,
     sigkill_mid_handlers,
+    start_pair,
     wait_until,
 )
 from tests.fake_bot_api import FakeBotAPI, Poll
@@ -61,11 +62,8 @@ def overlaps(fake: FakeBotAPI, a: str, b: str) -> list[tuple[Poll, Poll]]:
 
 
 def test_pg_kill9_gap_and_nothing_lost(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
-    a = spawn("a", **pg_env(pg))
-    a.wait_mode("active")
-    b = spawn("b", **pg_env(pg))
-    b.wait_mode("passive")
-    wait_until(lambda: "standby: lock held by pid" in b.log(), message="b announces its standby once")
+    a, b = start_pair(spawn, **pg_env(pg))
+    assert b.log().count("standby: lock held by pid") == 1
     gap, _ = sigkill_mid_handlers(fake, a, "b", pings=6)
     print(f"\npostgres kill -9: standby's first getUpdates {gap * 1000:.0f} ms after SIGKILL")
     assert gap <= 1.0
@@ -79,10 +77,7 @@ def test_sigstop_holder_is_fenced_and_never_polls_again(
     fake: FakeBotAPI, spawn: Spawn, pg: str, backend: str
 ) -> None:
     env = pg_env(pg, LOCK_STALE_SECONDS="3") if backend == "postgres" else {"LOCK_STALE_SECONDS": "3"}
-    a = spawn("a", **env)
-    a.wait_mode("active")
-    b = spawn("b", **env)
-    b.wait_mode("passive")
+    a, b = start_pair(spawn, **env)
     t_stop = time.time()
     a.signal(signal.SIGSTOP)
     first = wait_until(lambda: first_poll_after(fake, "b", t_stop), 10, message="b takes over")
@@ -212,10 +207,7 @@ def test_status_command_ready_and_metrics(fake: FakeBotAPI, spawn: Spawn, pg: st
     none = status()
     assert none.returncode == 3, none.stdout + none.stderr
     assert "no active holder" in none.stdout
-    a = spawn("a", **pg_env(pg))
-    a.wait_mode("active")
-    b = spawn("b", **pg_env(pg))
-    b.wait_mode("passive")
+    a, b = start_pair(spawn, **pg_env(pg))
     held = status()
     assert held.returncode == 0, held.stderr
     info = json.loads(held.stdout)

@@ -23,19 +23,12 @@ from tests.conftest import (
     first_poll_after,
     have_unshare,
     sigkill_mid_handlers,
+    start_pair,
     wait_until,
 )
 from tests.fake_bot_api import FakeBotAPI
 
 Spawn = Callable[..., BotProcess]
-
-
-def start_pair(spawn: Spawn, **env: str) -> tuple[BotProcess, BotProcess]:
-    a = spawn("a", **env)
-    a.wait_mode("active")
-    b = spawn("b", **env)
-    b.wait_mode("passive")
-    return a, b
 
 
 def assert_each_answered_once(fake: FakeBotAPI, message_ids: list[int]) -> None:

@@ -95,6 +95,10 @@ class InstanceLock:
         self.pid_path = self.lock_dir / f"solobot-{key}.pid"
         self._lock: filelock.UnixFileLock | None = None
         self._record: HolderRecord | None = None
+        # Fixed for the life of the process; read once, not at every heartbeat.
+        self._start_time = process_start_time(os.getpid()) or 0.0
+        self._host = socket.gethostname()
+        self._pid_ns = current_pid_ns()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -223,9 +227,9 @@ class InstanceLock:
         started = self._record.started_at if self._record else now
         return HolderRecord(
             pid=pid,
-            start_time=process_start_time(pid) or 0.0,
-            host=socket.gethostname(),
-            pid_ns=current_pid_ns(),
+            start_time=self._start_time,
+            host=self._host,
+            pid_ns=self._pid_ns,
             instance_id=self.instance_id,
             started_at=started,
             epoch=epoch,

@@ -72,7 +72,6 @@ class LeadershipController:
         self._step_down_reason = ""
         self._task: asyncio.Task[None] | None = None
         self._holder_cache: HolderInfo | None = None
-        self.became_active = asyncio.Event()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -200,7 +199,6 @@ class LeadershipController:
                 started.append(role)
             self.handovers += 1
             self._set_mode(Mode.ACTIVE, f"leading with epoch {lease.epoch}")
-            self.became_active.set()
             stop = asyncio.create_task(self._stop.wait())
             step = asyncio.create_task(self._step_down.wait())
             done, _ = await asyncio.wait({hold, stop, step}, return_when=asyncio.FIRST_COMPLETED)
@@ -216,7 +214,6 @@ class LeadershipController:
         finally:
             hold.cancel()
             await asyncio.gather(hold, return_exceptions=True)
-            self.became_active.clear()
             if voluntary:
                 self._set_mode(Mode.STOPPING, "stopping active work")
             for role in reversed(started):

@@ -82,7 +82,6 @@ class PollingStats:
 
     def __init__(self) -> None:
         self.last_ok: float | None = None  # monotonic time of the last good getUpdates
-        self.last_ok_wall: float | None = None
         self.conflicts = 0
         self.updates_processed = 0
         self.updates_skipped = 0
@@ -303,7 +302,6 @@ class PollingManager:
             log.info("getUpdates works again")
             self._transient_failing = False
         self.stats.last_ok = time.monotonic()
-        self.stats.last_ok_wall = time.time()
         return list(updates)
 
     async def _before_transient_retry(self, state: RetryCallState) -> None:
@@ -325,7 +323,6 @@ class PollingManager:
             done_before = await self.store.processed_among(u.update_id for u in fresh)
             for update in fresh:
                 uid = update.update_id
-                self._max_seen = uid if self._max_seen is None else max(self._max_seen, uid)
                 if uid in done_before:
                     # Finished by an earlier leader that died before confirming it.
                     self.stats.updates_skipped += 1
@@ -342,9 +339,9 @@ class PollingManager:
                 await asyncio.wait_for(self._changed.wait(), timeout=IDLE_RECHECK)
             except TimeoutError:
                 pass
-        for update in updates:
-            uid = update.update_id
-            self._max_seen = uid if self._max_seen is None else max(self._max_seen, uid)
+        if updates:
+            newest = max(u.update_id for u in updates)
+            self._max_seen = newest if self._max_seen is None else max(self._max_seen, newest)
 
     async def _handle(self, update: Update) -> None:
         uid = update.update_id
