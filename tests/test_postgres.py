@@ -157,12 +157,17 @@ class TcpProxy:
         self.cut_now = False
 
     def stop(self) -> None:
-        def close_all() -> None:
+        async def close_all() -> None:
             for w in list(self._writers):
                 w.transport.abort()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._loop.stop()
 
-        self._loop.call_soon_threadsafe(close_all)
+        asyncio.run_coroutine_threadsafe(close_all(), self._loop)
+        self._thread.join(5)
 
 
 def test_partition_from_database_never_two_pollers(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
@@ -279,8 +284,14 @@ def test_autoposter_across_hosts_and_reactivation_in_the_same_process(
             with psycopg.connect(pg) as conn:
                 return [r[0] for r in conn.execute("SELECT status FROM solobot_posts ORDER BY id")]
 
-        # A SIGTERM mid-send finishes and marks the post: never uncertain.
-        wait_until(lambda: statuses() == ["sent"] * 9, message=f"all nine marked sent: {statuses()}")
+        # The cut may fall between a's send and its mark: that post is 'uncertain' (sent once,
+        # admins told), never re-sent. Everything else is 'sent'. (b's SIGTERM mid-send is
+        # covered deterministically by test_sigterm_mid_send_finishes_and_marks_the_post.)
+        wait_until(lambda: "sending" not in statuses() and "queued" not in statuses(), message="all settled")
+        final = statuses()
+        assert final.count("sent") >= 8 and set(final) <= {"sent", "uncertain"}, final
+        if "uncertain" in final:
+            assert any(s.text and "may or may not" in s.text for s in fake.snapshot_sent())
         ping = fake.send_user_message(BOT_ID, "/ping")
         wait_until(lambda: [s.tag for s in fake.replies_to(ping)] == ["a"], message="a polls again")
     finally:
