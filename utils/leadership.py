@@ -114,7 +114,7 @@ class LeadershipController:
         for listener in self._listeners:
             try:
                 listener(mode, detail)
-            except Exception:
+            except Exception:  # a listener must not break leadership
                 log.exception("mode listener failed")
 
     def step_down(self, reason: str) -> None:
@@ -208,7 +208,7 @@ class LeadershipController:
                 reason, voluntary = hold.result(), False
             elif step in done:
                 reason, voluntary = self._step_down_reason, False
-        except Exception as exc:
+        except Exception as exc:  # a role failed to start: step down, retry later
             log.exception("could not start active roles")
             reason, voluntary = f"start failed: {exc}", False
         finally:
@@ -221,7 +221,7 @@ class LeadershipController:
                     await asyncio.wait_for(
                         role.stop(voluntary=voluntary), timeout=self.role_stop_timeout
                     )
-                except Exception:
+                except Exception:  # release the lock regardless
                     log.exception("stopping %s failed", role.name)
             await self.backend.release(clean=voluntary)
             self.epoch = 0

@@ -145,7 +145,7 @@ class LockBackend(abc.ABC):
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
                 holder = await self.holder()
-            except Exception:
+            except Exception:  # e.g. the database is down; keep waiting
                 log.debug("could not read the holder", exc_info=True)
                 continue
             if holder is None or holder.heartbeat_age is None:

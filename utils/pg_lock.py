@@ -139,7 +139,7 @@ class PostgresLockBackend(LockBackend):
             await asyncio.wait_for(
                 conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,)), timeout=2
             )
-        except Exception:
+        except Exception:  # closing the session releases it anyway
             log.debug("advisory unlock failed; closing the session releases it", exc_info=True)
         await self._close_quietly(conn)
 

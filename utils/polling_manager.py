@@ -207,7 +207,7 @@ class PollingManager:
             # Retrying cannot help and would only hammer Telegram: a configuration problem.
             log.error("Telegram rejected the token (401 %s): wrong or revoked BOT_TOKEN", exc.message)
             self.on_fatal("Telegram rejected BOT_TOKEN (401 Unauthorized)")
-        except Exception as exc:
+        except Exception as exc:  # unexpected: step down rather than die
             log.exception("polling loop failed")
             self.step_down(f"polling failed: {exc}")
         finally:
@@ -353,7 +353,7 @@ class PollingManager:
                     await self.bot(result)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # a handler bug must not stop polling
                 log.exception("handler for update %d failed", uid)
             try:
                 await self.store.mark_processed(uid, self._epoch)

@@ -122,6 +122,6 @@ class ShutdownManager:
         except TimeoutError as exc:
             self.errors.append((entry.name, exc))
             log.error("shutdown: %s timed out after %.1f s", entry.name, timeout)
-        except Exception as exc:
+        except Exception as exc:  # collect and go on, like aiohttp's runner
             self.errors.append((entry.name, exc))
             log.exception("shutdown: %s failed", entry.name)
