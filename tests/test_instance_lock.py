@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -104,17 +105,22 @@ def test_corrupt_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     lock.release()
 
 
+async def assert_waiter_wakes_promptly(waiter_lock: InstanceLock, free_the_lock: Callable[[], object]) -> None:
+    """*waiter_lock* waits while the lock is held, then gets it within 0.5 s of *free_the_lock*."""
+    waiter = asyncio.create_task(waiter_lock.acquire())
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    freed = time.monotonic()
+    free_the_lock()
+    await asyncio.wait_for(waiter, 2)
+    assert time.monotonic() - freed < 0.5  # typically a few ms: a blocked flock, no polling
+    waiter_lock.release()
+
+
 async def test_waiter_wakes_when_holder_releases(tmp_path: Path) -> None:
     a, b = make(tmp_path, "a"), make(tmp_path, "b")
     assert a.try_acquire()
-    waiter = asyncio.create_task(b.acquire())
-    await asyncio.sleep(0.2)
-    assert not waiter.done()
-    released = time.monotonic()
-    a.release()
-    await asyncio.wait_for(waiter, 2)
-    assert time.monotonic() - released < 0.5  # typically ~1 ms: no polling
-    b.release()
+    await assert_waiter_wakes_promptly(b, a.release)
 
 
 async def test_waiter_wakes_when_holder_process_dies(tmp_path: Path) -> None:
@@ -126,16 +132,12 @@ async def test_waiter_wakes_when_holder_process_dies(tmp_path: Path) -> None:
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    b = InstanceLock(lock_dir, "123456", "b")
-    waiter = asyncio.create_task(b.acquire())
-    await asyncio.sleep(0.2)
-    assert not waiter.done()
-    killed = time.monotonic()
-    holder.kill()
-    holder.wait()
-    await asyncio.wait_for(waiter, 2)
-    assert time.monotonic() - killed < 0.5  # typically a few ms
-    b.release()
+
+    def kill_holder() -> None:
+        holder.kill()
+        holder.wait()
+
+    await assert_waiter_wakes_promptly(InstanceLock(lock_dir, "123456", "b"), kill_holder)
 
 
 async def test_waiting_can_be_cancelled(tmp_path: Path) -> None:
