@@ -15,7 +15,7 @@ from aiogram import F, Router
 from aiogram.filters import Command, CommandObject, CommandStart
 from aiogram.types import Message
 
-from utils.autoposter import Autoposter, PostRejected
+from utils.autoposter.role import Autoposter, PostRejected
 
 log = logging.getLogger("solobot.bot")
 

@@ -10,51 +10,44 @@ Exit codes: 0 clean stop, 1 runtime failure (e.g. health port in use), 2 usage,
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 import sys
-import time
-import uuid
-from typing import Any
 
-from aiogram import Bot, Dispatcher
-from aiogram.client.session.aiohttp import AiohttpSession
-from aiogram.client.telegram import TelegramAPIServer
-from dotenv import load_dotenv
+from utils.ops.bootstrap import EarlyStop, prepare
 
-import bot as bot_module
-from utils.autoposter import Autoposter
-from utils.config import EX_CONFIG, ConfigError, Settings, load_settings
-from utils.health import HealthPortError, HealthServer
-from utils.instance_lock import InstanceLock, LockSetupError
-from utils.leadership import LeadershipController, Mode
-from utils.lock_backend import FileLockBackend, LockBackend
-from utils.logging_setup import configure_logging
-from utils.metrics import Metrics
-from utils.pg_lock import PostgresLockBackend
-from utils.polling_manager import PollingManager
-from utils.sd_notify import SystemdNotifier
-from utils.shutdown_manager import ShutdownManager
-from utils.state_store import StateStore
+# Before anything heavy: a container's PID 1 must honour SIGTERM from its first instruction, and a
+# bad configuration must exit 78 without paying for aiogram's imports (utils/ops/bootstrap.py).
+EARLY_STOP = EarlyStop.install()
+PREPARED = prepare(sys.argv, __doc__ or "") if __name__ == "__main__" else None
+if isinstance(PREPARED, int):
+    sys.exit(PREPARED)
+
+import asyncio  # noqa: E402 - deliberately after the bootstrap above
+import logging  # noqa: E402
+import signal  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from aiogram import Bot, Dispatcher  # noqa: E402
+from aiogram.client.session.aiohttp import AiohttpSession  # noqa: E402
+from aiogram.client.telegram import TelegramAPIServer  # noqa: E402
+
+import bot as bot_module  # noqa: E402
+from utils.autoposter.role import Autoposter  # noqa: E402
+from utils.config import EX_CONFIG, Settings  # noqa: E402
+from utils.locking.controller import LeadershipController, Mode  # noqa: E402
+from utils.locking.factory import make_backend  # noqa: E402
+from utils.locking.instance_lock import LockSetupError  # noqa: E402
+from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
+from utils.ops.metrics import Metrics  # noqa: E402
+from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
+from utils.ops.shutdown import ShutdownManager  # noqa: E402
+from utils.state.store import StateStore  # noqa: E402
+from utils.updates.polling import PollingManager  # noqa: E402
 
 log = logging.getLogger("solobot")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_HOLDER = 0, 1, 2, 3
-
-
-def make_backend(settings: Settings, store: StateStore, instance_id: str) -> LockBackend:
-    common: dict[str, Any] = dict(
-        instance_id=instance_id,
-        stale_seconds=settings.lock_stale_seconds,
-        takeover=settings.lock_takeover,
-    )
-    if settings.lock_backend == "postgres":
-        assert settings.database_url is not None
-        return PostgresLockBackend(settings.database_url, settings.bot_id, store, **common)
-    lock = InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id)
-    lock.prepare()
-    return FileLockBackend(lock, store, **common)
+EXIT_OK, EXIT_FAILURE = 0, 1
 
 
 def make_bot(settings: Settings) -> Bot:
@@ -180,9 +173,12 @@ class App:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def serve(self) -> int:
+    async def serve(self, early_signal: Callable[[], signal.Signals | None] = lambda: None) -> int:
         sd = self.shutdown
         sd.install_signal_handlers()
+        received = early_signal()
+        if received is not None:  # arrived between the bootstrap and the loop's handlers
+            sd.request(f"received {received.name}")
         # Registered in creation order; they run in reverse (LIFO) at shutdown.
         sd.register("close bot session", self.bot.session.close)
         sd.register("close state store", self.store.close)
@@ -242,41 +238,11 @@ class App:
         await watcher
 
 
-async def status_command(settings: Settings) -> int:
-    """``python main.py status``: who is active for the configured backend."""
-    store = StateStore.create(settings.database_url, settings.state_dir, settings.bot_id)
-    backend = make_backend(settings, store, "status-query")
+def run(command: str, settings: Settings) -> int:
     try:
-        holder = await backend.holder()
-        active = holder is not None and await backend.holder_is_live(holder)
-    finally:
-        await backend.close()
-        await store.close()
-    if holder is None or not active:
-        print(f"no active holder (backend {backend.name})")
-        return EXIT_NO_HOLDER
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.since)) if holder.since else "?"
-    print(json.dumps({"backend": backend.name, **holder.as_dict(), "since_text": since}))
-    return EXIT_OK
-
-
-def main(argv: list[str]) -> int:
-    load_dotenv(override=False)
-    command = argv[1] if len(argv) > 1 else "run"
-    if command not in ("run", "status") or len(argv) > 2:
-        print(__doc__, file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"solobot: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    configure_logging(settings.log_level, settings.log_format,
-                      token=settings.bot_token, database_url=settings.database_url)
-    try:
-        if command == "status":
-            return asyncio.run(status_command(settings))
-        return asyncio.run(App(settings).serve())
+        app = App(settings)
+        EARLY_STOP.hand_over()
+        return asyncio.run(app.serve(early_signal=lambda: EARLY_STOP.received))
     except LockSetupError as exc:
         log.error("%s", exc)
         return EX_CONFIG
@@ -286,4 +252,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    assert PREPARED is not None
+    sys.exit(run(*PREPARED))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.instance_lock import InstanceLock, LockSetupError, process_start_time
+from utils.locking.instance_lock import InstanceLock, LockSetupError, process_start_time
 
 
 def make(tmp_path: Path, name: str = "i1") -> InstanceLock:
@@ -127,7 +127,7 @@ async def test_waiter_wakes_when_holder_process_dies(tmp_path: Path) -> None:
     lock_dir = tmp_path / "locks"
     root = str(Path(__file__).parent.parent)
     code = (f"import sys, time; sys.path.insert(0, {root!r})\n"
-            "from utils.instance_lock import InstanceLock\n"
+            "from utils.locking.instance_lock import InstanceLock\n"
             f"l = InstanceLock({str(lock_dir)!r}, '123456', 'holder'); l.prepare(); assert l.try_acquire()\n"
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220

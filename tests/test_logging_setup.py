@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from tests.conftest import TOKEN
-from utils.logging_setup import configure_logging
+from utils.ops.logging_setup import configure_logging
 
 
 def test_json_lines_and_masking(capsys: pytest.CaptureFixture[str]) -> None:

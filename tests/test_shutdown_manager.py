@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from utils.shutdown_manager import EXIT_FORCED, ShutdownManager
+from utils.ops.shutdown import EXIT_FORCED, ShutdownManager
 
 
 async def test_lifo_sync_and_async_and_failures_collected() -> None:
@@ -53,7 +53,7 @@ async def test_overall_deadline() -> None:
 SCRIPT = r"""
 import asyncio, sys
 sys.path.insert(0, sys.argv[1])
-from utils.shutdown_manager import ShutdownManager
+from utils.ops.shutdown import ShutdownManager
 async def main():
     sd = ShutdownManager(deadline=30, callback_timeout=30)
     sd.install_signal_handlers()

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import DATABASE_URL
 from tests.test_postgres import TABLES
-from utils.state_store import FencedError, StateStore
+from utils.state.store import FencedError, StateStore
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

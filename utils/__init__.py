@@ -1,1 +1,30 @@
-"""The lifecycle kit of solobot: one concern per module (see docs/architecture.md)."""
+"""The machinery of solobot, in sub-packages by concern (see docs/architecture.md).
+
+``from utils import InstanceLock, ShutdownManager, PollingManager`` works; the names are imported
+lazily (PEP 562) so that ``import utils.config`` does not pay for aiogram's imports: a container's
+PID 1 must install its signal handlers and validate the configuration within milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from utils.locking.instance_lock import InstanceLock
+    from utils.ops.shutdown import ShutdownManager
+    from utils.updates.polling import PollingManager
+
+__all__ = ["InstanceLock", "PollingManager", "ShutdownManager"]
+
+_HOMES = {
+    "InstanceLock": "utils.locking.instance_lock",
+    "ShutdownManager": "utils.ops.shutdown",
+    "PollingManager": "utils.updates.polling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'utils' has no attribute {name!r}")

@@ -25,8 +25,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from utils.lock_backend import HEARTBEAT_INTERVAL, HolderInfo, LockBackend
-from utils.state_store import StateStore
+from utils.locking.backend import HEARTBEAT_INTERVAL, HolderInfo, LockBackend
+from utils.state.store import StateStore
 
 log = logging.getLogger("solobot.lock")
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from utils.leadership import Mode
+from utils.locking.controller import Mode
 
 if TYPE_CHECKING:
     from main import App

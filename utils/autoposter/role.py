@@ -38,8 +38,8 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from utils.lock_backend import Lease
-from utils.state_store import FencedError, Post, StateStore
+from utils.locking.backend import Lease
+from utils.state.store import FencedError, Post, StateStore
 
 log = logging.getLogger("solobot.autoposter")
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from utils.lock_backend import HolderInfo, Lease, LockBackend
+from utils.locking.backend import HolderInfo, Lease, LockBackend
 
 log = logging.getLogger("solobot.leadership")
 

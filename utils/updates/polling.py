@@ -44,8 +44,8 @@ from tenacity import (
     wait_random,
 )
 
-from utils.lock_backend import Lease
-from utils.state_store import FencedError, StateStore
+from utils.locking.backend import Lease
+from utils.state.store import FencedError, StateStore
 
 log = logging.getLogger("solobot.polling")
 

@@ -1,0 +1,1 @@
+"""Who leads: the lock policy, its mechanisms (file, PostgreSQL), the lease and the controller."""

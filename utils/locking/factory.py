@@ -1,0 +1,26 @@
+"""The configured lock backend, built in one place (the bot and ``main.py status`` share it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from utils.config import Settings
+from utils.locking.backend import LockBackend
+from utils.locking.file_backend import FileLockBackend
+from utils.locking.instance_lock import InstanceLock
+from utils.locking.postgres_backend import PostgresLockBackend
+from utils.state.store import StateStore
+
+
+def make_backend(settings: Settings, store: StateStore, instance_id: str) -> LockBackend:
+    common: dict[str, Any] = dict(
+        instance_id=instance_id,
+        stale_seconds=settings.lock_stale_seconds,
+        takeover=settings.lock_takeover,
+    )
+    if settings.lock_backend == "postgres":
+        assert settings.database_url is not None
+        return PostgresLockBackend(settings.database_url, settings.bot_id, store, **common)
+    lock = InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id)
+    lock.prepare()
+    return FileLockBackend(lock, store, **common)

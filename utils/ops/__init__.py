@@ -1,0 +1,1 @@
+"""Running it in production: health, metrics, systemd notify, logging, shutdown."""

@@ -1,0 +1,74 @@
+"""What runs before the heavy imports: signals from the first instruction, configuration, logging.
+
+A container's PID 1 gets no default signal actions: the kernel drops a SIGTERM that PID 1 has no
+handler for. aiogram, SQLAlchemy and APScheduler take seconds to import in a slim image, so the
+handlers are installed first, from this stdlib-only module, and a stop that arrives during the
+imports ends the process at once with exit 0 (nothing was acquired yet). Once the event loop runs,
+:class:`utils.ops.shutdown.ShutdownManager` takes the signals over and is told about any that
+arrived in between. The configuration is validated here too, so exit 78 costs no heavy import.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+from utils.config import EX_CONFIG, ConfigError, Settings, load_settings
+from utils.ops.logging_setup import configure_logging
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class EarlyStop:
+    """SIGTERM/SIGINT from the first instruction until the event loop's handlers take over."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._abort = True  # while nothing is acquired, a signal ends the process at once
+
+    @classmethod
+    def install(cls) -> EarlyStop:
+        early = cls()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, early._on_signal)
+        return early
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        if self._abort:
+            print(f"solobot: {self.received.name} before startup finished; exiting",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_OK)
+
+    def hand_over(self) -> None:
+        """From now on only record signals: the caller is about to install its own handlers."""
+        self._abort = False
+
+
+def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
+    """Parse the command line, load and validate the configuration, set up logging.
+
+    Returns ``(command, settings)`` to run the bot, or the exit code to stop with: a usage error,
+    a bad configuration, or the outcome of ``status`` (which needs nothing heavy).
+    """
+    command = argv[1] if len(argv) > 1 else "run"
+    if command not in ("run", "status") or len(argv) > 2:
+        print(usage, file=sys.stderr)
+        return EXIT_USAGE
+    from dotenv import load_dotenv
+
+    load_dotenv(override=False)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"solobot: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(settings.log_level, settings.log_format,
+                      token=settings.bot_token, database_url=settings.database_url)
+    if command == "status":
+        from utils.ops.status import run_status  # no aiogram: a status check stays quick
+
+        return run_status(settings)
+    return command, settings

@@ -1,0 +1,1 @@
+"""Durable state: schema, fencing and one repository per concern. All SQL lives here."""

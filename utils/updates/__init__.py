@@ -1,0 +1,1 @@
+"""Updates from Telegram to handlers: fetching, the durable inbox, per-chat workers."""
