@@ -1,0 +1,64 @@
+"""Counters of the update pipeline, read at scrape time by /health and /metrics.
+
+Everything here is bounded: counters and a fixed-bucket histogram, never a list that only a
+scrape would empty (with ``HEALTH_PORT=0`` nothing ever scrapes).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+HANDLER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class DurationHistogram:
+    """Cumulative-ready histogram: per-bucket counts (last bucket is +Inf), sum and count."""
+
+    buckets: tuple[float, ...] = HANDLER_BUCKETS
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``[(upper_bound, count <= bound), ..., (inf, count)]`` as Prometheus wants it."""
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+@dataclass
+class UpdateStats:
+    """What the pipeline has done since the process started (all instances of it, every term)."""
+
+    polling: bool = False  # a fetch loop is running now
+    last_ok: float | None = None  # monotonic time of the last successful getUpdates
+    conflicts: int = 0  # 409s seen by getUpdates
+    fetched: int = 0  # updates received from Telegram
+    handled: int = 0  # handlers finished (whatever they returned or raised)
+    handler_errors: int = 0  # handlers that raised
+    duplicates: int = 0  # updates skipped because the inbox already had them
+    redelivered: int = 0  # updates handled with attempt > 1
+    inbox_waiting: int = 0  # updates held by this leader, not yet done
+    errors: dict[str, int] = field(default_factory=dict)  # getUpdates failures by kind
+    handler_seconds: DurationHistogram = field(default_factory=DurationHistogram)
+
+    def seconds_since_ok(self) -> float | None:
+        return None if self.last_ok is None else round(time.monotonic() - self.last_ok, 3)
+
+    def count_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
