@@ -79,13 +79,61 @@ async def cmd_status(message: Message, admin_ids: frozenset[int], status: Status
 
 # -- autoposter admin commands --------------------------------------------------------------
 
+REFUSAL = "Sorry, only the bot's admins can manage posts."
+#: At most this many users are remembered per day; once full, newcomers are not answered at all,
+#: so a flood of fresh accounts can neither grow the memory nor make the bot reply in kind.
+MAX_REFUSED_PER_DAY = 10_000
+
+
+def utc_today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+class OncePerDay:
+    """Who has had a notice today (UTC): one per user per day, memory dropped when the day turns.
+
+    In memory only, per process: after a handover the new active instance does not know who was
+    told, so a user may get the notice once more that day. Not worth a table.
+    """
+
+    def __init__(
+        self, capacity: int = MAX_REFUSED_PER_DAY, today: Callable[[], dt.date] = utc_today
+    ) -> None:
+        self.capacity = capacity
+        self.today = today
+        self._day: dt.date | None = None
+        self._told: set[int] = set()
+
+    def first_today(self, user_id: int) -> bool:
+        """True if *user_id* has not had the notice today (and records that it now has)."""
+        today = self.today()
+        if today != self._day:
+            self._day, self._told = today, set()
+        if user_id in self._told or len(self._told) >= self.capacity:
+            return False
+        self._told.add(user_id)
+        return True
+
+
+#: Non-admins who sent plain text or a photo and were told today.
+refused_today = OncePerDay()
+
 
 async def _admin_poster(
-    message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None
+    message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None,
+    *, asked: bool = True,
 ) -> Autoposter | None:
-    """The autoposter if *message* comes from an admin and it is on; otherwise answer why not."""
+    """The autoposter if *message* comes from an admin and it is on; otherwise answer why not.
+
+    A non-admin's explicit command (*asked*) is always answered: they asked for something and an
+    unanswered command looks broken. Plain text and photos (*asked* False) are refused at most
+    once a day per user: in a group, or from a chatty user, every message would get the same
+    reply otherwise.
+    """
     if not is_admin(message, admin_ids):
-        await message.answer("Sorry, only the bot's admins can manage posts.")
+        sender = message.from_user.id if message.from_user is not None else message.chat.id
+        if asked or refused_today.first_today(sender):
+            await message.answer(REFUSAL)
         return None
     if autoposter is None:
         await message.answer("The autoposter is off: set CHANNEL_ID and POST_CRON or POST_INTERVAL.")
@@ -169,7 +217,7 @@ async def cmd_schedule(
 
 @router.message(F.photo)
 async def any_photo(message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None) -> None:
-    poster = await _admin_poster(message, admin_ids, autoposter)
+    poster = await _admin_poster(message, admin_ids, autoposter, asked=False)
     if poster is not None and message.photo:
         await _queue_and_answer(
             message, poster, text=message.caption, photo=message.photo[-1].file_id
@@ -178,7 +226,7 @@ async def any_photo(message: Message, admin_ids: frozenset[int], autoposter: Aut
 
 @router.message(F.text & ~F.text.startswith("/"))
 async def any_text(message: Message, admin_ids: frozenset[int], autoposter: Autoposter | None) -> None:
-    poster = await _admin_poster(message, admin_ids, autoposter)
+    poster = await _admin_poster(message, admin_ids, autoposter, asked=False)
     if poster is not None:
         await _queue_and_answer(message, poster, text=message.text, photo=None)
 

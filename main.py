@@ -5,7 +5,7 @@
                               active holder exists, 3 if none
 
 Exit codes: 0 clean stop, 1 runtime failure (e.g. health port in use), 2 usage,
-3 ``status``: no active holder, 78 configuration error, 130 forced by a second signal.
+3 ``status``: no active holder, 78 configuration error, 130 forced by a repeated SIGINT.
 """
 
 from __future__ import annotations
@@ -38,20 +38,34 @@ from utils.config import EX_CONFIG, Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.instance_lock import LockSetupError  # noqa: E402
+from utils.locking.lease import LeaseGate  # noqa: E402
 from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
 from utils.ops.metrics import Metrics  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
+from utils.state.database import DatabaseTarget  # noqa: E402
 from utils.state.store import StateStore  # noqa: E402
+from utils.updates.pipeline import UpdatePipeline  # noqa: E402
 from utils.updates.polling import PollingManager  # noqa: E402
+from utils.updates.stats import UpdateStats  # noqa: E402
 
 log = logging.getLogger("solobot")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+#: A role's stop is bounded by DRAIN_TIMEOUT plus this (the done marks' final flush, closing).
+ROLE_STOP_ALLOWANCE = 2.0
+#: /ready: a successful getUpdates within POLLING_TIMEOUT plus this, or not ready.
+READY_MARGIN = 5.0
+#: /health's database lookups (holder, pause flag) give up after this; they run concurrently.
+HEALTH_LOOKUP_TIMEOUT = 0.4
+#: Releasing the lock after the roles stopped (a database round trip or two).
+RELEASE_ALLOWANCE = 1.0
 
 
-def make_bot(settings: Settings) -> Bot:
+def make_bot(settings: Settings, gate: LeaseGate) -> Bot:
+    """The bot, whose every Bot API call passes the lease gate (none without a valid lease)."""
     session = AiohttpSession(api=TelegramAPIServer.from_base(settings.api_url))
+    session.middleware(gate)
     return Bot(settings.bot_token, session=session)
 
 
@@ -63,22 +77,30 @@ class App:
         self.instance_id = uuid.uuid4().hex[:12]
         self.exit_code = EXIT_OK
         self.shutdown = ShutdownManager(deadline=settings.shutdown_timeout,
-                                        callback_timeout=settings.drain_timeout + 2)
-        self.store = StateStore.create(settings.database_url, settings.state_dir, settings.bot_id)
+                                        callback_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE)
+        self.target = DatabaseTarget.parse(settings.database_url, settings.state_dir)
+        self.store = StateStore.create(self.target, settings.bot_id, self.instance_id)
         self.backend = make_backend(settings, self.store, self.instance_id)
-        self.bot = make_bot(settings)
+        self.gate = LeaseGate()
+        self.bot = make_bot(settings, self.gate)
         self.dp = Dispatcher()
         self.dp.include_router(bot_module.router)
         # Resolved once: only the update types the handlers use (as start_polling would).
         allowed = self.dp.resolve_used_update_types()
+        self.stats = UpdateStats()
+        self.pipeline = UpdatePipeline(
+            self.bot, self.dp, self.store, self.stats,
+            step_down=self._step_down,
+            concurrency=settings.handler_concurrency,
+            drain_timeout=settings.drain_timeout,
+            warn_seconds=settings.handler_warn_seconds,
+            inbox_max=settings.inbox_max,
+        )
         self.polling = PollingManager(
-            self.bot, self.dp, self.store,
-            verify_lease=self.backend.verify,
+            self.bot, self.store, self.pipeline, self.stats,
             step_down=self._step_down,
             on_fatal=self._fatal,
             polling_timeout=settings.polling_timeout,
-            concurrency=settings.handler_concurrency,
-            drain_timeout=settings.drain_timeout,
             delete_webhook=settings.delete_webhook_on_conflict,
             allowed_updates=allowed,
         )
@@ -97,9 +119,10 @@ class App:
         roles: list[Any] = [self.polling] + ([self.autoposter] if self.autoposter else [])
         self.controller = LeadershipController(
             self.backend, roles, instance_id=self.instance_id,
-            role_stop_timeout=settings.drain_timeout + 2,
+            role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
         )
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(controller=self.controller, stats=self.stats, autoposter=self.autoposter,
+                               backend=self.backend)
         self.notifier = SystemdNotifier.from_environment()
         self.controller.add_listener(self._on_mode)
         self.dp["admin_ids"] = settings.admin_ids
@@ -121,7 +144,6 @@ class App:
         self.shutdown.request(reason)
 
     def _on_mode(self, mode: Mode, detail: str) -> None:
-        self.metrics.on_mode(mode)
         words = {Mode.ACTIVE: "active: polling", Mode.PASSIVE: "passive: standby",
                  Mode.STOPPING: "stopping"}[mode]
         self.notifier.notify(f"STATUS={words} ({detail})")
@@ -129,18 +151,18 @@ class App:
     # -- what /health, /ready and /status read -----------------------------------------------
 
     async def status(self) -> dict[str, Any]:
+        """What /health shows. The lookups that need the database run concurrently, each bounded
+        (HEALTH_LOOKUP_TIMEOUT): /health answers in well under a second whatever the database does."""
         snap = self.controller.snapshot()
-        holder = await self.controller.holder()
-        stats = self.polling.stats
+        holder, paused = await asyncio.gather(self.controller.holder(), self._paused_or_error())
+        stats = self.stats
         autoposter = "off (no CHANNEL_ID)"
         if self.autoposter is not None:
             autoposter = self.autoposter.state
-            try:
-                # /health must answer even when the state database does not.
-                if await asyncio.wait_for(self.autoposter.is_paused(), timeout=1.0):
-                    autoposter = "paused"
-            except Exception as exc:  # noqa: BLE001
-                autoposter += f" (pause flag unknown: {type(exc).__name__})"
+            if paused is True:
+                autoposter = "paused"
+            elif isinstance(paused, str):
+                autoposter += f" (pause flag unknown: {paused})"
         return {
             "status": "ok",
             **snap,
@@ -153,22 +175,41 @@ class App:
                 "active": stats.polling,
                 "seconds_since_ok": stats.seconds_since_ok(),
                 "conflicts": stats.conflicts,
-                "updates_processed": stats.updates_processed,
-                "updates_skipped": stats.updates_skipped,
                 "errors": dict(stats.errors),
+            },
+            "updates": {
+                "fetched": stats.fetched,
+                "handled": stats.handled,
+                "handler_errors": stats.handler_errors,
+                "duplicates_skipped": stats.duplicates,
+                "redelivered": stats.redelivered,
+                "waiting": stats.inbox_waiting,
             },
             "autoposter": {"state": autoposter},
         }
 
+    async def _paused_or_error(self) -> bool | str | None:
+        if self.autoposter is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.autoposter.is_paused(), timeout=HEALTH_LOOKUP_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
+            return type(exc).__name__
+
     def ready(self) -> tuple[bool, str]:
+        """200 only while active with a successful getUpdates within POLLING_TIMEOUT + a margin."""
         if not self.controller.is_active:
-            return False, f"{self.controller.mode.value}: {self.controller.passive_reason}"
-        stats = self.polling.stats
+            return False, f"{self.controller.mode.value}: {self.controller.snapshot()['passive_reason']}"
+        stats = self.stats
         since = stats.seconds_since_ok()
         if not stats.polling:
             return False, "active but not polling"
-        if since is not None and since > self.settings.polling_timeout + 30:
-            return False, f"no successful getUpdates for {since:.0f} s"
+        if since is None:
+            return False, "active, but no getUpdates has succeeded yet"
+        if since > self.settings.polling_timeout + READY_MARGIN:
+            failing = self.polling.outage.outage
+            why = f" ({failing.failures} failed attempts)" if failing else ""
+            return False, f"active, but no successful getUpdates for {since:.0f} s{why}"
         return True, "active and polling"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -186,7 +227,6 @@ class App:
         if self.health is not None:
             await self.health.start()
             sd.register("stop health endpoint", self.health.stop)
-        await self._prepare_store()
         if sd.requested:
             await sd.run()
             return EXIT_OK
@@ -195,7 +235,7 @@ class App:
                     lambda: self.dp.emit_shutdown(bot=self.bot, dispatcher=self.dp, bots=[self.bot]))
         watcher = asyncio.create_task(self.controller.run(), name="solobot-leadership")
         sd.register("stop polling, drain, release the lock", lambda: self._stop_controller(watcher),
-                    timeout=self.settings.drain_timeout + 3)
+                    timeout=self.settings.drain_timeout + ROLE_STOP_ALLOWANCE + RELEASE_ALLOWANCE)
         sd.register("notify systemd", lambda: self.notifier.notify("STOPPING=1"))
         self.notifier.notify("READY=1")
         self.notifier.start_watchdog()
@@ -215,23 +255,6 @@ class App:
         if self.exit_code != EXIT_OK:
             return self.exit_code
         return EXIT_OK if not errors else EXIT_FAILURE
-
-    async def _prepare_store(self) -> None:
-        """Apply the schema; a database that is down is retried while /health says why."""
-        delay = 1.0
-        while not self.shutdown.requested:
-            try:
-                await self.store.migrate()
-                return
-            except Exception as exc:  # noqa: BLE001 - e.g. PostgreSQL not up yet
-                self.controller.passive_reason = f"state database unavailable: {exc}"
-                log.warning("state database unavailable (%s); retrying in %.0f s",
-                            type(exc).__name__, delay)
-                try:
-                    await asyncio.wait_for(self.shutdown.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, 30.0)
 
     async def _stop_controller(self, watcher: asyncio.Task[None]) -> None:
         self.controller.request_stop()

@@ -1,4 +1,16 @@
-"""Shared test harness: the fake Bot API, real ``python main.py`` processes, and waiting helpers."""
+"""Shared test harness: the fake Bot API, real ``python main.py`` processes, and waiting helpers.
+
+Two promises the harness keeps for every test:
+
+* **No process outlives the suite.** Every bot starts in its own session (so its own process
+  group) and is stopped by killing the whole group: a wrapper such as ``unshare -pf`` dies with
+  the bot inside it, not instead of it. Every process the tests start inherits
+  :data:`OWNER_VARIABLE` (this pytest process's pid), and at the end of the session
+  :func:`no_process_left_behind` fails the run if one is still alive (and kills it).
+* **Parallel runs (pytest-xdist) do not share a database.** Each worker uses its own database,
+  ``test_<worker id>`` (``test_gw0``, ...), created on first use from a connection to the
+  configured one; advisory locks and tables are per database, so the workers never meet.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +24,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.fake_bot_api import FakeBotAPI
@@ -24,7 +38,134 @@ ROOT = Path(__file__).resolve().parent.parent
 BOT_ID = 123456
 TOKEN = f"{BOT_ID}:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"
 ADMIN_ID = 777
-DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+#: The PostgreSQL the tests use (trust auth); under xdist each worker gets its own database in it.
+BASE_DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+#: ``gw0``, ``gw1``, ... in an xdist worker; unset in a plain run.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+#: Marks every process the tests start (inherited through the environment).
+OWNER_VARIABLE = "SOLOBOT_TEST_OWNER"
+os.environ[OWNER_VARIABLE] = str(os.getpid())
+#: How long a killed process group may take to disappear.
+KILL_WAIT = 10.0
+
+
+def worker_database_url(base_url: str, worker: str) -> str:
+    """*base_url* with the database ``<base name>_<worker>`` (unchanged outside xdist)."""
+    if not worker:
+        return base_url
+    head, _, tail = base_url.rpartition("/")
+    name, question, query = tail.partition("?")
+    return f"{head}/{name}_{worker}{question}{query}"
+
+
+DATABASE_URL = worker_database_url(BASE_DATABASE_URL, XDIST_WORKER)
+
+
+def ensure_database(base_url: str, url: str) -> None:
+    """Create *url*'s database through a connection to *base_url*'s, unless it exists.
+
+    ``TEMPLATE template0``: copying the default template1 fails while anyone is connected to it.
+    """
+    if url == base_url:
+        return
+    import psycopg
+    from psycopg import sql
+
+    name = url.rpartition("/")[2].partition("?")[0]
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            pass  # another run created it at the same moment
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_database() -> str:
+    """This worker's database exists before any test uses :data:`DATABASE_URL`."""
+    import psycopg
+
+    try:
+        ensure_database(BASE_DATABASE_URL, DATABASE_URL)
+    except psycopg.OperationalError as exc:  # no PostgreSQL: only the tests that need it fail
+        warnings.warn(f"cannot create the worker database: {exc}", stacklevel=1)
+    return DATABASE_URL
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group *pgid*."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def started_by_us(proc: psutil.Process) -> bool:
+    try:
+        return proc.environ().get(OWNER_VARIABLE) == str(os.getpid())
+    except psutil.Error:
+        return False
+
+
+def kill_group(pgid: int) -> list[psutil.Process]:
+    """SIGKILL process group *pgid* and wait for its members; return those still alive.
+
+    Only a group that holds a process of ours: once its leader was reaped, its number could in
+    principle belong to someone else's group.
+    """
+    members = group_members(pgid)
+    if not any(started_by_us(p) for p in members):
+        return []
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return []
+    _, alive = psutil.wait_procs(members, timeout=KILL_WAIT)
+    return list(alive)
+
+
+def leftover_processes(owner: int) -> list[psutil.Process]:
+    """Processes started by the tests of pytest process *owner* that are still running: any process
+    carrying the owner mark in its environment, and any ``main.py`` below *owner*."""
+    me = psutil.Process(owner)
+    below = {p.pid for p in me.children(recursive=True)}
+    found: list[psutil.Process] = []
+    for proc in psutil.process_iter():
+        if proc.pid == owner:
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            marked = started_by_us(proc)
+            a_bot = proc.pid in below and any(arg.endswith("main.py") for arg in proc.cmdline())
+        except psutil.Error:
+            continue
+        if marked or a_bot:
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Fails the run if a process started by a test is still alive when the session ends (and kills it)."""
+    yield
+    leftovers = leftover_processes(os.getpid())
+    if not leftovers:
+        return
+    described = []
+    for proc in leftovers:
+        try:
+            described.append(f"pid {proc.pid}: {' '.join(proc.cmdline())}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(leftovers, timeout=KILL_WAIT)
+    pytest.fail("processes started by the tests outlived them:\n" + "\n".join(described), pytrace=False)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
@@ -78,7 +219,11 @@ def free_port() -> int:
 
 
 class BotProcess:
-    """A real ``python main.py`` with its own health port and log file."""
+    """A real ``python main.py`` with its own health port and log file.
+
+    It runs in its own session, so its own process group: :meth:`stop` kills the group, which
+    takes a wrapper (``unshare -pf``) and the bot inside it (PID 1 of its namespace) together.
+    """
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path, *,
                  prefix: list[str] | None = None) -> None:
@@ -88,7 +233,7 @@ class BotProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, str(ROOT / "main.py")],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     @property
@@ -127,10 +272,11 @@ class BotProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        """Kill the whole process group (even when the process itself has exited) and reap it."""
+        alive = kill_group(self.proc.pid)
+        self.proc.wait(KILL_WAIT)
         self._log.close()
+        assert not alive, f"{self.name}: still alive after SIGKILL to its group: {alive}"
 
 
 @pytest.fixture
@@ -155,6 +301,7 @@ def spawn(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> Iterator[Callable[.
     def start(name: str, *, prefix: list[str] | None = None, **overrides: str) -> BotProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
         env.update({
+            "ENV_FILE": os.devnull,  # a developer's ./.env must not change what a test runs
             "BOT_TOKEN": TOKEN,
             "TELEGRAM_API_URL": fake.url(name),
             "LOCK_DIR": str(shared_dirs["lock"]),

@@ -108,6 +108,12 @@ def test_non_admin_refused_and_long_text_refused(
     a.wait_mode("active")
     assert "only the bot's admins" in admin_says(fake, "/post hello", expect="Sorry", user=4242)
     assert "only the bot's admins" in admin_says(fake, "plain text", expect="Sorry", user=4242)
+    # More plain text the same day gets no refusal; an explicit command still does. A chat's
+    # updates are handled in order, so once the command is answered the text before it was too.
+    fake.send_user_message(BOT_ID, "more plain text", user_id=4242)
+    admin_says(fake, "/queue", expect="Sorry", user=4242)
+    refusals = [s for s in fake.snapshot_sent() if s.chat_id == "4242" and "only the bot's admins" in (s.text or "")]
+    assert len(refusals) == 3, [s.text for s in refusals]
     answer = admin_says(fake, "/post " + "x" * 4097, expect="Not queued")
     assert "4097" in answer and "4096" in answer
     assert post_rows(shared_dirs["state"]) == []

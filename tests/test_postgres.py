@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,8 +33,8 @@ from tests.conftest import (
 from tests.fake_bot_api import FakeBotAPI, Poll
 
 Spawn = Callable[..., BotProcess]
-TABLES = ("solobot_posts", "solobot_flags", "solobot_processed", "solobot_offset", "solobot_leader",
-          "solobot_schema")
+TABLES = ("solobot_posts", "solobot_flags", "solobot_inbox", "solobot_processed", "solobot_offset",
+          "solobot_leader", "solobot_schema")
 
 
 @pytest.fixture
@@ -72,31 +73,89 @@ def test_pg_kill9_gap_and_nothing_lost(fake: FakeBotAPI, spawn: Spawn, pg: str) 
     assert health is not None and health["epoch"] == 2 and health["lock"]["backend"] == "postgres"
 
 
+SIGSTOP_ROUNDS = int(os.environ.get("SOLOBOT_SIGSTOP_ROUNDS", "2"))
+
+
 @pytest.mark.parametrize("backend", ["postgres", "file"])
-def test_sigstop_holder_is_fenced_and_never_polls_again(
+def test_sigstop_holder_is_fenced_and_never_acts_again(
     fake: FakeBotAPI, spawn: Spawn, pg: str, backend: str
 ) -> None:
+    """A paused holder (SIGSTOP) is fenced; resumed, it sends nothing; the new leader sees no 409.
+
+    Each round starts the standby at a random moment, before or after the stop, under a stream of
+    /ping. ``SOLOBOT_SIGSTOP_ROUNDS`` runs more rounds (the issue's check asks for 5 per backend).
+    """
     env = pg_env(pg, LOCK_STALE_SECONDS="3") if backend == "postgres" else {"LOCK_STALE_SECONDS": "3"}
-    a, b = start_pair(spawn, **env)
+    rng = random.Random()
+    for round_no in range(SIGSTOP_ROUNDS):
+        sigstop_round(fake, spawn, env, backend, round_no, rng)
+
+
+def sigstop_round(fake: FakeBotAPI, spawn: Spawn, env: dict[str, str], backend: str, round_no: int,
+                  rng: random.Random) -> None:
+    a_tag, b_tag = f"a{round_no}", f"b{round_no}"
+    a = spawn(a_tag, **env)
+    a.wait_mode("active")
+    standby_first = rng.random() < 0.5
+    b = spawn(b_tag, **env) if standby_first else None
+    if b is not None:
+        b.wait_mode("passive")
+    stream = PingStream(fake)
+    stream.start()
+    wait_until(lambda: len(stream.sent) > 10, message="pings before the stop")
     t_stop = time.time()
     a.signal(signal.SIGSTOP)
-    first = wait_until(lambda: first_poll_after(fake, "b", t_stop), 10, message="b takes over")
+    if b is None:
+        time.sleep(rng.uniform(0.0, 1.5))  # a random moment after the stop, not synchronisation
+        b = spawn(b_tag, **env)
+    standby = b
+    first = wait_until(lambda: first_poll_after(fake, b_tag, t_stop), 15, message="the standby takes over")
     takeover = first - t_stop
-    print(f"\n{backend} SIGSTOP takeover: {takeover:.2f} s (LOCK_STALE_SECONDS=3)")
-    assert takeover <= 6.0
-    assert "fencing hung holder" in b.log()
+    print(f"\n{backend} round {round_no} (standby {'before' if standby_first else 'after'} the stop): "
+          f"takeover {takeover:.2f} s")
+    assert takeover <= 5.0
+    assert "fencing hung holder" in standby.log()
     t_cont = time.time()
     a.signal(signal.SIGCONT)
-    ping = fake.send_user_message(BOT_ID, "/ping")
-    wait_until(lambda: fake.replies_to(ping), message="b answers")
-    time.sleep(2.5)  # time for a resumed process to (wrongly) poll again
-    assert polls_of(fake, "a", t_cont) == [], "the resumed process must never poll again"
-    assert [s.tag for s in fake.replies_to(ping)] == ["b"]
+    # The positive marker: the resumed holder steps down (postgres) or was killed (file).
     if backend == "postgres":
-        wait_until(lambda: a.mode() == "passive", 10, message="a steps down to passive")
-        assert "stepped down" in a.log()
+        wait_until(lambda: "stepped down" in a.log(), 10, message="a steps down")
     else:
         assert a.wait_exit(10) == -signal.SIGKILL, "the file backend fences by killing the recorded process"
+    stream.stop()
+    wait_until(lambda: all(fake.replies_to(m) for m in stream.sent), 20, message="every ping answered")
+    assert polls_of(fake, a_tag, t_cont) == [], "the resumed process never polls again"
+    assert [s for s in fake.snapshot_sent() if s.tag == a_tag and s.at >= t_cont] == [], "nor sends"
+    assert [p for p in polls_of(fake, b_tag) if p.outcome == "conflict"] == [], "the new leader saw a 409"
+    standby.signal(signal.SIGTERM)
+    assert standby.wait_exit() == 0
+    a.stop()
+
+
+class PingStream:
+    """/ping every 20 ms from a few chats, in a thread, until stopped."""
+
+    def __init__(self, fake: FakeBotAPI, chats: int = 5) -> None:
+        self.fake = fake
+        self.chats = chats
+        self.sent: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            chat = 1 + i % self.chats
+            self.sent.append(self.fake.send_user_message(BOT_ID, "/ping", user_id=chat, chat_id=chat))
+            i += 1
+            self._stop.wait(0.02)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class TcpProxy:
@@ -225,11 +284,11 @@ def test_status_command_ready_and_metrics(fake: FakeBotAPI, spawn: Spawn, pg: st
     assert code == 200
     text = metrics.decode()
     assert 'solobot_mode{mode="active"} 1.0' in text and "solobot_epoch 1.0" in text
-    assert "solobot_handler_seconds_bucket" in text
+    assert "solobot_handler_duration_seconds_bucket" in text
     with psycopg.connect(pg, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid "
                            "WHERE l.locktype = 'advisory' AND l.granted "
-                           "AND s.application_name = %s", (f"solobot-lock-{BOT_ID}",)).fetchone()
+                           "AND s.application_name LIKE %s", (f"solobot-{BOT_ID}-%-lock",)).fetchone()
     assert row is not None and row[0] == 1, "the runbook's pg_locks query finds exactly one holder"
     a.signal(signal.SIGTERM)
     assert a.wait_exit() == 0
@@ -240,8 +299,8 @@ def test_status_command_ready_and_metrics(fake: FakeBotAPI, spawn: Spawn, pg: st
 def test_database_down_at_start_stays_passive_and_says_why(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
     a = spawn("a", **pg_env(dead))
-    wait_until(lambda: (a.health() or {}).get("passive_reason", "") and
-               "unavailable" in str((a.health() or {}).get("passive_reason")), 15, message="reason in /health")
+    wait_until(lambda: "cannot acquire the postgres lock" in str((a.health() or {}).get("passive_reason")),
+               15, message="reason in /health")
     assert a.mode() == "passive"
     assert fake.snapshot_polls() == []
     a.signal(signal.SIGTERM)

@@ -149,26 +149,6 @@ def test_429_retry_after_is_honoured(fake: FakeBotAPI, spawn: Spawn) -> None:
     wait_until(lambda: fake.replies_to(ping), 15, message="reply")
 
 
-def test_outside_poller_conflict_backs_off_with_one_warning(fake: FakeBotAPI, spawn: Spawn) -> None:
-    a = spawn("a")
-    a.wait_mode("active")
-    wait_until(lambda: any(p.tag == "a" and p.outcome == "pending" for p in fake.snapshot_polls()),
-               message="a pending poll")
-    # Someone outside solobot polls the same token (a forgotten terminal).
-    import urllib.request
-    urllib.request.urlopen(f"{fake.url('outsider')}/bot{TOKEN}/getUpdates?timeout=0", timeout=10).read()
-    conflict = wait_until(lambda: next((p for p in fake.snapshot_polls()
-                                         if p.tag == "a" and p.outcome == "conflict"), None),
-                          message="a's poll ended with 409")
-    assert conflict.ended is not None
-    retry = wait_until(lambda: next((p.started for p in fake.snapshot_polls()
-                                      if p.tag == "a" and p.started > conflict.ended), None),
-                       15, message="a retries")
-    assert retry - conflict.ended >= 4.9, "backoff starts at 5 s"
-    assert a.log().count("409 Conflict") == 1
-    assert a.mode() == "active"
-
-
 BAD_CONFIGS = [
     ({"BOT_TOKEN": ""}, "BOT_TOKEN"),
     ({"BOT_TOKEN": "123456:SHORTSECRETxyz"}, "BOT_TOKEN"),

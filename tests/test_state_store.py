@@ -1,7 +1,8 @@
-"""The state store on SQLite and on the real PostgreSQL: fencing, offsets, processed updates, posts."""
+"""The state store on SQLite and on the real PostgreSQL: fencing, the inbox, posts."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 from tests.conftest import DATABASE_URL
 from tests.test_postgres import TABLES
+from utils.state.database import DatabaseTarget
+from utils.state.inbox import NewUpdate
 from utils.state.store import FencedError, StateStore
 
 
@@ -19,44 +22,82 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
             for table in TABLES:
                 conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
-        s = StateStore.create(DATABASE_URL, tmp_path, 42)
+        s = StateStore.create(DatabaseTarget.parse(DATABASE_URL, tmp_path), 42, "test")
     else:
-        s = StateStore.create(None, tmp_path, 42)
+        s = StateStore.create(DatabaseTarget.parse(None, tmp_path / "state"), 42, "test")
     await s.migrate()
+    s._migrated = False
     await s.migrate()  # idempotent
     yield s
     await s.close()
 
 
+def update(update_id: int, text: str = "hi", chat: int = 1) -> NewUpdate:
+    return NewUpdate(update_id, f"fp-{update_id}-{text}", f"c:{chat}", f'{{"update_id": {update_id}, "t": "{text}"}}')
+
+
 async def test_epochs_fence_old_leaders(store: StateStore) -> None:
-    e1, clean = await store.advance_epoch(instance_id="a", host="h", pid=1)
-    assert (e1, clean) == (1, True)
-    await store.commit_offset(10, e1)
-    await store.mark_processed(10, e1)
-    e2, clean = await store.advance_epoch(instance_id="b", host="h", pid=2)
-    assert (e2, clean) == (2, False), "epoch 1 never released"
+    t1 = await store.leader.advance_epoch(instance_id="a", host="h", pid=1)
+    assert (t1.epoch, t1.previous_released) == (1, True)
+    await store.inbox.store_batch([update(10)], epoch=1, next_offset=11)
+    t2 = await store.leader.advance_epoch(instance_id="b", host="h", pid=2)
+    assert (t2.epoch, t2.previous_released, t2.previous_instance) == (2, False, "a"), "epoch 1 never released"
+    assert t2.previous_heartbeat_age is not None and t2.previous_heartbeat_age < 60
     with pytest.raises(FencedError):
-        await store.commit_offset(11, e1)
+        await store.inbox.store_batch([update(11)], epoch=1, next_offset=12)
     with pytest.raises(FencedError):
-        await store.mark_processed(11, e1)
+        await store.inbox.mark_done([1], 1)
     with pytest.raises(FencedError):
-        await store.set_flag("last_slot", "x", epoch=e1)
-    await store.commit_offset(12, e2)
-    assert await store.load_offset() == 12
-    await store.commit_offset(11, e2)
-    assert await store.load_offset() == 12, "the offset never goes back"
-    assert await store.processed_among([9, 10, 11]) == {10}
-    await store.mark_released(e2)
-    assert (await store.advance_epoch(instance_id="c", host="h", pid=3)) == (3, True)
+        await store.set_flag("last_slot", "x", epoch=1)
+    assert await store.inbox.load_offset() == 11, "the fenced batch stored nothing, offset included"
+    await store.leader.mark_released(2)
+    t3 = await store.leader.advance_epoch(instance_id="c", host="h", pid=3)
+    assert (t3.epoch, t3.previous_released) == (3, True)
+
+
+async def test_inbox_dedup_on_id_and_content_and_claims(store: StateStore) -> None:
+    await store.leader.advance_epoch(instance_id="a", host="h", pid=1)
+    first = await store.inbox.store_batch([update(5, "a"), update(6, "b", chat=2)], epoch=1, next_offset=7)
+    assert [e.update_id for e in first.new] == [5, 6] and first.duplicates == 0
+    assert all(e.attempt == 1 for e in first.new)
+    # The same updates again (re-fetched after a crash): duplicates, still waiting.
+    again = await store.inbox.store_batch([update(5, "a"), update(6, "b", chat=2)], epoch=1, next_offset=7)
+    assert again.new == [] and again.duplicates == 2
+    assert [e.update_id for e in again.waiting_duplicates] == [5, 6]
+    # A different update reusing id 5 (ids restarted): new, not a duplicate.
+    reused = await store.inbox.store_batch([update(5, "other")], epoch=1, next_offset=6)
+    assert [e.update_id for e in reused.new] == [5] and reused.duplicates == 0
+    await store.inbox.mark_done([first.new[0].seq], 1)
+    done_again = await store.inbox.store_batch([update(5, "a")], epoch=1)
+    assert done_again.duplicates == 1 and done_again.waiting_duplicates == [], "done: not waiting"
+    assert await store.inbox.depth() is not None
+    # A new leader takes what is waiting, oldest first, counting the attempt.
+    await store.leader.advance_epoch(instance_id="b", host="h", pid=2)
+    waiting = await store.inbox.claim_waiting(2)
+    assert [(e.update_id, e.attempt) for e in waiting] == [(6, 2), (5, 2)]
+    assert [e.seq for e in waiting] == sorted(e.seq for e in waiting)
+    # Claiming twice in one term does not count twice.
+    assert [e.attempt for e in await store.inbox.claim_waiting(2)] == [2, 2]
+    await store.inbox.mark_done([e.seq for e in waiting], 2)
+    assert await store.inbox.claim_waiting(2) == []
+    count, oldest = await store.inbox.depth()
+    assert (count, oldest) == (0, None)
+
+
+async def test_webhook_rows_unclaimed_until_a_leader_takes_them(store: StateStore) -> None:
+    stored = await store.inbox.store_batch([update(1)], epoch=None)
+    assert stored.new[0].attempt == 0
+    await store.leader.advance_epoch(instance_id="a", host="h", pid=1)
+    assert [e.attempt for e in await store.inbox.claim_waiting(1)] == [1]
 
 
 async def test_post_claim_is_fenced_and_exclusive(store: StateStore) -> None:
-    e1, _ = await store.advance_epoch(instance_id="a", host="h", pid=1)
+    e1 = (await store.leader.advance_epoch(instance_id="a", host="h", pid=1)).epoch
     p1 = await store.add_post(text="one", photo=None, created_by=7)
     p2 = await store.add_post(text="two", photo=None, created_by=7)
     claimed = await store.claim_post(e1)
     assert claimed is not None and claimed.id == p1.id and claimed.status == "sending"
-    e2, _ = await store.advance_epoch(instance_id="b", host="h", pid=2)
+    e2 = (await store.leader.advance_epoch(instance_id="b", host="h", pid=2)).epoch
     with pytest.raises(FencedError):
         await store.finish_post(p1.id, e1, status="sent", message_id=5)
     with pytest.raises(FencedError):
@@ -69,3 +110,29 @@ async def test_post_claim_is_fenced_and_exclusive(store: StateStore) -> None:
     assert [p.status for p in (await store.posts_with_status("sent"))] == ["sent"]
     assert await store.set_post_status(p1.id, from_statuses=("uncertain",), to="queued", priority=1)
     assert [p.id for p in await store.queued_posts()] == [p1.id]
+
+
+async def test_sqlite_state_is_private(tmp_path: Path) -> None:
+    store = StateStore.create(DatabaseTarget.parse(None, tmp_path / "state"), 42, "test")
+    await store.migrate()
+    await store.close()
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    for path in (tmp_path / "state").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_database_target_parsed_once() -> None:
+    target = DatabaseTarget.parse("postgresql://bob:s3cret@db.example:6543/app", Path("/x"))
+    assert target.is_postgres and (target.host, target.port, target.database) == ("db.example", 6543, "app")
+    assert target.sqlalchemy_url.startswith("postgresql+psycopg://bob:s3cret@")
+    assert "password=s3cret" in target.libpq_dsn and "host=db.example" in target.libpq_dsn
+    assert "s3cret" not in target.display and target.where() == "db.example:6543/app"
+    lite = DatabaseTarget.parse(None, Path("/tmp/st"))
+    assert lite.kind == "sqlite" and str(lite.sqlite_path) == "/tmp/st/solobot.sqlite3"
+
+
+def test_password_with_spaces_survives_parsing() -> None:
+    target = DatabaseTarget.parse("postgresql://bob:s3cret%20P%40ss@h/app", Path("/x"))
+    from psycopg.conninfo import conninfo_to_dict
+
+    assert conninfo_to_dict(target.libpq_dsn)["password"] == "s3cret P@ss"

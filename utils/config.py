@@ -1,8 +1,10 @@
-"""Settings from the environment (and an optional ``.env``), validated before anything starts.
+"""Settings from the environment (and the ``.env`` of the working directory), validated before anything starts.
 
-Every problem is collected and reported in one message that names the variable, so an operator
-fixes a unit file once instead of once per restart. The bot token never appears in a message:
-only the bot id (the part before the colon) is ever shown.
+Every problem is collected and reported in one message that names the variable (or the ``.env``
+line), so an operator fixes a unit file once instead of once per restart. The bot token never
+appears in a message: only the bot id (the part before the colon) is ever shown. A token that is
+still a placeholder (``.env.example``'s, the README's) is refused with what to do instead: a
+placeholder would only fail later, after seconds of retries, with a 401 or "malformed".
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,13 +24,48 @@ DEFAULT_API_URL = "https://api.telegram.org"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CHANNEL_RE = re.compile(r"^(@[A-Za-z][A-Za-z0-9_]{3,31}|-100\d{5,15}|-?\d{1,20})$")
 
+#: Tokens our own examples show (.env.example, the README): never a real bot's.
+PLACEHOLDER_TOKENS = frozenset({
+    "123456:replace-with-the-token-from-BotFather",
+    "123456:your-token",
+})
+#: The secret half of a token someone has not replaced yet: words a real (random) secret does not
+#: spell, or characters it cannot hold (``<your token>``, ``...``).
+PLACEHOLDER_SECRET_RE = re.compile(r"replace|your[-_ ]?token|botfather|[<>]|\.\.\.|^x+$", re.IGNORECASE)
+#: Where the README explains running against the fake Bot API (no token needed).
+TRY_WITHOUT_TOKEN = ("To try solobot without a token, against a fake Bot API on this machine: "
+                     "see \"Try it without a token\" in README.md.")
+
+
+def token_hints(origin: str | None) -> list[str]:
+    """What to do when there is no usable token; *origin* is the ``.env`` line that set it, if one did."""
+    get = "To get a token, send /newbot to @BotFather in Telegram"
+    if origin:
+        put = f"; then replace the placeholder on {origin} with it."
+    else:
+        put = ("; then put it in .env as BOT_TOKEN=<token> (cp .env.example .env starts one) or set "
+               "BOT_TOKEN in the environment.")
+    return [get + put, TRY_WITHOUT_TOKEN]
+
 
 class ConfigError(Exception):
-    """All configuration problems found, one per line."""
+    """All configuration problems found, one per line, then what to do about them (if known)."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], hints: list[str] | None = None) -> None:
         self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.hints = hints or []
+        text = "invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        if self.hints:
+            text += "\n" + "\n".join(self.hints)
+        super().__init__(text)
+
+
+def is_placeholder_token(token: str) -> bool:
+    """True for a token copied from an example and never replaced."""
+    if token in PLACEHOLDER_TOKENS:
+        return True
+    _, colon, secret = token.partition(":")
+    return bool(colon) and PLACEHOLDER_SECRET_RE.search(secret) is not None
 
 
 def mask_token(token: str) -> str:
@@ -58,6 +95,8 @@ class Settings:
     delete_webhook_on_conflict: bool
     polling_timeout: int
     handler_concurrency: int
+    handler_warn_seconds: float
+    inbox_max: int
     drain_timeout: float
     shutdown_timeout: float
     channel_id: str | None
@@ -151,16 +190,29 @@ class _Reader:
         return value
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build :class:`Settings` from *env* (default: ``os.environ``), or raise :class:`ConfigError`."""
+def load_settings(env: Mapping[str, str] | None = None,
+                  origins: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from *env* (default: ``os.environ``), or raise :class:`ConfigError`.
+
+    *origins* says where a variable came from when that is not the environment (``.env line 2``),
+    for messages about its value.
+    """
     env = os.environ if env is None else env
+    origins = origins or {}
     r = _Reader(env)
+    hints: list[str] = []
 
     token = r.text("BOT_TOKEN") or ""
     bot_id = 0
     match = TOKEN_RE.match(token)
+    token_origin = f" (set in {origins['BOT_TOKEN']})" if "BOT_TOKEN" in origins else ""
     if not token:
         r.problems.append("BOT_TOKEN: required (the token @BotFather gave you, like 123456:ABC-...)")
+        hints = token_hints(None)
+    elif is_placeholder_token(token):
+        r.problems.append(f"BOT_TOKEN{token_origin}: still a placeholder from the examples, not a "
+                          "bot's token")
+        hints = token_hints(origins.get("BOT_TOKEN"))
     elif match is None:
         # Never echo the value: a malformed token is often a real token with a stray character.
         r.problems.append(
@@ -213,6 +265,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     delete_webhook = r.flag("DELETE_WEBHOOK_ON_CONFLICT", True)
     polling_timeout = r.whole("POLLING_TIMEOUT", 30, low=0, high=50)
     concurrency = r.whole("HANDLER_CONCURRENCY", 16, low=1, high=1000)
+    handler_warn = r.seconds("HANDLER_WARN_SECONDS", 30.0, low=0.1, high=86400.0)
+    inbox_max = r.whole("INBOX_MAX", 10_000, low=1, high=10_000_000)
     drain_timeout = r.seconds("DRAIN_TIMEOUT", 5.0, low=0.0, high=600.0)
     shutdown_timeout = r.seconds("SHUTDOWN_TIMEOUT", 8.0, low=1.0, high=3600.0)
     if drain_timeout >= shutdown_timeout:
@@ -243,7 +297,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         r.problems.append("CHANNEL_ID: set POST_CRON or POST_INTERVAL to say when to post")
 
     if r.problems:
-        raise ConfigError(r.problems)
+        raise ConfigError(r.problems, hints)
     return Settings(
         bot_token=token,
         bot_id=bot_id,
@@ -262,6 +316,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         delete_webhook_on_conflict=delete_webhook,
         polling_timeout=polling_timeout,
         handler_concurrency=concurrency,
+        handler_warn_seconds=handler_warn,
+        inbox_max=inbox_max,
         drain_timeout=drain_timeout,
         shutdown_timeout=shutdown_timeout,
         channel_id=channel_id,
@@ -273,13 +329,43 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 def _check_cron(expr: str) -> str | None:
-    """Return a problem with a 5-field cron expression, or None (APScheduler parses it)."""
+    """Return a problem with a 5-field cron expression, or None (the autoposter's own parser)."""
     if len(expr.split()) != 5:
         return f"expected 5 fields (minute hour day month weekday), got {expr!r}"
-    from apscheduler.triggers.cron import CronTrigger
+    from utils.autoposter.schedule import parse_cron
 
     try:
-        CronTrigger.from_crontab(expr)
+        parse_cron(expr)
     except ValueError as exc:
         return f"{exc} in {expr!r}"
     return None
+
+
+def load_configuration(environ: MutableMapping[str, str], cwd: Path) -> Settings:
+    """The ``.env`` of *cwd* (or ``$ENV_FILE``) under *environ*, then :func:`load_settings`.
+
+    Variables already in *environ* win over the file; the file's others are added to *environ*
+    (libpq and the rest of the process read ``os.environ`` too). Raises one :class:`ConfigError`
+    with the file's unreadable lines and the settings' problems together, leaving out problems of
+    a variable whose line could not be read ("BOT_TOKEN: required" when the line is there but
+    has an unclosed quote would send the operator to the wrong place).
+    """
+    from utils.env_file import read_env_file
+
+    env_file = read_env_file(environ, cwd)
+    origins: dict[str, str] = {}
+    for name, value in env_file.contents.values.items():
+        if name not in environ:
+            environ[name] = value
+            origins[name] = env_file.origin(name) or ""
+    file_problems = env_file.problems()
+    try:
+        settings = load_settings(environ, origins)
+    except ConfigError as exc:
+        skip = env_file.unparsed_names()
+        kept = [p for p in exc.problems if p.partition(":")[0].split(" ")[0] not in skip]
+        hints = [] if "BOT_TOKEN" in skip else exc.hints  # the hints are about the token
+        raise ConfigError(file_problems + kept, hints) from None
+    if file_problems:
+        raise ConfigError(file_problems)
+    return settings

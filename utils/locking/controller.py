@@ -5,7 +5,10 @@ One watcher task runs the cycle; every transition is one INFO line; listeners (s
 metrics) are told. Health, /status and metrics read :meth:`snapshot`; nothing keeps a copy.
 
 While active, *roles* run (polling, the autoposter): started in order on becoming active,
-stopped in reverse order before the lock is released.
+stopped in reverse order before the lock is released. The term is a
+:class:`~utils.locking.lease.Lease`: the controller puts it in the :class:`LeaseGate` of the bot's
+session while the roles run, so no Bot API call leaves without a recently verified lease, and
+ends it only after the roles stopped (draining handlers still reply).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from utils.locking.backend import HolderInfo, Lease, LockBackend
+from utils.locking.backend import HolderInfo, LockBackend
+from utils.locking.lease import Lease, LeaseGate
+from utils.state.leader import Takeover
 
 log = logging.getLogger("solobot.leadership")
 
@@ -44,6 +49,15 @@ class ActiveRole(Protocol):
 
 Listener = Callable[["Mode", str], None]
 
+#: A standby that has not got the lock after this long says once whom it waits for.
+ANNOUNCE_AFTER = 0.2
+#: Backoff for a lock backend that fails (database down): from 1 s, doubling, capped.
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+#: After losing the lease, wait this long before contending again (never a tight loop).
+PAUSE_AFTER_LOSS = 1.0
+#: /health must answer quickly even when the backend does not.
+HOLDER_LOOKUP_TIMEOUT = 0.4
+
 
 class LeadershipController:
     def __init__(
@@ -53,6 +67,7 @@ class LeadershipController:
         *,
         instance_id: str,
         role_stop_timeout: float = 10.0,
+        gate: LeaseGate | None = None,
     ) -> None:
         self.backend = backend
         self.roles = list(roles)
@@ -61,6 +76,8 @@ class LeadershipController:
         self.host = socket.gethostname()
         self.started_at = time.time()
         self.role_stop_timeout = role_stop_timeout
+        self.gate = gate or LeaseGate()
+        self.lease: Lease | None = None
         self.mode = Mode.PASSIVE
         self.mode_since = time.time()
         self.epoch = 0
@@ -70,8 +87,8 @@ class LeadershipController:
         self._stop = asyncio.Event()
         self._step_down: asyncio.Event = asyncio.Event()
         self._step_down_reason = ""
-        self._task: asyncio.Task[None] | None = None
         self._holder_cache: HolderInfo | None = None
+        self._warned_state: str | None = None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -85,7 +102,8 @@ class LeadershipController:
     async def holder(self) -> HolderInfo | None:
         """The current holder as the backend sees it (cached if the backend cannot answer)."""
         try:
-            self._holder_cache = await asyncio.wait_for(self.backend.holder(), timeout=2.0)
+            self._holder_cache = await asyncio.wait_for(self.backend.holder(),
+                                                        timeout=HOLDER_LOOKUP_TIMEOUT)
         except Exception:
             log.debug("holder lookup failed", exc_info=True)
         return self._holder_cache
@@ -100,8 +118,12 @@ class LeadershipController:
             "mode_since": self.mode_since,
             "epoch": self.epoch,
             "handovers": self.handovers,
-            "passive_reason": None if self.mode is Mode.ACTIVE else self.passive_reason,
+            "passive_reason": None if self.mode is Mode.ACTIVE else self._passive_words(),
         }
+
+    def _passive_words(self) -> str:
+        note = self.backend.note
+        return f"{self.passive_reason}; {note}" if note else self.passive_reason
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -138,23 +160,32 @@ class LeadershipController:
             await self._lead(lease)
         self._set_mode(Mode.STOPPING, "shutting down")
 
-    async def _acquire_until_stop(self) -> Lease | None:
-        """Wait for the lock (announced once); a failing backend is retried with backoff, quietly."""
+    async def _acquire_until_stop(self) -> Takeover | None:
+        """Wait for the lock (announced once); a failing backend is retried with backoff, quietly.
+
+        ``passive_reason`` always says what this standby does now: waiting (for whom), or why
+        it cannot wait (the backend's error).
+        """
         announced = False
         failing = False
-        delay = 1.0
+        delay = RETRY_FIRST
         while not self._stop.is_set():
+            self.passive_reason = f"standby: waiting for the {self.backend.name} lock"
             acquire = asyncio.create_task(self.backend.acquire(), name="solobot-acquire")
             stopper = asyncio.create_task(self._stop.wait())
-            if not announced:
-                # Say once who we wait for; then stay quiet until something changes.
-                done, _ = await asyncio.wait({acquire, stopper}, timeout=0.2,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    holder = await self.holder()
-                    who = (f"held by pid {holder.pid} on {holder.host} (instance {holder.instance_id})"
-                           if holder else "held by another instance")
-                    log.info("standby: lock %s; waiting quietly", who)
+            done, _ = await asyncio.wait({acquire, stopper}, timeout=ANNOUNCE_AFTER,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                holder = await self.holder()
+                self._check_shared_state(holder)
+                who = (f"held by {holder.describe()}" if holder else "held by another instance")
+                self.passive_reason = f"standby: lock {who}"
+                if failing:
+                    log.info("the %s lock backend answers again; %s", self.backend.name, self.passive_reason)
+                    failing, delay = False, RETRY_FIRST
+                elif not announced:
+                    # Say once who we wait for; then stay quiet until something changes.
+                    log.info("%s; waiting quietly", self.passive_reason)
                 announced = True
             await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -168,52 +199,74 @@ class LeadershipController:
             try:
                 return acquire.result()
             except Exception as exc:  # noqa: BLE001 - e.g. database down: stay passive, retry
-                self.passive_reason = f"cannot acquire the lock: {exc}"
+                self.passive_reason = f"cannot acquire the {self.backend.name} lock: {describe_error(exc)}"
                 if not failing:
-                    log.warning("cannot acquire the %s lock (%s); staying passive and retrying with "
-                                "backoff", self.backend.name, exc)
+                    log.warning("%s; staying passive and retrying with backoff", self.passive_reason)
                     failing = True
                 else:
-                    log.debug("lock acquisition retry in %.0f s: %s", delay, exc)
+                    log.debug("lock acquisition retry in %.0f s: %s", delay, describe_error(exc))
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=delay)
                 except TimeoutError:
                     pass
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, RETRY_MAX)
         return None
 
-    async def _lead(self, lease: Lease) -> None:
-        self.epoch = lease.epoch
+    def _check_shared_state(self, holder: HolderInfo | None) -> None:
+        """One WARNING if the holder uses another state database than ours (a missing volume)."""
+        theirs, ours = (holder.state_id if holder else None), self.backend.state_id
+        if not theirs or not ours or theirs == ours or self._warned_state == theirs:
+            return
+        self._warned_state = theirs
+        log.warning(
+            "the active instance (%s) uses another state database than this one: the epochs, the "
+            "update inbox and the post states do not carry across a handover, so the exactly-once "
+            "guarantees do not hold. Give every instance of the bot the same STATE_DIR (in "
+            "containers: mount the same state volume as well as the lock volume)",
+            holder.describe() if holder else "?",
+        )
+
+    async def _lead(self, takeover: Takeover) -> None:
+        self.epoch = takeover.epoch
         self._step_down.clear()
-        if not lease.previous_released and self.backend.unclean_takeover_delay:
-            # The last holder vanished without saying goodbye; give it time to notice it was cut
-            # off and stop polling before we start, so Telegram never sees two pollers.
-            await asyncio.sleep(self.backend.unclean_takeover_delay)
+        lease = Lease(
+            takeover.epoch, verify=self.backend.heartbeat, renew_deadline=self.backend.renew_deadline,
+            on_lost=self.step_down, previous_released=takeover.previous_released,
+        )
+        delay = self.backend.takeover_delay(takeover)
+        if delay:
+            # The last holder vanished while its lease may still run; give a cut-off holder time
+            # to notice and stop, so Telegram never sees two pollers.
+            log.debug("previous holder left uncleanly; waiting %.2f s before acting", delay)
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
         started: list[ActiveRole] = []
         reason = "stopping"
         voluntary = True
-        hold = asyncio.create_task(self.backend.hold(), name="solobot-hold")
+        self.lease = self.gate.lease = lease
+        hold = asyncio.create_task(self.backend.hold(lease), name="solobot-hold")
         try:
-            for role in self.roles:
-                await role.start(lease)
-                started.append(role)
-            self.handovers += 1
-            self._set_mode(Mode.ACTIVE, f"leading with epoch {lease.epoch}")
-            stop = asyncio.create_task(self._stop.wait())
-            step = asyncio.create_task(self._step_down.wait())
-            done, _ = await asyncio.wait({hold, stop, step}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (stop, step):
-                task.cancel()
-            if hold in done:
-                reason, voluntary = hold.result(), False
-            elif step in done:
-                reason, voluntary = self._step_down_reason, False
+            if not self._stop.is_set():
+                for role in self.roles:
+                    await role.start(lease)
+                    started.append(role)
+                self.handovers += 1
+                self._set_mode(Mode.ACTIVE, f"leading with epoch {takeover.epoch}")
+                stop = asyncio.create_task(self._stop.wait())
+                step = asyncio.create_task(self._step_down.wait())
+                done, _ = await asyncio.wait({hold, stop, step}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (stop, step):
+                    task.cancel()
+                if hold in done:
+                    reason, voluntary = hold.result(), False
+                elif step in done:
+                    reason, voluntary = self._step_down_reason, False
         except Exception as exc:  # a role failed to start: step down, retry later
             log.exception("could not start active roles")
             reason, voluntary = f"start failed: {exc}", False
         finally:
-            hold.cancel()
-            await asyncio.gather(hold, return_exceptions=True)
             if voluntary:
                 self._set_mode(Mode.STOPPING, "stopping active work")
             for role in reversed(started):
@@ -223,14 +276,24 @@ class LeadershipController:
                     )
                 except Exception:  # release the lock regardless
                     log.exception("stopping %s failed", role.name)
+            lease.end()
+            self.lease = self.gate.lease = None
+            hold.cancel()
+            await asyncio.gather(hold, return_exceptions=True)
             await self.backend.release(clean=voluntary)
             self.epoch = 0
         if not self._stop.is_set():
-            self.passive_reason = reason
+            self.passive_reason = f"stepped down: {reason}"
             self._set_mode(Mode.PASSIVE, f"stepped down ({reason}); contending again")
             if not voluntary:
                 # Whatever made us step down may still hold; never contend in a tight loop.
                 try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                    await asyncio.wait_for(self._stop.wait(), timeout=PAUSE_AFTER_LOSS)
                 except TimeoutError:
                     pass
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error's class and text, for one log line (the log filter masks secrets)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -13,14 +13,16 @@ from utils.state.store import StateStore
 
 
 def make_backend(settings: Settings, store: StateStore, instance_id: str) -> LockBackend:
+    """The lock backend of *settings*; the file backend's directory is checked (may raise
+    :class:`~utils.locking.instance_lock.LockSetupError`)."""
     common: dict[str, Any] = dict(
         instance_id=instance_id,
         stale_seconds=settings.lock_stale_seconds,
         takeover=settings.lock_takeover,
     )
     if settings.lock_backend == "postgres":
-        assert settings.database_url is not None
-        return PostgresLockBackend(settings.database_url, settings.bot_id, store, **common)
+        assert store.target is not None and store.target.is_postgres
+        return PostgresLockBackend(store.target, settings.bot_id, store, **common)
     lock = InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id)
     lock.prepare()
     return FileLockBackend(lock, store, **common)

@@ -21,6 +21,28 @@ from utils.locking.instance_lock import (
 from utils.state.store import StateStore
 
 
+def state_identity(store: StateStore) -> str:
+    """Which state database this instance uses, comparable across containers on one host.
+
+    Two containers of one bot must share the state volume as well as the lock volume, or the
+    epochs, the inbox and the post states do not carry across a handover. The SQLite file's
+    directory is identified by device and inode: the same volume mounted in two containers gives
+    the same pair, two volumes do not.
+    """
+    target = store.target
+    if target is None or target.sqlite_path is None:
+        return target.display if target is not None else ""
+    try:
+        st = target.sqlite_path.parent.stat()
+    except OSError:
+        return str(target.sqlite_path)
+    return f"sqlite:{st.st_dev}:{st.st_ino}"
+
+
+#: psutil start times of one process agree to well within this (seconds); a reused PID does not.
+START_TIME_TOLERANCE = 1.0
+
+
 class FileLockBackend(LockBackend):
     """Same host (or a shared directory): :class:`InstanceLock`; heartbeat and epoch in its record."""
 
@@ -29,6 +51,7 @@ class FileLockBackend(LockBackend):
     def __init__(self, lock: InstanceLock, store: StateStore, **kwargs: object) -> None:
         super().__init__(store, **kwargs)  # type: ignore[arg-type]
         self.lock = lock
+        lock.state_id = self.state_id = state_identity(store)
 
     async def _lock_acquire(self) -> None:
         await self.lock.acquire()
@@ -37,19 +60,14 @@ class FileLockBackend(LockBackend):
         self.lock.write_record(epoch)
 
     async def _lock_heartbeat(self) -> bool:
-        if not await self._lock_verify():
-            return False
-        self.lock.write_record(self.epoch)
-        return True
-
-    async def _lock_verify(self) -> bool:
+        """Still ours (the kernel lock, and the record names us with our epoch)? Then refresh it."""
         if not self.lock.is_held:
             return False
         record, _ = self.lock.read_record()
-        return record is not None and (record.instance_id, record.epoch) == (
-            self.instance_id,
-            self.epoch,
-        )
+        if record is None or (record.instance_id, record.epoch) != (self.instance_id, self.epoch):
+            return False
+        self.lock.write_record(self.epoch)
+        return True
 
     async def _lock_release(self) -> None:
         self.lock.release()
@@ -65,6 +83,7 @@ class FileLockBackend(LockBackend):
             epoch=record.epoch,
             since=record.started_at,
             heartbeat_age=record.heartbeat_age(),
+            state_id=record.state_id or None,
         )
 
     async def holder_is_live(self, holder: HolderInfo) -> bool:
@@ -81,7 +100,7 @@ class FileLockBackend(LockBackend):
         if record.heartbeat_age() <= self.stale_seconds:
             return "it recovered"
         start = process_start_time(record.pid)
-        if start is None or abs(start - record.start_time) > 1.0:
+        if start is None or abs(start - record.start_time) > START_TIME_TOLERANCE:
             return f"pid {record.pid} is not the recorded process any more"
         try:
             os.kill(record.pid, signal.SIGKILL)

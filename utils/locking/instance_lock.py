@@ -53,6 +53,7 @@ class HolderRecord:
     started_at: float  # wall clock when it took the lock
     epoch: int = 0
     heartbeat: float = 0.0  # wall clock of the last heartbeat
+    state_id: str = ""  # which state database the holder uses (see FileLockBackend)
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} (instance {self.instance_id}, epoch {self.epoch})"
@@ -95,6 +96,7 @@ class InstanceLock:
         self.pid_path = self.lock_dir / f"solobot-{key}.pid"
         self._lock: filelock.UnixFileLock | None = None
         self._record: HolderRecord | None = None
+        self.state_id = ""  # written into our record; set by the backend
         # Fixed for the life of the process; read once, not at every heartbeat.
         self._start_time = process_start_time(os.getpid()) or 0.0
         self._host = socket.gethostname()
@@ -234,6 +236,7 @@ class InstanceLock:
             started_at=started,
             epoch=epoch,
             heartbeat=now,
+            state_id=self.state_id,
         )
 
     def write_record(self, epoch: int) -> HolderRecord:
@@ -241,7 +244,7 @@ class InstanceLock:
         record = self.own_record(epoch)
         tmp = self.pid_path.with_name(self.pid_path.name + f".{os.getpid()}.tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(tmp, flags, 0o644)
+        fd = os.open(tmp, flags, 0o600)
         try:
             os.write(fd, json.dumps(asdict(record)).encode())
         finally:

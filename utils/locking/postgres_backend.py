@@ -4,14 +4,16 @@
 * A standby blocks in ``pg_advisory_lock`` on its own connection: the server grants it the moment
   the holder's session ends (release, exit, kill, ``pg_terminate_backend``). No retry loop.
 * TCP keepalives and ``tcp_user_timeout`` on the lock connection so a dead peer is noticed.
-* The holder writes a heartbeat row every second on the lock connection, which also proves the
-  session (and so the lock) is alive and the epoch current. Between heartbeats it watches the
-  socket: a connection cut by the server or the network wakes it at once, and it steps down.
-* A hung holder (heartbeat older than ``LOCK_STALE_SECONDS``) is fenced by a standby with
-  ``pg_terminate_backend`` on the holder's lock session (needs the same role or
-  ``pg_signal_backend``).
-* After a holder vanished without a clean release, the new leader waits
-  :attr:`unclean_takeover_delay` before polling: the time a cut-off holder needs to notice.
+* The holder heartbeats the leader row on the lock connection every second; that is also the
+  lease's verification (it proves the session, hence the lock, is alive and the epoch current).
+  Between heartbeats it watches the socket: a connection cut by the server or the network wakes
+  it at once, the renewal fails and it steps down.
+* Every session of an instance is tagged (``application_name``). Fencing a hung holder ends all
+  of them, not only the lock session: a paused process may hold row locks in a state session
+  that the new leader's epoch write needs. A new leader whose predecessor did not release cleanly
+  does the same before it writes the epoch.
+* After a holder vanished without a clean release while its lease may still run, the new leader
+  waits :attr:`unclean_takeover_delay` before polling: the time a cut-off holder needs to notice.
 """
 
 from __future__ import annotations
@@ -23,25 +25,13 @@ import os
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from utils.locking.backend import HEARTBEAT_INTERVAL, HolderInfo, LockBackend
+from utils.state import leader as sql
+from utils.state.database import DatabaseTarget, instance_tag_pattern, session_tag
 from utils.state.store import StateStore
 
 log = logging.getLogger("solobot.lock")
-
-
-def advisory_key(bot_id: int) -> int:
-    """A stable signed 64-bit key for ``pg_advisory_lock``, from the bot id."""
-    digest = hashlib.sha256(f"solobot-leader:{bot_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def libpq_dsn(database_url: str) -> str:
-    """``postgresql+psycopg://...`` (SQLAlchemy style) -> ``postgresql://...`` for libpq."""
-    _, sep, rest = database_url.partition("://")
-    return f"postgresql://{rest}" if sep else database_url
-
 
 CONNECT_ARGS: dict[str, Any] = {
     "autocommit": True,
@@ -52,15 +42,22 @@ CONNECT_ARGS: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 10_000,
 }
+UNLOCK_TIMEOUT = 2.0
+
+
+def advisory_key(bot_id: int) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_lock``, from the bot id."""
+    digest = hashlib.sha256(f"solobot-leader:{bot_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class PostgresLockBackend(LockBackend):
     name = "postgres"
     unclean_takeover_delay = 0.5
 
-    def __init__(self, database_url: str, bot_id: int, store: StateStore, **kwargs: Any) -> None:
+    def __init__(self, target: DatabaseTarget, bot_id: int, store: StateStore, **kwargs: Any) -> None:
         super().__init__(store, **kwargs)
-        self.dsn = libpq_dsn(database_url)
+        self.dsn = target.libpq_dsn
         self.bot_id = bot_id
         self.key = advisory_key(bot_id)
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -69,7 +66,7 @@ class PostgresLockBackend(LockBackend):
 
     async def _connect(self, purpose: str) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(
-            self.dsn, application_name=f"solobot-{purpose}-{self.bot_id}", **CONNECT_ARGS
+            self.dsn, application_name=session_tag(self.bot_id, self.instance_id, purpose), **CONNECT_ARGS
         )
 
     # -- mechanism ---------------------------------------------------------------------------
@@ -77,7 +74,7 @@ class PostgresLockBackend(LockBackend):
     async def _lock_acquire(self) -> None:
         conn = await self._connect("lock")
         try:
-            await conn.execute("SELECT pg_advisory_lock(%s)", (self.key,))
+            await sql.advisory_lock(conn, self.key)
         except BaseException:
             # Cancelled while waiting (shutdown) or the server went away: the session ends,
             # and with it our place in the lock queue.
@@ -86,25 +83,22 @@ class PostgresLockBackend(LockBackend):
         self._conn = conn
         self._pid = conn.info.backend_pid
 
+    async def _before_new_epoch(self) -> None:
+        """An unclean predecessor may still have sessions holding row locks: end them all."""
+        row = await self._query(sql.holder_row, self.bot_id)
+        if row is None or row[6] or row[1] in (None, self.instance_id):
+            return
+        ended = await self._query(sql.terminate_sessions, instance_tag_pattern(self.bot_id, row[1]))
+        if ended:
+            log.info("ended %d leftover session(s) of the previous holder (instance %s)", ended, row[1])
+
     def _backend_pid(self) -> int | None:
         return self._pid
 
     async def _lock_heartbeat(self) -> bool:
-        assert self._conn is not None
-        cur = await self._conn.execute(
-            "UPDATE solobot_leader SET heartbeat = now() WHERE bot_id = %s AND epoch = %s",
-            (self.bot_id, self.epoch),
-        )
-        return cur.rowcount == 1
-
-    async def _lock_verify(self) -> bool:
         if self._conn is None or self._conn.closed:
             return False
-        cur = await self._conn.execute(
-            "SELECT epoch FROM solobot_leader WHERE bot_id = %s", (self.bot_id,)
-        )
-        row = await cur.fetchone()
-        return row is not None and int(row[0]) == self.epoch
+        return await sql.heartbeat(self._conn, self.bot_id, self.epoch)
 
     async def _pause_between_heartbeats(self) -> None:
         """Sleep a heartbeat interval, but wake at once if the lock connection's socket stirs.
@@ -118,6 +112,7 @@ class PostgresLockBackend(LockBackend):
         loop = asyncio.get_running_loop()
         fd = os.dup(conn.fileno())
         stirred = loop.create_future()
+
         def stir() -> None:
             if not stirred.done():
                 stirred.set_result(None)
@@ -136,9 +131,7 @@ class PostgresLockBackend(LockBackend):
         if conn is None:
             return
         try:
-            await asyncio.wait_for(
-                conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,)), timeout=2
-            )
+            await asyncio.wait_for(sql.advisory_unlock(conn, self.key), timeout=UNLOCK_TIMEOUT)
         except Exception:  # closing the session releases it anyway
             log.debug("advisory unlock failed; closing the session releases it", exc_info=True)
         await self._close_quietly(conn)
@@ -150,30 +143,19 @@ class PostgresLockBackend(LockBackend):
         except Exception:  # noqa: BLE001
             pass
 
-    async def _monitor_conn(self) -> psycopg.AsyncConnection[Any]:
+    async def _query(self, query: Any, *args: Any) -> Any:
+        """Run one of :mod:`utils.state.leader`'s queries on the monitor connection."""
         if self._monitor is None or self._monitor.closed or self._monitor.broken:
             self._monitor = await self._connect("monitor")
-        return self._monitor
-
-    async def _query_monitor(self, query: sql.SQL | str, params: tuple[Any, ...]) -> Any:
-        conn = await self._monitor_conn()
         try:
-            cur = await conn.execute(query, params)
-            return await cur.fetchone()
-        except psycopg.errors.UndefinedTable:
-            return None
+            return await query(self._monitor, *args)
         except psycopg.OperationalError:
-            await self._close_quietly(conn)
+            await self._close_quietly(self._monitor)
             self._monitor = None
             raise
 
     async def holder(self) -> HolderInfo | None:
-        row = await self._query_monitor(
-            "SELECT epoch, instance_id, host, pid, extract(epoch FROM since), "
-            "extract(epoch FROM now() - heartbeat), released "
-            "FROM solobot_leader WHERE bot_id = %s",
-            (self.bot_id,),
-        )
+        row = await self._query(sql.holder_row, self.bot_id)
         if row is None or row[6]:
             return None
         return HolderInfo(
@@ -183,29 +165,29 @@ class PostgresLockBackend(LockBackend):
         )
 
     async def holder_is_live(self, holder: HolderInfo) -> bool:
-        row = await self._query_monitor(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND classid = %s AND objid = %s AND objsubid = 1",
-            ((self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF),
-        )
-        return bool(row and row[0])
+        return bool(await self._query(sql.lock_is_granted, self.key))
 
     async def _fence_holder(self, holder: HolderInfo) -> str | None:
-        row = await self._query_monitor(
-            "SELECT backend_pid, extract(epoch FROM now() - heartbeat) FROM solobot_leader "
-            "WHERE bot_id = %s AND epoch = %s",
-            (self.bot_id, holder.epoch),
-        )
-        if row is None:
+        session = await self._query(sql.lock_session_of, self.bot_id, holder.epoch)
+        if session is None:
             return "the holder changed"
-        if row[1] is not None and float(row[1]) <= self.stale_seconds:
+        _, age = session
+        if age is not None and age <= self.stale_seconds:
             return "it recovered"
-        if row[0] is None:
-            return "no lock session recorded"
-        done = await self._query_monitor("SELECT pg_terminate_backend(%s)", (int(row[0]),))
-        if done and done[0]:
+        if holder.instance_id is None:
+            return "no instance recorded"
+        ended = await self._query(sql.terminate_sessions,
+                                  instance_tag_pattern(self.bot_id, holder.instance_id))
+        if ended:
             return None
-        return f"pg_terminate_backend({row[0]}) refused (session gone, or no permission)"
+        return "no session of it could be terminated (gone already, or no permission)"
+
+    async def _describe_blockers(self) -> str:
+        try:
+            blockers = await self._query(sql.blockers_of, instance_tag_pattern(self.bot_id, self.instance_id))
+        except Exception:  # noqa: BLE001 - only for a log line
+            return ""
+        return ", ".join(blockers)
 
     async def close(self) -> None:
         for conn in (self._conn, self._monitor):

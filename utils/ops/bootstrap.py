@@ -10,12 +10,19 @@ arrived in between. The configuration is validated here too, so exit 78 costs no
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import time
+from pathlib import Path
 from types import FrameType
 
-from utils.config import EX_CONFIG, ConfigError, Settings, load_settings
+from utils.config import EX_CONFIG, ConfigError, Settings, load_configuration
 from utils.ops.logging_setup import configure_logging
+
+#: When the process started, near enough: main.py imports this module first. ``status`` answers
+#: within a bound counted from here, so a slow start-up shortens its database query.
+STARTED = time.monotonic()
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -57,11 +64,9 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
     if command not in ("run", "status") or len(argv) > 2:
         print(usage, file=sys.stderr)
         return EXIT_USAGE
-    from dotenv import load_dotenv
-
-    load_dotenv(override=False)
     try:
-        settings = load_settings()
+        # The working directory's .env (or $ENV_FILE), strictly: see utils/env_file.py.
+        settings = load_configuration(os.environ, Path.cwd())
     except ConfigError as exc:
         print(f"solobot: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -70,5 +75,5 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
     if command == "status":
         from utils.ops.status import run_status  # no aiogram: a status check stays quick
 
-        return run_status(settings)
+        return run_status(settings, started=STARTED)
     return command, settings

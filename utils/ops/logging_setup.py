@@ -1,7 +1,13 @@
 """Logging: text or JSON lines on stderr, with every secret masked on the way out.
 
-Masking is a filter on the handler, not a convention at call sites: a third-party library that
-logs a URL or an exception with the token in it is masked too.
+Masking is a filter on the one handler, not a convention at call sites: a third-party library that
+logs a URL, a DSN or an exception with the token in it is masked too (what is masked, and in which
+forms: utils/ops/redact.py). The filter masks the rendered message, the traceback and the stack
+before any formatter sees them, so the text and the JSON formats print the same masked text.
+
+What would bypass the handler is routed through it: an uncaught exception (the interpreter would
+print its traceback, a psycopg error with its DSN included, straight to stderr), one in a thread,
+and warnings.
 """
 
 from __future__ import annotations
@@ -9,33 +15,43 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from types import TracebackType
 
-from utils.config import mask_dsn, mask_token
+from utils.ops.redact import Redactor
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUIET_LIBRARY_LOGGERS = ("aiohttp.access", "apscheduler.scheduler", "apscheduler.executors.default")
 
 
 class SecretMaskingFilter(logging.Filter):
-    """Replaces each secret in the rendered message (and traceback) with its masked form."""
+    """Masks secrets in a record's message, traceback and stack (it changes the record)."""
 
-    def __init__(self, secrets: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, redact: Redactor) -> None:
         super().__init__()
-        self._secrets = [(s, m) for s, m in secrets if s]
-
-    def mask(self, text: str) -> str:
-        for secret, masked in self._secrets:
-            if secret in text:
-                text = text.replace(secret, masked)
-        return text
+        self.redact = redact
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = self.mask(record.getMessage())
-        record.msg, record.args = message, None
+        record.msg, record.args = self.redact(_rendered_message(record)), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = self.mask(record.exc_text)
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
         return True
+
+
+def _rendered_message(record: logging.LogRecord) -> str:
+    """``record.getMessage()``, or what there is when its arguments do not fit its format.
+
+    logging would otherwise report the mismatch itself, printing the raw arguments unmasked.
+    """
+    try:
+        return record.getMessage()
+    except Exception as exc:  # noqa: BLE001 - any formatting error; the line must still go out masked
+        return f"{record.msg!s} {record.args!r} (log arguments did not fit: {exc})"
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,36 +65,45 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             payload["exc"] = record.exc_text
+        if record.stack_info:
+            payload["stack"] = record.stack_info
         return json.dumps(payload, ensure_ascii=False)
+
+
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    logging.getLogger("solobot").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    logging.getLogger("solobot").critical(
+        "uncaught exception in thread %s", args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 def configure_logging(
     level: str, fmt: str, *, token: str | None = None, database_url: str | None = None
 ) -> None:
-    """Install one stderr handler on the root logger; quiet aiogram's per-update INFO lines."""
-    secrets: list[tuple[str, str]] = []
-    if token:
-        secrets.append((token, mask_token(token)))
-        secret_part = token.partition(":")[2]
-        if secret_part:
-            secrets.append((secret_part, "***"))
-    if database_url:
-        secrets.append((database_url, mask_dsn(database_url)))
+    """Install one masking stderr handler on the root logger and route stray output through it."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(SecretMaskingFilter(secrets))
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+    handler.addFilter(SecretMaskingFilter(Redactor(token=token, database_url=database_url)))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+    logging.captureWarnings(True)
     # aiogram logs every update at INFO ("Update id=... is handled"); that is a DEBUG fact here.
     if level != "DEBUG":
         logging.getLogger("aiogram.event").setLevel(logging.WARNING)
-    for noisy in ("aiohttp.access", "apscheduler.scheduler", "apscheduler.executors.default"):
+    for noisy in QUIET_LIBRARY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

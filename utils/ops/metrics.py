@@ -1,57 +1,234 @@
-"""Prometheus metrics for ``/metrics``, read from the controller and polling stats at scrape time.
+"""Prometheus metrics for ``/metrics``: a collector that reads its sources at scrape time.
 
-A private registry (not the global one) so two apps in one test process never collide.
+Why a collector and not ``Counter``/``Histogram`` objects of our own: the facts already live in
+their owners (the leadership controller counts handovers, the pipeline's :class:`UpdateStats`
+counts updates and keeps a fixed-bucket histogram, the autoposter counts posts). Copying them into
+a second set of objects made two sources per fact and, for handler timings, a list that grew until
+a scrape emptied it (forever with ``HEALTH_PORT=0``). Here nothing is stored: every scrape reads
+the owners, so memory is flat however long nobody scrapes, and two scrapes in a row agree.
+
+The sources are typed as small Protocols (what is read, nothing more), so this module imports
+neither ``main`` nor the pipeline. The registry is private (not prometheus_client's global one),
+so two apps in one test process never collide.
+
+Naming follows https://prometheus.io/docs/practices/naming/: a ``solobot_`` prefix, base units
+(seconds), counters end in ``_total``, one label per dimension (``mode``, ``kind``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from utils.locking.controller import Mode
 
-if TYPE_CHECKING:
-    from main import App
+PREFIX = "solobot"
+
+
+class LeadershipSource(Protocol):
+    """The leadership controller, as metrics see it."""
+
+    @property
+    def mode(self) -> Mode: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def handovers(self) -> int: ...  # times this instance became active
+
+
+class DurationSource(Protocol):
+    """A fixed-bucket histogram (``utils.updates.stats.DurationHistogram``)."""
+
+    @property
+    def total(self) -> float: ...
+
+    @property
+    def count(self) -> int: ...
+
+    def cumulative(self) -> Sequence[tuple[float, int]]: ...
+
+
+class PipelineSource(Protocol):
+    """The update pipeline's counters (``utils.updates.stats.UpdateStats``)."""
+
+    @property
+    def polling(self) -> bool: ...
+
+    @property
+    def last_ok(self) -> float | None: ...  # monotonic
+
+    @property
+    def conflicts(self) -> int: ...
+
+    @property
+    def fetched(self) -> int: ...
+
+    @property
+    def handled(self) -> int: ...
+
+    @property
+    def handler_errors(self) -> int: ...
+
+    @property
+    def duplicates(self) -> int: ...
+
+    @property
+    def redelivered(self) -> int: ...
+
+    @property
+    def inbox_waiting(self) -> int: ...
+
+    @property
+    def errors(self) -> Mapping[str, int]: ...
+
+    @property
+    def handler_seconds(self) -> DurationSource: ...
+
+
+class PostsSource(Protocol):
+    """The autoposter."""
+
+    @property
+    def posts_sent(self) -> int: ...
+
+
+class FencingSource(Protocol):
+    """The lock backend."""
+
+    @property
+    def fenced_holders(self) -> int: ...
+
+
+def _name(suffix: str) -> str:
+    return f"{PREFIX}_{suffix}"
+
+
+def bucket_bound(seconds: float) -> str:
+    """A histogram's ``le`` label: ``0.25``, ``5.0``, ``+Inf`` (the text format's spelling)."""
+    return "+Inf" if math.isinf(seconds) else repr(float(seconds))
+
+
+def wall_time_of(monotonic_seconds: float) -> float:
+    """A ``time.monotonic()`` reading as Unix time: Prometheus wants timestamps, not ages."""
+    return time.time() - (time.monotonic() - monotonic_seconds)
+
+
+def leadership_metrics(controller: LeadershipSource) -> Iterator[Metric]:
+    mode = GaugeMetricFamily(
+        _name("mode"), "1 for the mode this instance is in, 0 for the others", labels=["mode"]
+    )
+    for candidate in Mode:
+        mode.add_metric([candidate.value], 1 if controller.mode is candidate else 0)
+    yield mode
+    yield GaugeMetricFamily(
+        _name("epoch"), "Fencing epoch held while active (0 when not active)", value=controller.epoch
+    )
+    yield CounterMetricFamily(
+        _name("handovers_total"), "Times this instance became active", value=controller.handovers
+    )
+
+
+def pipeline_metrics(stats: PipelineSource) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        _name("polling"), "1 while a getUpdates loop runs in this instance", value=int(stats.polling)
+    )
+    if stats.last_ok is not None:
+        yield GaugeMetricFamily(
+            _name("getupdates_last_success_timestamp_seconds"),
+            "Unix time of the last successful getUpdates",
+            value=wall_time_of(stats.last_ok),
+        )
+    counters = (
+        ("getupdates_conflicts_total", "409 Conflict answers to getUpdates", stats.conflicts),
+        ("updates_fetched_total", "Updates received from Telegram", stats.fetched),
+        ("updates_handled_total", "Updates whose handler finished (returned or raised)", stats.handled),
+        ("handler_errors_total", "Handlers that raised", stats.handler_errors),
+        ("updates_duplicate_total", "Updates skipped because the inbox already had them",
+         stats.duplicates),
+        ("updates_redelivered_total", "Updates handled again after an earlier attempt",
+         stats.redelivered),
+    )
+    for suffix, documentation, value in counters:
+        yield CounterMetricFamily(_name(suffix), documentation, value=value)
+    yield GaugeMetricFamily(
+        _name("inbox_waiting_updates"), "Updates this leader holds that are not yet done",
+        value=stats.inbox_waiting,
+    )
+    errors = CounterMetricFamily(
+        _name("getupdates_errors_total"), "Failed getUpdates calls by kind", labels=["kind"]
+    )
+    for kind, count in sorted(stats.errors.items()):
+        errors.add_metric([kind], count)
+    yield errors
+    durations = stats.handler_seconds
+    yield HistogramMetricFamily(
+        _name("handler_duration_seconds"), "Time a handler took, from start to finish",
+        buckets=[(bucket_bound(bound), count) for bound, count in durations.cumulative()],
+        sum_value=durations.total,
+    )
+
+
+class SolobotCollector:
+    """A prometheus_client ``Collector``: reads every source at each scrape, keeps nothing."""
+
+    def __init__(
+        self,
+        *,
+        controller: LeadershipSource,
+        stats: PipelineSource,
+        autoposter: PostsSource | None = None,
+        backend: FencingSource | None = None,
+    ) -> None:
+        self.controller = controller
+        self.stats = stats
+        self.autoposter = autoposter
+        self.backend = backend
+
+    def collect(self) -> Iterator[Metric]:
+        yield from leadership_metrics(self.controller)
+        yield from pipeline_metrics(self.stats)
+        if self.backend is not None:
+            yield CounterMetricFamily(
+                _name("fenced_holders_total"), "Hung holders this instance fenced off",
+                value=self.backend.fenced_holders,
+            )
+        if self.autoposter is not None:  # off without CHANNEL_ID: no series rather than a fake 0
+            yield CounterMetricFamily(
+                _name("posts_sent_total"), "Channel posts this instance published",
+                value=self.autoposter.posts_sent,
+            )
 
 
 class Metrics:
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.mode = Gauge("solobot_mode", "1 for the current mode", ["mode"], registry=r)
-        self.epoch = Gauge("solobot_epoch", "Fencing epoch held (0 when passive)", registry=r)
-        self.handovers = Counter("solobot_handovers", "Times this instance became active",
-                                 registry=r)
-        self.conflicts = Gauge("solobot_conflicts", "409 conflicts seen by getUpdates", registry=r)
-        self.updates = Gauge("solobot_updates_processed", "Updates handled", registry=r)
-        self.errors = Gauge("solobot_getupdates_errors", "getUpdates errors by kind", ["kind"],
-                            registry=r)
-        self.latency = Histogram("solobot_handler_seconds", "Handler latency", registry=r,
-                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.posts = Gauge("solobot_posts_sent", "Channel posts published by this process",
-                           registry=r)
-        self.on_mode(Mode.PASSIVE)
+    """The ``/metrics`` payload: one private registry holding one :class:`SolobotCollector`."""
 
-    def on_mode(self, mode: Mode) -> None:
-        for m in Mode:
-            self.mode.labels(m.value).set(1 if m is mode else 0)
-        if mode is Mode.ACTIVE:
-            self.handovers.inc()
+    def __init__(
+        self,
+        *,
+        controller: LeadershipSource,
+        stats: PipelineSource,
+        autoposter: PostsSource | None = None,
+        backend: FencingSource | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = SolobotCollector(
+            controller=controller, stats=stats, autoposter=autoposter, backend=backend
+        )
+        self.registry.register(self.collector)
 
     def render(self) -> tuple[bytes, str]:
-        app = self.app
-        stats = app.polling.stats
-        self.epoch.set(app.controller.epoch)
-        self.conflicts.set(stats.conflicts)
-        self.updates.set(stats.updates_processed)
-        for kind, count in stats.errors.items():
-            self.errors.labels(kind).set(count)
-        samples, stats.handler_seconds = stats.handler_seconds, []
-        for seconds in samples:
-            self.latency.observe(seconds)
-        if app.autoposter is not None:
-            self.posts.set(app.autoposter.posts_sent)
+        """``(body, content type)`` for the HTTP response, in Prometheus' text format."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,10 +1,16 @@
-"""``ShutdownManager``: SIGTERM/SIGINT to an orderly, bounded stop.
+"""``ShutdownManager``: SIGTERM/SIGINT to an orderly, bounded stop in named stages.
 
-Modelled on uvicorn's server: the signal handler only records the request and wakes the main
-task; the stop itself runs in normal code. Callbacks run once, last registered first (resources
-are torn down in the reverse order of their creation, like aiohttp's runner), each under its own
-timeout, all under an overall deadline. A callback that fails or times out is logged and the
-rest still run. A second signal while stopping forces an immediate exit.
+Signals, modelled on uvicorn's server: the handler only records the request and wakes the main
+task; the stop itself runs in ordinary code. While stopping, a repeated SIGTERM is logged once and
+ignored: an orchestrator that sends SIGTERM twice (some do, on a retry) must not cut the drain
+short; it has SIGKILL for that. Only a repeated SIGINT (a human pressing Ctrl-C again) forces an
+immediate exit with :data:`EXIT_FORCED`. When the stop is over the previous handlers are restored.
+
+Stages, modelled on aiohttp's runner cleanup: each ``register(name, callback)`` adds a named stage;
+they run once, last registered first (resources are torn down in the reverse order of their
+creation), each under its own timeout, all under one overall deadline. A stage that fails, times
+out or raises ``CancelledError`` is logged and collected, and the remaining stages still run; only
+``KeyboardInterrupt`` and ``SystemExit`` pass through.
 
 Timeouts (defaults): DRAIN_TIMEOUT 5 s for in-flight handlers inside the polling stop,
 SHUTDOWN_TIMEOUT 8 s overall, below Docker's default 10 s grace period and below the
@@ -21,107 +27,211 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("solobot.shutdown")
 
 Callback = Callable[[], Awaitable[object] | object]
+SignalHandler = Callable[[int, Any], Any] | int | None  # what signal.getsignal() returns
 
-EXIT_FORCED = 130  # a second signal: the operator insisted
+EXIT_FORCED = 130  # a repeated SIGINT: the operator insisted
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGINTS_TO_FORCE_EXIT = 2
+
+DEFAULT_DEADLINE = 8.0  # overall, for all stages together
+DEFAULT_STAGE_TIMEOUT = 5.0
+#: A stage that timed out is cancelled and given this long to unwind before the next one starts.
+CANCELLED_STAGE_GRACE = 0.5
 
 
-@dataclass
-class _Entry:
+@dataclass(frozen=True)
+class Stage:
     name: str
     callback: Callback
     timeout: float
 
 
 class ShutdownManager:
-    def __init__(self, *, deadline: float = 8.0, callback_timeout: float = 5.0) -> None:
+    def __init__(
+        self, *, deadline: float = DEFAULT_DEADLINE, callback_timeout: float = DEFAULT_STAGE_TIMEOUT
+    ) -> None:
         self.deadline = deadline
         self.callback_timeout = callback_timeout
-        self._entries: list[_Entry] = []
-        self._requested: asyncio.Event | None = None
         self.reason: str | None = None
-        self._done = False
-        self._running = False
         self.errors: list[tuple[str, BaseException]] = []
+        self._stages: list[Stage] = []
+        self._requested: asyncio.Event | None = None
+        self._finished: asyncio.Event | None = None
+        self._started = False
+        self._sigints = 0
+        self._repeat_logged = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous_handlers: dict[signal.Signals, SignalHandler] = {}
 
     # -- registration ------------------------------------------------------------------------
 
     def register(self, name: str, callback: Callback, *, timeout: float | None = None) -> None:
-        """Run *callback* (sync or async) at shutdown; later registrations run first."""
-        self._entries.append(_Entry(name, callback, timeout or self.callback_timeout))
+        """Add stage *name*: *callback* (sync or async) runs at shutdown; later ones run first."""
+        self._stages.append(Stage(name, callback, timeout or self.callback_timeout))
+
+    @property
+    def stages(self) -> list[str]:
+        """The stage names in the order they will run."""
+        return [stage.name for stage in reversed(self._stages)]
 
     # -- signals -----------------------------------------------------------------------------
 
-    def _event(self) -> asyncio.Event:
+    def install_signal_handlers(self) -> None:
+        """Take SIGTERM/SIGINT over on the running loop; :meth:`run` gives them back at its end."""
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            self._previous_handlers.setdefault(sig, signal.getsignal(sig))
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._loop = loop
+
+    def restore_signal_handlers(self) -> None:
+        """Put back the handlers that were there before :meth:`install_signal_handlers`.
+
+        The stop signals are blocked during the swap, so one arriving in between is delivered to
+        the restored handler instead of finding the default action (which would kill us).
+        """
+        if self._loop is None:
+            return
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for sig, previous in self._previous_handlers.items():
+                self._loop.remove_signal_handler(sig)
+                if previous is not None:
+                    signal.signal(sig, previous)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self._loop = None
+        self._previous_handlers.clear()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if sig is signal.SIGINT:
+            self._sigints += 1
+            if self._sigints >= SIGINTS_TO_FORCE_EXIT:
+                log.warning("received SIGINT again while stopping; exiting now without finishing")
+                logging.shutdown()
+                os._exit(EXIT_FORCED)
+        if self.reason is None:
+            self.request(f"received {sig.name}")
+        elif not self._repeat_logged:
+            self._repeat_logged = True
+            log.warning("received %s again while stopping; ignored, the graceful stop goes on "
+                        "(a second SIGINT forces exit)", sig.name)
+        else:
+            log.debug("received %s again while stopping; ignored", sig.name)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _requested_event(self) -> asyncio.Event:
         if self._requested is None:
             self._requested = asyncio.Event()
         return self._requested
-
-    def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-
-    def _on_signal(self, sig: signal.Signals) -> None:
-        if self.reason is not None:
-            # Second signal: the operator insists; skip the rest of the graceful stop.
-            log.warning("received %s again while stopping; exiting now", sig.name)
-            logging.shutdown()
-            os._exit(EXIT_FORCED)
-        self.request(f"received {sig.name}")
 
     def request(self, reason: str) -> None:
         """Ask for shutdown (signals do this; so can code that must stop the process)."""
         if self.reason is None:
             self.reason = reason
             log.info("shutdown requested: %s", reason)
-        self._event().set()
+        self._requested_event().set()
 
     @property
     def requested(self) -> bool:
         return self.reason is not None
 
     async def wait(self) -> str:
-        await self._event().wait()
+        await self._requested_event().wait()
         return self.reason or "requested"
 
     # -- running -----------------------------------------------------------------------------
 
     async def run(self) -> list[tuple[str, BaseException]]:
-        """Run every callback once, LIFO, bounded; return the errors (also logged)."""
-        if self._done or self._running:
+        """Run every stage once, LIFO, bounded; restore the signal handlers; return the errors.
+
+        A second call (or a concurrent one) waits for the first and returns the same list.
+        """
+        if self._finished is None:
+            self._finished = asyncio.Event()
+        if self._started:
+            await self._finished.wait()
             return self.errors
-        self._running = True
-        start = time.monotonic()
+        self._started = True
+        started = time.monotonic()
+        interrupted = False
         try:
-            for entry in reversed(self._entries):
-                remaining = self.deadline - (time.monotonic() - start)
+            for stage in reversed(self._stages):
+                remaining = self.deadline - (time.monotonic() - started)
                 if remaining <= 0:
-                    error = TimeoutError("overall shutdown deadline passed before it ran")
-                    self.errors.append((entry.name, error))
-                    log.error("shutdown: %s skipped: deadline of %.1f s passed",
-                              entry.name, self.deadline)
+                    self._skip(stage)
                     continue
-                await self._run_one(entry, min(entry.timeout, remaining))
+                interrupted = await self._run_stage(stage, min(stage.timeout, remaining)) or interrupted
         finally:
-            self._done = True
-            self._running = False
-        log.info("shutdown complete in %.2f s (%d error(s))",
-                 time.monotonic() - start, len(self.errors))
+            self.restore_signal_handlers()
+            self._finished.set()
+        log.info("shutdown complete in %.2f s (%d error(s))", time.monotonic() - started,
+                 len(self.errors))
+        if interrupted:
+            raise asyncio.CancelledError  # run() itself was cancelled: say so, now that all ran
         return self.errors
 
-    async def _run_one(self, entry: _Entry, timeout: float) -> None:
+    async def _run_stage(self, stage: Stage, timeout: float) -> bool:
+        """Run one stage; collect whatever it raises. True if run() itself was cancelled meanwhile."""
+        log.debug("shutdown stage: %s", stage.name)
         try:
-            result = entry.callback()
-            if inspect.isawaitable(result):
-                await asyncio.wait_for(result, timeout=timeout)
-            log.debug("shutdown: %s done", entry.name)
-        except TimeoutError as exc:
-            self.errors.append((entry.name, exc))
-            log.error("shutdown: %s timed out after %.1f s", entry.name, timeout)
-        except Exception as exc:  # collect and go on, like aiohttp's runner
-            self.errors.append((entry.name, exc))
-            log.exception("shutdown: %s failed", entry.name)
+            result = stage.callback()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - CancelledError too: collect, go on (aiohttp's runner)
+            self._fail(stage, exc)
+            return False
+        if not inspect.isawaitable(result):
+            log.debug("shutdown stage done: %s", stage.name)
+            return False
+        # Its own task, so a CancelledError the stage raises is told apart from one aimed at us.
+        task = asyncio.ensure_future(result)
+        interrupted = False
+        try:
+            await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:
+            interrupted = True
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCELLED_STAGE_GRACE)
+            error: BaseException = (
+                asyncio.CancelledError("shutdown itself was cancelled") if interrupted
+                else TimeoutError(f"timed out after {timeout:.1f} s")
+            )
+            self._fail(stage, error)
+            if not task.done():
+                task.add_done_callback(_retrieve_outcome)
+            return interrupted
+        outcome = _retrieve_outcome(task)
+        if outcome is None:
+            log.debug("shutdown stage done: %s", stage.name)
+        else:
+            self._fail(stage, outcome)
+        return interrupted
+
+    def _fail(self, stage: Stage, exc: BaseException) -> None:
+        self.errors.append((stage.name, exc))
+        if isinstance(exc, TimeoutError | asyncio.CancelledError):
+            log.error("shutdown stage %s: %s", stage.name, str(exc) or type(exc).__name__)
+        else:
+            log.error("shutdown stage %s failed: %s", stage.name, exc, exc_info=exc)
+
+    def _skip(self, stage: Stage) -> None:
+        self.errors.append((stage.name, TimeoutError("overall shutdown deadline passed before it ran")))
+        log.error("shutdown stage %s skipped: the deadline of %.1f s passed", stage.name, self.deadline)
+
+
+def _retrieve_outcome(task: asyncio.Future[Any]) -> BaseException | None:
+    """What a finished stage raised (``CancelledError`` included), or None; marks it retrieved."""
+    if task.cancelled():
+        try:
+            task.result()
+        except asyncio.CancelledError as exc:
+            return exc
+    return task.exception()

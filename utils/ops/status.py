@@ -1,44 +1,112 @@
-"""``python main.py status``: who is active for the configured backend, without starting a bot."""
+"""``python main.py status``: who is active for the configured backend, without starting a bot.
+
+Exit codes (scripts and health checks branch on them): 0 an active holder exists (its JSON on
+stdout), 3 no active holder, 4 cannot tell (the database is unreachable, refuses us or does not
+answer in time), 78 a configuration error. A status check must answer quickly and in one line
+whatever state the database is in, so the query ends by :data:`ANSWER_WITHIN` after the start and a
+failure becomes :func:`~utils.state.errors.describe_database_error`'s line, never a traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import sys
 import time
+from typing import Any
 
 from utils.config import Settings
+from utils.locking.backend import HolderInfo, LockBackend
 from utils.locking.factory import make_backend
+from utils.state.database import DatabaseTarget
+from utils.state.errors import describe_database_error
 from utils.state.store import StateStore
 
-EXIT_OK, EXIT_NO_HOLDER = 0, 3
+log = logging.getLogger("solobot")
+
+EXIT_OK, EXIT_NO_HOLDER, EXIT_UNKNOWN = 0, 3, 4
+#: The answer is due this long after the process started, even when the database accepts
+#: connections but never replies (the issue's bound is 3 s; the rest is for printing and exit).
+ANSWER_WITHIN = 2.7
+#: But the query (connect included) gets at least this long, however slow the start-up was: a
+#: healthy remote server needs a few round trips.
+MIN_QUERY_TIMEOUT = 0.8
+#: Closing what the query opened; a hung server must not hold the answer back.
+CLOSE_TIMEOUT = 0.5
 
 
-async def status_command(settings: Settings) -> int:
-    """``python main.py status``: who is active for the configured backend."""
-    store = StateStore.create(settings.database_url, settings.state_dir, settings.bot_id)
-    backend = make_backend(settings, store, "status-query")
+class CannotTell(Exception):
+    """The backend could not say who is active; the message is the one line to print."""
+
+
+def query_timeout(now: float, started: float) -> float:
+    """Seconds left for the query: what remains of :data:`ANSWER_WITHIN`, but at least the minimum."""
+    return max(MIN_QUERY_TIMEOUT, ANSWER_WITHIN - (now - started))
+
+
+async def _ask(backend: LockBackend) -> tuple[HolderInfo | None, bool]:
+    holder = await backend.holder()
+    return holder, holder is not None and await backend.holder_is_live(holder)
+
+
+async def _close_quietly(name: str, close: Any) -> None:
+    """Close within :data:`CLOSE_TIMEOUT`; the answer is already known, so failures only go to DEBUG."""
     try:
-        holder = await backend.holder()
-        active = holder is not None and await backend.holder_is_live(holder)
+        await asyncio.wait_for(close(), CLOSE_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - whatever closing a broken connection raises
+        log.debug("status: closing the %s failed: %r", name, exc)
+
+
+async def query_holder(settings: Settings, started: float) -> tuple[str, HolderInfo | None, bool]:
+    """(backend name, holder, holder is live), or :class:`CannotTell` with the reason in one line.
+
+    *started* is the process's start on the :func:`time.monotonic` clock (the answer is due
+    :data:`ANSWER_WITHIN` after it).
+    """
+    store = StateStore.create(DatabaseTarget.parse(settings.database_url, settings.state_dir),
+                              settings.bot_id, "status-query")
+    backend = make_backend(settings, store, "status-query")
+    timeout = query_timeout(time.monotonic(), started)
+    try:
+        holder, live = await asyncio.wait_for(_ask(backend), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise CannotTell(describe_database_error(exc, settings.database_url,
+                                                 waited=round(timeout, 1))) from exc
+    except Exception as exc:  # psycopg/SQLAlchemy errors (and bugs): named in the one line
+        log.debug("status query failed", exc_info=True)
+        raise CannotTell(describe_database_error(exc, settings.database_url)) from exc
     finally:
-        await backend.close()
-        await store.close()
-    if holder is None or not active:
-        print(f"no active holder (backend {backend.name})")
+        await _close_quietly("lock backend", backend.close)
+        await _close_quietly("state store", store.close)
+    return backend.name, holder, live
+
+
+async def status_command(settings: Settings, started: float) -> int:
+    """``python main.py status``: who is active for the configured backend."""
+    try:
+        backend_name, holder, live = await query_holder(settings, started)
+    except CannotTell as exc:
+        print(f"solobot status: cannot tell who is active: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    if holder is None or not live:
+        print(f"no active holder (backend {backend_name})")
         return EXIT_NO_HOLDER
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.since)) if holder.since else "?"
-    print(json.dumps({"backend": backend.name, **holder.as_dict(), "since_text": since}))
+    print(json.dumps({"backend": backend_name, **holder.as_dict(), "since_text": since}))
     return EXIT_OK
 
 
-def run_status(settings: Settings) -> int:
-    """Entry for ``main.py status``; a lock directory problem is a configuration error."""
+def run_status(settings: Settings, started: float | None = None) -> int:
+    """Entry for ``main.py status``; a lock directory problem is a configuration error.
+
+    *started*: when the process started (:func:`time.monotonic`); default now.
+    """
     from utils.config import EX_CONFIG
     from utils.locking.instance_lock import LockSetupError
 
     try:
-        return asyncio.run(status_command(settings))
+        return asyncio.run(status_command(settings, time.monotonic() if started is None else started))
     except LockSetupError as exc:
-        logging.getLogger("solobot").error("%s", exc)
+        log.error("%s", exc)
         return EX_CONFIG

@@ -1,0 +1,247 @@
+"""What the benchmarks share: bot processes in their own process groups, the fake Bot API, a
+scratch PostgreSQL database, percentiles and a markdown table.
+
+Every process is started in a new session (its own process group) and registered in a
+:class:`ProcessGroups`, whose ``close()`` kills every group it started, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from tests.fake_bot_api import FakeBotAPI, Poll  # noqa: E402
+
+#: The secret half of every bench token (the fake accepts any of 30+ characters).
+TOKEN_SECRET = "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+#: How often the waiting helpers look again (the fake and /health are cheap to ask).
+POLL_INTERVAL = 0.01
+#: How often a process's RSS is sampled (its kernel high-water mark is read at the end too).
+RSS_SAMPLE_INTERVAL = 0.05
+
+
+def token_for(bot_id: int) -> str:
+    return f"{bot_id}:{TOKEN_SECRET}"
+
+
+def unique_bot_id() -> int:
+    """A bot id no other run used: state and locks are per bot, so runs never see each other's."""
+    return 500_000_000 + uuid.uuid4().int % 400_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, message: str,
+               interval: float = POLL_INTERVAL) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {message}")
+        time.sleep(interval)
+
+
+def first_good_poll_after(fake: FakeBotAPI, tag: str, t0: float) -> Poll | None:
+    """*tag*'s first getUpdates that the server took (answered or long-polling) at or after *t0*."""
+    return next((p for p in fake.snapshot_polls()
+                 if p.tag == tag and p.started >= t0 and p.outcome in ("ok", "pending")), None)
+
+
+def pending_poll(fake: FakeBotAPI, tag: str) -> bool:
+    return any(p.tag == tag and p.outcome == "pending" for p in fake.snapshot_polls())
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0-100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def base_env() -> dict[str, str]:
+    """The bench's environment without anything that would make a bot talk to systemd."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class BotProc:
+    """A bot process in its own process group, its output in *log_dir*/<name>.log."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.health_port = int(env.get("HEALTH_PORT", "0"))
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.peak_rss = 0
+        self._ps: psutil.Process | None = None
+        with contextlib.suppress(psutil.Error):
+            self._ps = psutil.Process(self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def sample_rss(self) -> None:
+        """Fold the current RSS and the kernel's high-water mark (VmHWM) into :attr:`peak_rss`."""
+        if self._ps is None or not self.alive():
+            return
+        with contextlib.suppress(psutil.Error):
+            self.peak_rss = max(self.peak_rss, self._ps.memory_info().rss)
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_rss = max(self.peak_rss, int(line.split()[1]) * 1024)
+
+    def health(self) -> dict[str, Any] | None:
+        if not self.health_port:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/health", timeout=2) as r:
+                return dict(json.loads(r.read()))
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            return None
+
+    def mode(self) -> str | None:
+        h = self.health()
+        return None if h is None else str(h.get("mode"))
+
+    def wait_mode(self, mode: str, timeout: float = 60.0) -> None:
+        def reached() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            return self.mode() == mode
+
+        wait_until(reached, timeout, f"{self.name} to be {mode}", 0.02)
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill_group(self) -> None:
+        """SIGKILL the whole process group (the bot and anything it started)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self._log.close()
+
+
+class ProcessGroups:
+    """Every bot process a bench started; ``close()`` kills all their groups (also on errors)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[BotProc] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> BotProc:
+        proc = BotProc(name, argv, env, self.log_dir)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill_group()
+
+    def __enter__(self) -> ProcessGroups:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def solobot_env(fake: FakeBotAPI, tag: str, bot_id: int, work: Path, postgres_url: str | None,
+                **extra: str) -> dict[str, str]:
+    """``python main.py``'s environment: file lock + SQLite in *work*, or PostgreSQL for both."""
+    env = base_env()
+    env.update({
+        "BOT_TOKEN": token_for(bot_id),
+        "TELEGRAM_API_URL": fake.url(tag),
+        "LOCK_DIR": str(work / "lock"),
+        "STATE_DIR": str(work / "state"),
+        "HEALTH_PORT": str(free_port()),
+        "POLLING_TIMEOUT": "10",
+        "LOG_LEVEL": "INFO",
+    })
+    env.pop("DATABASE_URL", None)
+    env.pop("LOCK_BACKEND", None)
+    if postgres_url:
+        env.update({"LOCK_BACKEND": "postgres", "DATABASE_URL": postgres_url})
+    env.update(extra)
+    return env
+
+
+def solobot_argv() -> list[str]:
+    return [sys.executable, str(ROOT / "main.py")]
+
+
+@contextlib.contextmanager
+def scratch_database(url: str) -> Iterator[str]:
+    """A fresh database on *url*'s server for one bench run, dropped afterwards.
+
+    Falls back to *url* itself when the database cannot be created (the unique bot id per run
+    still keeps runs apart).
+    """
+    import psycopg
+
+    parts = urllib.parse.urlsplit(url)
+    name = f"solobot_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        print(f"(could not create a scratch database, using {parts.path.lstrip('/')}: {exc})", file=sys.stderr)
+        yield url
+        return
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,185 @@
+"""/metrics: parsed with prometheus_client's own parser; counters are counters; memory stays flat."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from tests.conftest import free_port
+from utils.locking.controller import Mode
+from utils.ops.health import HealthServer
+from utils.ops.metrics import Metrics
+from utils.updates.stats import HANDLER_BUCKETS, UpdateStats
+
+
+@dataclass
+class FakeController:
+    mode: Mode = Mode.PASSIVE
+    epoch: int = 0
+    handovers: int = 0
+
+
+@dataclass
+class FakeAutoposter:
+    posts_sent: int = 0
+
+
+@dataclass
+class FakeBackend:
+    fenced_holders: int = 0
+
+
+def parse(metrics: Metrics) -> dict[str, tuple[str, list[Sample]]]:
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain; version=")
+    return {f.name: (f.type, f.samples) for f in text_string_to_metric_families(body.decode())}
+
+
+def value(families: dict[str, tuple[str, list[Sample]]], sample_name: str, **labels: str) -> float:
+    family = sample_name.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
+    for sample in families[family][1]:
+        if sample.name == sample_name and sample.labels == labels:
+            return sample.value
+    raise KeyError(f"{sample_name}{labels}")
+
+
+def busy_stats() -> UpdateStats:
+    stats = UpdateStats(polling=True, conflicts=2, fetched=10, handled=9, handler_errors=1,
+                        duplicates=3, redelivered=1, inbox_waiting=1)
+    stats.count_error("conflict")
+    stats.count_error("network")
+    stats.count_error("network")
+    for seconds in (0.005, 0.2, 0.2, 3.0, 100.0):
+        stats.handler_seconds.observe(seconds)
+    return stats
+
+
+def test_types_names_and_values() -> None:
+    controller = FakeController(Mode.ACTIVE, epoch=7, handovers=2)
+    metrics = Metrics(controller=controller, stats=busy_stats(), autoposter=FakeAutoposter(4),
+                      backend=FakeBackend(1))
+    families = parse(metrics)
+    types = {name: kind for name, (kind, _) in families.items()}
+    assert types == {
+        "solobot_mode": "gauge",
+        "solobot_epoch": "gauge",
+        "solobot_handovers": "counter",
+        "solobot_polling": "gauge",
+        "solobot_getupdates_conflicts": "counter",
+        "solobot_updates_fetched": "counter",
+        "solobot_updates_handled": "counter",
+        "solobot_handler_errors": "counter",
+        "solobot_updates_duplicate": "counter",
+        "solobot_updates_redelivered": "counter",
+        "solobot_inbox_waiting_updates": "gauge",
+        "solobot_getupdates_errors": "counter",
+        "solobot_handler_duration_seconds": "histogram",
+        "solobot_fenced_holders": "counter",
+        "solobot_posts_sent": "counter",
+    }
+    for name, (kind, samples) in families.items():
+        assert name.startswith("solobot_")
+        if kind == "counter":
+            assert samples and all(s.name == f"{name}_total" for s in samples), name
+    assert [value(families, "solobot_mode", mode=m.value) for m in Mode] == [0, 1, 0]
+    assert value(families, "solobot_epoch") == 7
+    assert value(families, "solobot_handovers_total") == 2
+    assert value(families, "solobot_getupdates_conflicts_total") == 2
+    assert value(families, "solobot_updates_handled_total") == 9
+    assert value(families, "solobot_getupdates_errors_total", kind="network") == 2
+    assert value(families, "solobot_getupdates_errors_total", kind="conflict") == 1
+    assert value(families, "solobot_fenced_holders_total") == 1
+    assert value(families, "solobot_posts_sent_total") == 4
+    histogram = families["solobot_handler_duration_seconds"][1]
+    buckets = {s.labels["le"]: s.value for s in histogram if s.name.endswith("_bucket")}
+    assert len(buckets) == len(HANDLER_BUCKETS) + 1
+    assert buckets["0.01"] == 1 and buckets["0.25"] == 3 and buckets["5.0"] == 4 and buckets["+Inf"] == 5
+    assert value(families, "solobot_handler_duration_seconds_count") == 5
+    assert abs(value(families, "solobot_handler_duration_seconds_sum") - 103.405) < 1e-9
+
+
+def test_optional_sources_absent_and_nothing_consumed_by_a_scrape() -> None:
+    metrics = Metrics(controller=FakeController(), stats=UpdateStats())
+    families = parse(metrics)
+    assert "solobot_posts_sent" not in families and "solobot_fenced_holders" not in families
+    assert "solobot_getupdates_last_success_timestamp_seconds" not in families, "never succeeded"
+    assert value(families, "solobot_mode", mode="passive") == 1
+    assert families["solobot_getupdates_errors"][1] == []
+    assert metrics.render() == metrics.render(), "a scrape changes nothing"
+
+
+def test_reads_sources_at_scrape_time() -> None:
+    controller = FakeController()
+    stats = UpdateStats()
+    metrics = Metrics(controller=controller, stats=stats)
+    controller.mode, controller.handovers = Mode.ACTIVE, 1
+    stats.handled += 1
+    stats.handler_seconds.observe(0.3)
+    families = parse(metrics)
+    assert value(families, "solobot_mode", mode="active") == 1
+    assert value(families, "solobot_handovers_total") == 1
+    assert value(families, "solobot_updates_handled_total") == 1
+    assert value(families, "solobot_handler_duration_seconds_count") == 1
+
+
+def structure_size(metrics: Metrics, stats: UpdateStats) -> tuple[Any, ...]:
+    return (len(stats.handler_seconds.counts), len(stats.errors), len(vars(metrics.collector)),
+            len(list(metrics.registry.collect())))
+
+
+def test_memory_flat_after_10000_updates_without_a_scrape() -> None:
+    stats = UpdateStats()
+    metrics = Metrics(controller=FakeController(), stats=stats, autoposter=FakeAutoposter())
+
+    def one_update(i: int) -> None:  # what the pipeline does per update
+        stats.fetched += 1
+        stats.handled += 1
+        stats.handler_seconds.observe((i % 400) / 100)
+        if i % 10 == 0:
+            stats.count_error("network")
+
+    one_update(0)
+    before = structure_size(metrics, stats)
+    tracemalloc.start()
+    try:
+        baseline, _ = tracemalloc.get_traced_memory()
+        for i in range(1, 10_000):
+            one_update(i)
+        grown = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    assert structure_size(metrics, stats) == before
+    assert grown < 4096, f"{grown} bytes retained by 10000 updates"
+    families = parse(metrics)
+    assert value(families, "solobot_handler_duration_seconds_count") == 10_000
+    assert value(families, "solobot_updates_handled_total") == 10_000
+
+
+async def test_health_server_serves_parseable_metrics() -> None:
+    metrics = Metrics(controller=FakeController(Mode.ACTIVE, 3, 1), stats=busy_stats())
+
+    async def status() -> dict[str, Any]:
+        return {}
+
+    port = free_port()
+    server = HealthServer("127.0.0.1", port, status=status, ready=lambda: (True, "ok"),
+                          metrics=metrics.render)
+    await server.start()
+    try:
+        def scrape() -> tuple[str, str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.headers["Content-Type"], r.read().decode()
+
+        content_type, text = await asyncio.to_thread(scrape)
+    finally:
+        await server.stop()
+    assert content_type.startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"solobot_mode", "solobot_handovers", "solobot_handler_duration_seconds"} <= names
+    assert "solobot_handovers_total 1.0" in text

@@ -1,0 +1,151 @@
+"""Where the durable state lives, parsed once: the one reader of ``DATABASE_URL`` and ``STATE_DIR``.
+
+Everything else asks a :class:`DatabaseTarget` for what it needs: SQLAlchemy's async URL, libpq's
+DSN for the lock connections, the masked form for logs, host/port/database for error messages.
+
+Sessions are tagged: every PostgreSQL connection of an instance carries ``application_name``
+``solobot-<bot id>-<instance id>-<purpose>``, so a standby that fences a hung holder can end *all*
+of its sessions (and the row locks they hold), not only the lock session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import make_conninfo
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+log = logging.getLogger("solobot.state")
+
+SQLITE_FILE = "solobot.sqlite3"
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: A session left idle inside a transaction (its process paused or partitioned) is ended by the
+#: server after this long, releasing its row locks even if no standby fences it.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 5_000
+PG_POOL_SIZE = 4
+PG_POOL_OVERFLOW = 4
+PG_CONNECT_TIMEOUT_S = 5
+
+
+def session_tag(bot_id: int, instance_id: str, purpose: str) -> str:
+    """``application_name`` of one of this instance's sessions (63 bytes at most in PostgreSQL)."""
+    return f"solobot-{bot_id}-{instance_id}-{purpose}"[:63]
+
+
+def instance_tag_pattern(bot_id: int, instance_id: str) -> str:
+    """A LIKE pattern matching every session of one instance."""
+    return f"solobot-{bot_id}-{instance_id}-%"
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """The configured database, parsed once."""
+
+    kind: str  # "sqlite" | "postgres"
+    sqlalchemy_url: str = ""
+    libpq_dsn: str = ""
+    display: str = ""  # for logs: no password
+    host: str | None = None
+    port: int | None = None
+    database: str | None = None
+    sqlite_path: Path | None = None
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.kind == "postgres"
+
+    @classmethod
+    def parse(cls, database_url: str | None, state_dir: Path) -> DatabaseTarget:
+        if not database_url:
+            path = (state_dir / SQLITE_FILE).resolve()
+            return cls(kind="sqlite", sqlalchemy_url=f"sqlite+aiosqlite:///{path}", display=str(path),
+                       sqlite_path=path)
+        url = make_url(database_url)
+        # libpq's key/value form, built from the parsed parts: a password with spaces or other
+        # specials survives (a re-rendered URL would not quote them all).
+        dsn = make_conninfo(
+            "", host=url.host, port=url.port, dbname=url.database, user=url.username,
+            password=url.password, **{k: str(v) for k, v in url.query.items()},
+        )
+        return cls(
+            kind="postgres",
+            sqlalchemy_url=url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False),
+            libpq_dsn=dsn,
+            display=url.set(drivername="postgresql").render_as_string(hide_password=True),
+            host=url.host or "localhost",
+            port=url.port or 5432,
+            database=url.database,
+        )
+
+    def where(self) -> str:
+        """``host:port/database`` (PostgreSQL) or the SQLite file, for messages."""
+        if self.is_postgres:
+            return f"{self.host}:{self.port}/{self.database or ''}"
+        return str(self.sqlite_path)
+
+    def create_engine(self, *, bot_id: int, instance_id: str) -> AsyncEngine:
+        if not self.is_postgres:
+            assert self.sqlite_path is not None
+            prepare_private_dir(self.sqlite_path.parent)
+            create_private_file(self.sqlite_path)
+            engine = create_async_engine(self.sqlalchemy_url,
+                                         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            _sqlite_serialised_writes(engine)
+            return engine
+        connect_args: dict[str, Any] = {
+            "application_name": session_tag(bot_id, instance_id, "state"),
+            "connect_timeout": PG_CONNECT_TIMEOUT_S,
+            "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+        }
+        # The URL object, not its text: SQLAlchemy passes the parts to psycopg unmangled.
+        url = make_url(self.sqlalchemy_url)
+        return create_async_engine(url, pool_pre_ping=True, pool_size=PG_POOL_SIZE,
+                                   max_overflow=PG_POOL_OVERFLOW, connect_args=connect_args)
+
+
+def prepare_private_dir(path: Path) -> None:
+    """Create the state directory 0700; warn once if an existing one is readable by others."""
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("state directory %s is accessible by other users (mode %o); it holds the post "
+                    "queue and the update inbox: chmod 700 it", path, stat.S_IMODE(mode))
+
+
+def create_private_file(path: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (its -wal/-shm files inherit the mode)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE_MODE)
+    os.close(fd)
+
+
+def _sqlite_serialised_writes(engine: AsyncEngine) -> None:
+    """Every SQLite transaction ``BEGIN IMMEDIATE``; WAL with ``synchronous=NORMAL``.
+
+    pysqlite's deferred transactions upgrade read locks to write locks late, which two processes
+    turn into instant SQLITE_BUSY errors; taking the write lock up front makes them wait instead.
+    WAL + NORMAL: a commit survives the process being killed (it is in the WAL file, which the OS
+    keeps); a power loss can lose the last transactions since the last checkpoint's fsync (see
+    docs/architecture.md). The database file itself is never corrupted.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

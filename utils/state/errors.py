@@ -1,0 +1,105 @@
+"""A database error as one line an operator can act on: where (host, port, database, user) and why.
+
+Why this exists: a bare ``OperationalError`` in a log says neither which server nor what it
+answered, and its full text spans several lines (libpq's hint, SQLAlchemy's "Background on this
+error" link). :func:`describe_database_error` gives ``PostgreSQL 10.0.0.5:5432/solobot (user
+solobot): Connection refused`` for every failure a caller can meet on the way to the database:
+psycopg and SQLAlchemy errors (the driver's own is used), ``OSError`` and ``TimeoutError``. The
+password never appears: the location is built without it, and the reason is passed through
+:class:`utils.ops.redact.Redactor` as well (a server may quote a DSN back).
+
+Standard library only (and the stdlib-only redactor): it is used where the driver may not even
+import, and in log lines of every layer.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from utils.ops.redact import Redactor
+
+DEFAULT_PG_PORT = 5432
+#: libpq prefixes a server's refusal with its severity: ``FATAL:  database "x" does not exist``.
+SEVERITY_PREFIX = re.compile(r"^(?:FATAL|ERROR|PANIC):\s+")
+#: One failed attempt in libpq's text: ``connection to server at "h" (addr), port 5432 failed: REASON``.
+ATTEMPT_FAILED = re.compile(r".*failed:\s*(?P<reason>.+)$")
+#: libpq's hint lines (tab-indented) and SQLAlchemy's link line add nothing to the one line.
+NOISE_LINE = re.compile(r"^\s*(?:\t|Is the server running|\(Background on this error at:)")
+
+
+def database_location(database_url: str | None) -> str:
+    """``PostgreSQL host:port/database (user u)`` from a database URL, without its password."""
+    if not database_url:
+        return "SQLite state database"
+    parts = urlsplit(database_url)
+    query = parse_qs(parts.query)
+    hosts = parts.netloc.rpartition("@")[2]
+    if not hosts and query.get("host"):
+        hosts = query["host"][0]  # a Unix socket directory: postgresql:///db?host=/run/postgresql
+    port = query.get("port", [str(DEFAULT_PG_PORT)])[0]
+    shown_hosts = ",".join(_with_port(host, port) for host in (hosts or "localhost").split(","))
+    database = unquote(parts.path.lstrip("/")) or query.get("dbname", [""])[0]
+    user = unquote(parts.username) if parts.username else query.get("user", [""])[0]
+    described = f"PostgreSQL {shown_hosts}/{database}"
+    return f"{described} (user {user})" if user else described
+
+
+def _with_port(host: str, default_port: str) -> str:
+    """``host:port`` as libpq would connect (a socket directory stays a path)."""
+    if host.startswith("/"):
+        return host
+    has_port = "]:" in host if host.startswith("[") else ":" in host
+    return host if has_port else f"{host}:{default_port}"
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The driver's exception under SQLAlchemy's wrapper (``DBAPIError.orig``), else *exc*."""
+    orig = getattr(exc, "orig", None)
+    return orig if isinstance(orig, BaseException) else exc
+
+
+def _libpq_reason(text: str) -> str:
+    """The server's or the network's reason in libpq's connection-failure text (all attempts)."""
+    reasons: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or NOISE_LINE.match(line) or line.startswith("Multiple connection attempts"):
+            continue
+        found = ATTEMPT_FAILED.search(line)
+        reason = found["reason"] if found else line.removeprefix("connection failed:")
+        reason = SEVERITY_PREFIX.sub("", reason.strip())
+        if reason and reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons)
+
+
+def database_error_reason(exc: BaseException, *, waited: float | None = None) -> str:
+    """Why the database could not be used, in the words of the server or the operating system."""
+    exc = _driver_error(exc)
+    name = type(exc).__name__
+    if isinstance(exc, TimeoutError) or name == "ConnectionTimeout":
+        within = f" within {waited:g} s" if waited is not None else ""
+        return f"no answer{within} (the server or the network does not respond)"
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    if isinstance(primary, str) and primary:
+        sqlstate = getattr(exc, "sqlstate", None)
+        return f"{primary} (SQLSTATE {sqlstate})" if sqlstate else primary
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    if not text:
+        return name
+    reason = _libpq_reason(text)
+    return reason or name
+
+
+def describe_database_error(exc: BaseException, database_url: str | None, *,
+                            waited: float | None = None) -> str:
+    """One line: where the database is (no password) and why it failed.
+
+    *waited* is the time limit a caller's own timeout enforced, for a :class:`TimeoutError`.
+    """
+    line = f"{database_location(database_url)}: {database_error_reason(exc, waited=waited)}"
+    line = " ".join(line.split())  # one line, whatever the server sent
+    return Redactor(database_url=database_url)(line)

@@ -1,0 +1,199 @@
+"""The durable inbox: every update received is a row until its handler finished.
+
+Polling writes each getUpdates batch in one transaction (with the offset that confirms it), and
+only then confirms it to Telegram; a webhook delivery is one short transaction before the 200.
+Any process of the bot may write here; only the leader handles rows and marks them done.
+
+De-duplication is on (update id, fingerprint of its content): a re-delivered update is
+byte-for-byte the same, an unrelated update that reuses an id (ids restart per Bot API server and
+after a week without updates) is not, so it is never skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from utils.state.fencing import hold_epoch
+from utils.state.schema import inbox_table, offset_table, utcnow
+
+#: Done rows are kept this long for de-duplication: Telegram keeps (and may re-deliver) an
+#: update for up to 24 hours.
+DONE_RETENTION = dt.timedelta(hours=26)
+#: ... and at most this many, whatever their age.
+DONE_KEEP_MAX = 100_000
+
+
+@dataclass(frozen=True)
+class NewUpdate:
+    """An update about to be stored."""
+
+    update_id: int
+    fingerprint: str
+    chat_key: str | None
+    payload: str  # the update as JSON
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    """A stored update waiting to be handled."""
+
+    seq: int  # insertion order: per-chat order follows it, whatever the update ids do
+    update_id: int
+    chat_key: str | None
+    payload: str
+    attempt: int  # 1 the first time a leader takes it; more after a crash or a cancelled drain
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    new: list[InboxEntry]  # in the order given
+    duplicates: int  # already in the inbox (handled or waiting)
+    waiting_duplicates: list[InboxEntry]  # of those, the ones still waiting (a caller may not know them)
+
+
+class InboxRepository:
+    def __init__(self, engine: AsyncEngine, bot_id: int) -> None:
+        self.engine = engine
+        self.bot_id = bot_id
+        self._insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    async def store_batch(
+        self, updates: Sequence[NewUpdate], *, epoch: int | None, next_offset: int | None = None
+    ) -> StoredBatch:
+        """Store *updates* in one transaction; with *epoch* (the leader) fenced and claimed.
+
+        *next_offset* (polling) is recorded in the same transaction: the offset that will confirm
+        this batch to Telegram is durable exactly when the batch is.
+        """
+        now = utcnow()
+        attempt = 1 if epoch is not None else 0
+        rows = [
+            {"bot_id": self.bot_id, "update_id": u.update_id, "fingerprint": u.fingerprint,
+             "chat_key": u.chat_key, "payload": u.payload, "received_at": now,
+             "attempts": attempt, "claimed_epoch": epoch}
+            for u in updates
+        ]
+        async with self.engine.begin() as conn:
+            if epoch is not None:
+                await hold_epoch(conn, self.bot_id, epoch)
+                if next_offset is not None:
+                    await self._save_offset(conn, next_offset, epoch, now)
+            inserted: dict[tuple[int, str], int] = {}
+            if rows:
+                statement = (
+                    self._insert(inbox_table).values(rows)
+                    .on_conflict_do_nothing(index_elements=["bot_id", "update_id", "fingerprint"])
+                    .returning(inbox_table.c.seq, inbox_table.c.update_id, inbox_table.c.fingerprint)
+                )
+                for seq, update_id, fingerprint in await conn.execute(statement):
+                    inserted[(int(update_id), str(fingerprint))] = int(seq)
+            new = [InboxEntry(inserted[(u.update_id, u.fingerprint)], u.update_id, u.chat_key,
+                              u.payload, attempt)
+                   for u in updates if (u.update_id, u.fingerprint) in inserted]
+            seen = [u for u in updates if (u.update_id, u.fingerprint) not in inserted]
+            waiting = await self._waiting_among(conn, seen) if seen else []
+        return StoredBatch(new=new, duplicates=len(seen), waiting_duplicates=waiting)
+
+    async def _waiting_among(self, conn: Any, updates: Sequence[NewUpdate]) -> list[InboxEntry]:
+        keys = [(u.update_id, u.fingerprint) for u in updates]
+        rows = await conn.execute(
+            sa.select(inbox_table.c.seq, inbox_table.c.update_id, inbox_table.c.chat_key,
+                      inbox_table.c.payload, inbox_table.c.attempts)
+            .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None),
+                   sa.tuple_(inbox_table.c.update_id, inbox_table.c.fingerprint).in_(keys))
+            .order_by(inbox_table.c.seq)
+        )
+        return [InboxEntry(int(r.seq), int(r.update_id), r.chat_key, r.payload, max(1, int(r.attempts)))
+                for r in rows]
+
+    async def _save_offset(self, conn: Any, next_offset: int, epoch: int, now: dt.datetime) -> None:
+        values = {"next_offset": next_offset, "epoch": epoch, "updated_at": now}
+        statement = (
+            self._insert(offset_table).values(bot_id=self.bot_id, **values)
+            .on_conflict_do_update(index_elements=["bot_id"], set_=values)
+        )
+        await conn.execute(statement)
+
+    async def load_offset(self) -> int | None:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                sa.select(offset_table.c.next_offset).where(offset_table.c.bot_id == self.bot_id)
+            )
+        return None if value is None else int(value)
+
+    async def claim_waiting(self, epoch: int) -> list[InboxEntry]:
+        """A new leader takes every waiting row (fenced), counting the attempt; oldest first."""
+        async with self.engine.begin() as conn:
+            await hold_epoch(conn, self.bot_id, epoch)
+            await conn.execute(
+                sa.update(inbox_table)
+                .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None),
+                       sa.or_(inbox_table.c.claimed_epoch.is_(None),
+                              inbox_table.c.claimed_epoch < epoch))
+                .values(attempts=inbox_table.c.attempts + 1, claimed_epoch=epoch)
+            )
+            rows = await conn.execute(
+                sa.select(inbox_table.c.seq, inbox_table.c.update_id, inbox_table.c.chat_key,
+                          inbox_table.c.payload, inbox_table.c.attempts)
+                .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None))
+                .order_by(inbox_table.c.seq)
+            )
+            return [InboxEntry(int(r.seq), int(r.update_id), r.chat_key, r.payload, int(r.attempts))
+                    for r in rows]
+
+    async def mark_done(self, seqs: Sequence[int], epoch: int) -> None:
+        """Group commit of finished updates (fenced): no later leader handles them again."""
+        if not seqs:
+            return
+        async with self.engine.begin() as conn:
+            await hold_epoch(conn, self.bot_id, epoch)
+            await conn.execute(
+                sa.update(inbox_table)
+                .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.seq.in_(list(seqs)))
+                .values(done_at=utcnow())
+            )
+
+    async def prune(self) -> int:
+        """Forget done rows past the de-duplication window; return how many went."""
+        cutoff = utcnow() - DONE_RETENTION
+        async with self.engine.begin() as conn:
+            by_age = await conn.execute(
+                sa.delete(inbox_table).where(
+                    inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_not(None),
+                    inbox_table.c.received_at < cutoff,
+                )
+            )
+            floor = await conn.scalar(
+                sa.select(inbox_table.c.seq).where(inbox_table.c.bot_id == self.bot_id)
+                .order_by(inbox_table.c.seq.desc()).offset(DONE_KEEP_MAX).limit(1)
+            )
+            by_count = 0
+            if floor is not None:
+                result = await conn.execute(
+                    sa.delete(inbox_table).where(
+                        inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_not(None),
+                        inbox_table.c.seq <= floor,
+                    )
+                )
+                by_count = int(result.rowcount)
+        return int(by_age.rowcount) + by_count
+
+    async def depth(self) -> tuple[int, float | None]:
+        """Waiting rows and the age in seconds of the oldest (for /health)."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                sa.select(sa.func.count(), sa.func.min(inbox_table.c.received_at))
+                .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None))
+            )).one()
+        oldest = row[1]
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=dt.UTC)
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else None
+        return int(row[0]), age

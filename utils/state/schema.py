@@ -1,0 +1,136 @@
+"""The schema of solobot's durable state, and its idempotent migration.
+
+Version 2 replaced the per-update ``solobot_processed`` record with the inbox: every update
+fetched from Telegram (or, in webhook mode, delivered by it) is a row until it is done.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = logging.getLogger("solobot.state")
+
+SCHEMA_VERSION = 2
+#: Serialises concurrent migrations on PostgreSQL (an arbitrary, fixed advisory key).
+MIGRATION_LOCK_KEY = 7160100001
+
+metadata = sa.MetaData()
+
+#: A primary key that is SQLite's rowid (fast, monotonic) and a bigint identity on PostgreSQL.
+SEQ_TYPE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+schema_table = sa.Table(
+    "solobot_schema",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+leader_table = sa.Table(
+    "solobot_leader",
+    metadata,
+    sa.Column("bot_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("epoch", sa.BigInteger, nullable=False),
+    sa.Column("instance_id", sa.String(64)),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("backend_pid", sa.Integer),  # PostgreSQL backend: the lock session, for fencing
+    sa.Column("since", sa.DateTime(timezone=True)),
+    sa.Column("heartbeat", sa.DateTime(timezone=True)),
+    sa.Column("released", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+offset_table = sa.Table(
+    "solobot_offset",
+    metadata,
+    sa.Column("bot_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("next_offset", sa.BigInteger, nullable=False),
+    sa.Column("epoch", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+inbox_table = sa.Table(
+    "solobot_inbox",
+    metadata,
+    sa.Column("seq", SEQ_TYPE, primary_key=True, autoincrement=True),
+    sa.Column("bot_id", sa.BigInteger, nullable=False),
+    sa.Column("update_id", sa.BigInteger, nullable=False),
+    # Update ids restart (another Bot API server, Telegram's weekly reset): the id alone does not
+    # identify an update; a re-delivered one is byte-for-byte the same, so id + content does.
+    sa.Column("fingerprint", sa.String(32), nullable=False),
+    sa.Column("chat_key", sa.String(48)),  # per-chat order: "c:<chat>", "u:<user>" or NULL
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("claimed_epoch", sa.BigInteger),
+    sa.Column("done_at", sa.DateTime(timezone=True)),  # NULL: waiting to be handled
+    sa.UniqueConstraint("bot_id", "update_id", "fingerprint", name="uq_solobot_inbox_update"),
+)
+sa.Index("ix_solobot_inbox_waiting", inbox_table.c.bot_id, inbox_table.c.seq,
+         sqlite_where=inbox_table.c.done_at.is_(None),
+         postgresql_where=inbox_table.c.done_at.is_(None))
+sa.Index("ix_solobot_inbox_received", inbox_table.c.bot_id, inbox_table.c.received_at)
+
+posts_table = sa.Table(
+    "solobot_posts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("bot_id", sa.BigInteger, nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("text", sa.Text),
+    sa.Column("photo", sa.String(255)),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_by", sa.BigInteger),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("claimed_at", sa.DateTime(timezone=True)),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    sa.Column("message_id", sa.BigInteger),
+    sa.Column("error", sa.Text),
+    sa.Column("epoch", sa.BigInteger),
+)
+flags_table = sa.Table(
+    "solobot_flags",
+    metadata,
+    sa.Column("bot_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("epoch", sa.BigInteger),
+)
+
+#: Tables of earlier schema versions that nothing reads any more.
+RETIRED_TABLES = ("solobot_processed",)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands back naive datetimes; everything here is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+async def migrate(engine: AsyncEngine) -> bool:
+    """Bring the schema to :data:`SCHEMA_VERSION` idempotently; True if anything was applied.
+
+    Run by a new leader right after it took the lock (never by a standby: a hung holder's open
+    transaction must not keep a standby from reaching its lock wait). Concurrent runs serialise on
+    an advisory lock (PostgreSQL) or SQLite's write lock.
+    """
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"))
+        present = None
+        if await conn.run_sync(lambda sync: sa.inspect(sync).has_table(schema_table.name)):
+            present = await conn.scalar(sa.select(sa.func.max(schema_table.c.version)))
+        if present is not None and present >= SCHEMA_VERSION:
+            return False
+        await conn.run_sync(metadata.create_all, checkfirst=True)
+        for table in RETIRED_TABLES:
+            await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        await conn.execute(sa.insert(schema_table).values(version=SCHEMA_VERSION, applied_at=utcnow()))
+        log.info("state schema at version %d (%s)", SCHEMA_VERSION, engine.dialect.name)
+        return True

@@ -1,0 +1,278 @@
+"""The update pipeline: durable inbox -> per-chat workers -> done marks, on the active instance.
+
+Why this shape (and not aiogram's ``start_polling``): aiogram confirms an update to Telegram
+before its handler ran, runs every update of a chat concurrently (replies out of order), and has
+no notion of a leader. Here an update is confirmed to Telegram only once it is in the inbox (one
+transaction per batch), so nothing acknowledged is lost by a crash; the offset never waits for
+handlers, so a slow handler holds only its own chat; and done marks are group-committed and fenced
+by the epoch, so a new leader runs exactly what the last one did not finish.
+
+A handler killed midway runs again on the next leader (at-least-once for side effects): its
+workflow data carries ``attempt`` (1 the first time) so it can use the update id as an
+idempotency key. A finished handler never runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from aiogram import Bot, Dispatcher
+from aiogram.dispatcher.middlewares.user_context import UserContextMiddleware
+from aiogram.methods import TelegramMethod
+from aiogram.types import Update
+
+from utils.locking.lease import Lease, LeaseLost
+from utils.state.fencing import FencedError
+from utils.state.inbox import InboxEntry, NewUpdate
+from utils.state.store import StateStore
+from utils.updates.ledger import ChatQueues, DoneMarks, QueuedUpdate
+from utils.updates.stats import UpdateStats
+
+log = logging.getLogger("solobot.updates")
+
+#: Group commit of done marks: at most this many per transaction, at most this late.
+DONE_BATCH = 100
+DONE_DELAY = 0.005
+#: A failed done-mark flush is retried after this long (the marks are kept meanwhile).
+FLUSH_RETRY = 0.5
+#: The last flush at stop may take this long at most.
+FINAL_FLUSH_TIMEOUT = 3.0
+#: Handlers cancelled at the drain deadline get this long to unwind before stop moves on.
+CANCEL_GRACE = 1.0
+#: Done rows past the de-duplication window are pruned every this many flushes.
+PRUNE_EVERY_FLUSHES = 500
+
+
+def chat_key(update: Update) -> str | None:
+    """The ordering key: the chat, else the user, else None (the update runs on its own)."""
+    context = UserContextMiddleware.resolve_event_context(update)
+    if context.chat is not None:
+        return f"c:{context.chat.id}"
+    if context.user is not None:
+        return f"u:{context.user.id}"
+    return None
+
+
+def to_new_update(update: Update) -> NewUpdate:
+    payload = update.model_dump_json(exclude_unset=True)
+    fingerprint = hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+    return NewUpdate(update.update_id, fingerprint, chat_key(update), payload)
+
+
+class UpdatePipeline:
+    """Runs while active: started by the polling role (and, later, the webhook role)."""
+
+    def __init__(
+        self,
+        bot: Bot,
+        dispatcher: Dispatcher,
+        store: StateStore,
+        stats: UpdateStats,
+        *,
+        step_down: Callable[[str], None],
+        concurrency: int = 16,
+        drain_timeout: float = 5.0,
+        warn_seconds: float = 30.0,
+        inbox_max: int = 10_000,
+    ) -> None:
+        self.bot = bot
+        self.dp = dispatcher
+        self.store = store
+        self.stats = stats
+        self.step_down = step_down
+        self.concurrency = concurrency
+        self.drain_timeout = drain_timeout
+        self.warn_seconds = warn_seconds
+        self.inbox_max = inbox_max
+        self._lease: Lease | None = None
+        self._queues = ChatQueues(concurrency)
+        self._marks = DoneMarks(max_batch=DONE_BATCH, max_delay=DONE_DELAY)
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._marked = asyncio.Event()
+        self._batch_full = asyncio.Event()
+        self._room = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._flushes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, lease: Lease) -> None:
+        """Take over what the inbox holds unfinished (oldest first), then accept new updates."""
+        self._lease = lease
+        self._queues = ChatQueues(self.concurrency)
+        self._marks = DoneMarks(max_batch=DONE_BATCH, max_delay=DONE_DELAY)
+        self._tasks = {}
+        self._stopping = False
+        await lease.ensure()
+        waiting = await self.store.inbox.claim_waiting(lease.epoch)
+        if waiting:
+            log.info("resuming %d update(s) the inbox holds unfinished", len(waiting))
+            self._push([self._from_entry(e) for e in waiting])
+        self._flusher = asyncio.create_task(self._flush_loop(), name="solobot-done-marks")
+
+    async def stop(self) -> None:
+        """Bounded whatever the handlers do: drain up to the deadline, flush done marks."""
+        self._stopping = True
+        dropped = self._queues.drop_waiting()
+        tasks = list(self._tasks.values())
+        if tasks:
+            log.info("draining %d running handler(s) (up to %.1f s); %d queued stay in the inbox",
+                     len(tasks), self.drain_timeout, len(dropped))
+            _, pending = await asyncio.wait(tasks, timeout=self.drain_timeout)
+            if pending:
+                log.warning("%d handler(s) did not finish within DRAIN_TIMEOUT (%.1f s): cancelled; "
+                            "they stay in the inbox and the next leader runs them again",
+                            len(pending), self.drain_timeout)
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=CANCEL_GRACE)
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._flush(final=True), timeout=FINAL_FLUSH_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - the next leader re-runs what is not marked
+            log.warning("could not record %d finished update(s) as done: %s", len(self._marks), exc)
+        self.stats.inbox_waiting = 0
+        self._lease = None
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    async def wait_for_room(self) -> None:
+        """Return once this leader holds fewer than ``INBOX_MAX`` unfinished updates."""
+        if self._queues.held < self.inbox_max:
+            return
+        log.warning("inbox full (%d updates waiting >= INBOX_MAX); fetching pauses until it drains",
+                    self._queues.held)
+        while self._queues.held >= self.inbox_max:
+            self._room.clear()
+            await self._room.wait()
+        log.info("inbox has room again (%d waiting); fetching resumes", self._queues.held)
+
+    async def accept(self, updates: Sequence[Update], *, next_offset: int | None) -> None:
+        """Store a fetched batch durably (with the offset that confirms it), then queue it.
+
+        Raises :class:`FencedError` if a newer leader exists (nothing was stored).
+        """
+        lease = self._lease
+        if lease is None:
+            raise LeaseLost("the pipeline is not running")
+        await lease.ensure()
+        rows = [to_new_update(u) for u in updates]
+        batch = await self.store.inbox.store_batch(rows, epoch=lease.epoch, next_offset=next_offset)
+        self.stats.fetched += len(rows)
+        self.stats.duplicates += batch.duplicates
+        if self._stopping:
+            return  # stored: the next leader runs them
+        parsed = {(r.update_id, r.fingerprint): u for r, u in zip(rows, updates, strict=True)}
+        fingerprints = {r.update_id: r.fingerprint for r in rows}
+        items = [self._from_entry(e, parsed.get((e.update_id, fingerprints.get(e.update_id, ""))))
+                 for e in batch.new]
+        # A duplicate still waiting that this leader does not hold (stored by a fenced leader in
+        # the instant before it was fenced): take it too, rather than let it wait for a handover.
+        items += [self._from_entry(e) for e in batch.waiting_duplicates if not self._queues.knows(e.seq)]
+        if batch.duplicates:
+            log.debug("%d update(s) already in the inbox; skipped", batch.duplicates)
+        self._push(items)
+
+    def _from_entry(self, entry: InboxEntry, update: Update | None = None) -> QueuedUpdate:
+        return QueuedUpdate(entry.seq, entry.update_id, entry.chat_key, entry.attempt, entry.payload, update)
+
+    def _push(self, items: Sequence[QueuedUpdate]) -> None:
+        self._queues.extend(items)
+        self._schedule()
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if not self._stopping:
+            for item in self._queues.take_runnable():
+                self._tasks[item.seq] = asyncio.create_task(self._run(item), name=f"solobot-update-{item.update_id}")
+        self.stats.inbox_waiting = self._queues.held
+
+    async def _run(self, item: QueuedUpdate) -> None:
+        loop = asyncio.get_running_loop()
+        warning = loop.call_later(self.warn_seconds, self._warn_slow, item)
+        started = time.monotonic()
+        done = False
+        try:
+            update = item.update or Update.model_validate_json(item.payload, context={"bot": self.bot})
+            if item.attempt > 1:
+                self.stats.redelivered += 1
+            try:
+                result = await self.dp.feed_update(self.bot, update, attempt=item.attempt)
+                if isinstance(result, TelegramMethod):
+                    await self.bot(result)
+            except LeaseLost as exc:
+                log.info("update %d not finished: %s; the next leader runs it", item.update_id, exc)
+                return
+            except Exception:  # a handler bug must not stop the pipeline; it counts as handled
+                self.stats.handler_errors += 1
+                log.exception("handler for update %d failed", item.update_id)
+            done = True
+        finally:
+            warning.cancel()
+            self._tasks.pop(item.seq, None)
+            self._queues.finish(item)
+            if done:
+                self.stats.handled += 1
+                self.stats.handler_seconds.observe(time.monotonic() - started)
+                self._marks.add(item.seq, time.monotonic())
+                self._marked.set()
+                if len(self._marks) >= DONE_BATCH:
+                    self._batch_full.set()
+            if self._queues.held < self.inbox_max:
+                self._room.set()
+            self._schedule()
+
+    def _warn_slow(self, item: QueuedUpdate) -> None:
+        log.warning("handler for update %d (%s) still running after %.0f s (HANDLER_WARN_SECONDS); "
+                    "only its chat waits", item.update_id, item.chat_key or "no chat", self.warn_seconds)
+
+    # -- done marks --------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._marked.wait()
+            due = self._marks.due_in(time.monotonic())
+            if due:
+                try:
+                    await asyncio.wait_for(self._batch_full.wait(), timeout=due)
+                except TimeoutError:
+                    pass
+            self._marked.clear()
+            self._batch_full.clear()
+            try:
+                await self._flush()
+            except FencedError as exc:
+                self.step_down(f"fenced while recording finished updates: {exc}")
+                return
+            except LeaseLost:
+                return
+            except Exception as exc:  # noqa: BLE001 - keep the marks, try again shortly
+                log.warning("could not record finished updates as done (%s); retrying", exc)
+                self._marked.set()
+                await asyncio.sleep(FLUSH_RETRY)
+
+    async def _flush(self, *, final: bool = False) -> None:
+        lease = self._lease
+        if lease is None or not len(self._marks):
+            return
+        seqs = self._marks.take()
+        try:
+            if not final:
+                await lease.ensure()
+            await self.store.inbox.mark_done(seqs, lease.epoch)
+        except BaseException:
+            self._marks.put_back(seqs, time.monotonic())
+            raise
+        self._flushes += 1
+        if self._flushes % PRUNE_EVERY_FLUSHES == 0:
+            pruned = await self.store.inbox.prune()
+            log.debug("pruned %d done update(s) past the de-duplication window", pruned)
