@@ -29,7 +29,6 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 from aiogram import Bot, Dispatcher  # noqa: E402
-from aiogram.client.session.aiohttp import AiohttpSession  # noqa: E402
 from aiogram.client.telegram import TelegramAPIServer  # noqa: E402
 
 import bot as bot_module  # noqa: E402
@@ -37,6 +36,7 @@ from utils.autoposter.role import Autoposter  # noqa: E402
 from utils.config import EX_CONFIG, Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
+from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
 from utils.locking.instance_lock import LockSetupError  # noqa: E402
 from utils.locking.lease import LeaseGate  # noqa: E402
 from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
@@ -64,8 +64,7 @@ RELEASE_ALLOWANCE = 1.0
 
 def make_bot(settings: Settings, gate: LeaseGate) -> Bot:
     """The bot, whose every Bot API call passes the lease gate (none without a valid lease)."""
-    session = AiohttpSession(api=TelegramAPIServer.from_base(settings.api_url))
-    session.middleware(gate)
+    session = GatedAiohttpSession(gate, api=TelegramAPIServer.from_base(settings.api_url))
     return Bot(settings.bot_token, session=session)
 
 

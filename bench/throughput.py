@@ -11,7 +11,10 @@ For every round and every case (candidate x chat spread), in an order that rotat
    updates/s, the getUpdates calls, reply latency (queued -> reply recorded) p50/p99;
 5. SIGTERM the bot and wait for its exit, so that nothing more can come, then check that every
    update was answered exactly once; peak RSS is the process's high-water mark (psutil samples
-   and /proc VmHWM).
+   and /proc VmHWM). CPU: the bot's CPU per update, and this process's CPU share of the wall
+   time (the fake, mostly): near 100 % would mean the fake, not the bot, sets the pace.
+
+The aiogram baseline logs at WARNING (no line per update): the strictest baseline.
 
 The ratio compares a case with aiogram's in the same round and chat spread (median over rounds).
 
@@ -31,6 +34,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -86,6 +91,8 @@ class Result:
     lost: int
     doubled: int
     exit_code: int | None
+    bot_cpu: float  # CPU seconds the bot used from the burst to its last reply
+    fake_cpu: float  # and this process (the fake Bot API, mostly): near the wall time = the fake is the limit
 
 
 @dataclass
@@ -114,6 +121,24 @@ class RssSampler:
         self.proc.sample_rss()
 
 
+class CpuMeter:
+    """CPU seconds used by the bot process and by this one (the fake) since construction."""
+
+    def __init__(self, proc: BotProc) -> None:
+        self._bot = psutil.Process(proc.pid)
+        self._me = psutil.Process()
+        self._bot0 = self._total(self._bot)
+        self._me0 = self._total(self._me)
+
+    @staticmethod
+    def _total(p: psutil.Process) -> float:
+        times = p.cpu_times()
+        return float(times.user + times.system)
+
+    def used(self) -> tuple[float, float]:
+        return self._total(self._bot) - self._bot0, self._total(self._me) - self._me0
+
+
 def start_bot(groups: ProcessGroups, case: Case, fake: FakeBotAPI, bot_id: int, work: Path, tag: str,
               postgres: str | None) -> BotProc:
     if case.candidate == AIOGRAM:
@@ -137,6 +162,7 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
             try:
                 wait_until(lambda: pending_poll(fake, tag), 60, f"{tag} idle in a long poll")
                 items = [("/ping", CHAT_BASE + i % case.chats, CHAT_BASE + i % case.chats) for i in range(n)]
+                cpu = CpuMeter(proc)
                 queued_at = time.time()
                 message_ids = fake.send_burst(bot_id, items)
                 wanted = set(message_ids)
@@ -149,6 +175,7 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
                     wait_until(all_answered, ALLOWANCE + SECONDS_PER_100 * n / 100, f"{n} replies from {tag}", 0.02)
                 except TimeoutError as exc:
                     print(f"{case.label}: {exc}; counting what came", file=sys.stderr)
+                bot_cpu, fake_cpu = cpu.used()
             finally:
                 sampler.stop()
             proc.signal(signal.SIGTERM)
@@ -173,6 +200,7 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
             lost=sum(1 for m in message_ids if per_message[m] == 0),
             doubled=sum(1 for m in message_ids if per_message[m] > 1),
             exit_code=exit_code,
+            bot_cpu=bot_cpu, fake_cpu=fake_cpu,
         )
     finally:
         fake.stop_thread()
@@ -180,7 +208,7 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
 
 def render(rows: list[Row], n: int) -> str:
     headers = ["case", "updates/s (median, min-max)", "x aiogram", "getUpdates calls", "p50 ms", "p99 ms",
-               "peak RSS MB", "each answered once"]
+               "peak RSS MB", "bot CPU ms/update", "fake CPU share", "each answered once"]
     lines = []
     for row in rows:
         rs = row.results
@@ -203,6 +231,8 @@ def render(rows: list[Row], n: int) -> str:
             f"{statistics.median(r.p50_ms for r in rs):.0f}",
             f"{statistics.median(r.p99_ms for r in rs):.0f}",
             f"{max(r.rss_mb for r in rs):.0f}",
+            f"{statistics.median(r.bot_cpu * 1000 / n for r in rs):.2f}",
+            f"{statistics.median(r.fake_cpu / r.seconds for r in rs):.0%}",
             once,
         ])
     return markdown_table(headers, lines)

@@ -106,8 +106,9 @@ def group_members(pgid: int) -> list[psutil.Process]:
 
 
 def started_by_us(proc: psutil.Process) -> bool:
+    """True for a process that inherited this pytest process's mark (:data:`OWNER_VARIABLE`)."""
     try:
-        return proc.environ().get(OWNER_VARIABLE) == str(os.getpid())
+        return bool(proc.environ().get(OWNER_VARIABLE) == str(os.getpid()))
     except psutil.Error:
         return False
 
@@ -129,14 +130,14 @@ def kill_group(pgid: int) -> list[psutil.Process]:
     return list(alive)
 
 
-def leftover_processes(owner: int) -> list[psutil.Process]:
-    """Processes started by the tests of pytest process *owner* that are still running: any process
-    carrying the owner mark in its environment, and any ``main.py`` below *owner*."""
-    me = psutil.Process(owner)
-    below = {p.pid for p in me.children(recursive=True)}
+def leftover_processes() -> list[psutil.Process]:
+    """Processes started by this pytest process's tests that are still running: any process
+    carrying our mark in its environment, and any ``main.py`` below us (started with an
+    environment of its own)."""
+    below = {p.pid for p in psutil.Process().children(recursive=True)}
     found: list[psutil.Process] = []
     for proc in psutil.process_iter():
-        if proc.pid == owner:
+        if proc.pid == os.getpid():
             continue
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
@@ -154,7 +155,7 @@ def leftover_processes(owner: int) -> list[psutil.Process]:
 def no_process_left_behind() -> Iterator[None]:
     """Fails the run if a process started by a test is still alive when the session ends (and kills it)."""
     yield
-    leftovers = leftover_processes(os.getpid())
+    leftovers = leftover_processes()
     if not leftovers:
         return
     described = []

@@ -23,28 +23,78 @@ Spawn = Callable[..., BotProcess]
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
 
 
+SYSTEMD = ROOT / "deploy" / "systemd"
+
+
 def unit_settings(path: Path) -> dict[str, str]:
-    settings: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    """The unit's settings (for a setting given several times, the last)."""
+    return {key: values[-1] for key, values in unit_setting_lists(path.read_text()).items()}
+
+
+def unit_setting_lists(text: str) -> dict[str, list[str]]:
+    """Every value of every setting, in order (EnvironmentFile= may be given several times)."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
         if "=" in line and not line.startswith(("#", ";")):
             key, _, value = line.partition("=")
-            settings[key.strip()] = value.strip()
+            settings.setdefault(key.strip(), []).append(value.strip())
     return settings
+
+
+def named_bot_copy_unit(name: str) -> str:
+    """solobot-copy@.service adapted to the bot that ``solobot@NAME`` runs, as the systemd README says:
+    four lines changed."""
+    text = (SYSTEMD / "solobot-copy@.service").read_text()
+    for old, new in (("EnvironmentFile=/etc/solobot/solobot.env", f"EnvironmentFile=/etc/solobot/{name}.env"),
+                     ("EnvironmentFile=/etc/solobot/copy-%i.env", f"EnvironmentFile=/etc/solobot/{name}-copy-%i.env"),
+                     ("RuntimeDirectory=solobot\n", f"RuntimeDirectory=solobot/{name}\n"),
+                     ("StateDirectory=solobot\n", f"StateDirectory=solobot/{name}\n")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text
+
+
+def assert_verify_clean(text: str, unit_name: str, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` says nothing about the unit *text* installed as *unit_name*."""
+    assert shutil.which("systemd-analyze"), ".ci/run installs systemd"
+    # verify insists that ExecStart exists: point the install paths at this checkout.
+    text = (text
+            .replace("/opt/solobot/.venv/bin/python", str(Path(sys.executable).resolve()))
+            .replace("/opt/solobot/main.py", str(ROOT / "main.py"))
+            .replace("WorkingDirectory=/opt/solobot", f"WorkingDirectory={ROOT}"))
+    (tmp_path / unit_name).write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit_name)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "" and done.stderr.strip() == "", done.stderr
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
 def test_systemd_analyze_verify_is_clean(unit: Path, tmp_path: Path) -> None:
-    assert shutil.which("systemd-analyze"), ".ci/run installs systemd"
-    # verify insists that ExecStart exists: point the install paths at this checkout.
-    text = (unit.read_text()
-            .replace("/opt/solobot/.venv/bin/python", str(Path(sys.executable).resolve()))
-            .replace("/opt/solobot/main.py", str(ROOT / "main.py"))
-            .replace("WorkingDirectory=/opt/solobot", f"WorkingDirectory={ROOT}"))
-    name = unit.name.replace("@.service", "@demo.service")
-    (tmp_path / name).write_text(text)
-    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "" and done.stderr.strip() == "", done.stderr
+    assert_verify_clean(unit.read_text(), unit.name.replace("@.service", "@2.service"), tmp_path)
+
+
+def test_named_bot_copy_unit_verifies(tmp_path: Path) -> None:
+    readme = (SYSTEMD / "README.md").read_text()
+    assert "solobot-NAME-copy@.service" in readme and "RuntimeDirectory=solobot/NAME" in readme
+    assert_verify_clean(named_bot_copy_unit("shop"), "solobot-shop-copy@2.service", tmp_path)
+
+
+def test_copies_of_one_bot_share_a_lock_directory_they_may_write() -> None:
+    """ProtectSystem=strict leaves only a unit's own directories writable: copies of one bot must
+    name the same RuntimeDirectory (LOCK_DIR defaults to it) and keep it when one of them stops."""
+    for one, copy in (((SYSTEMD / "solobot.service").read_text(), (SYSTEMD / "solobot-copy@.service").read_text()),
+                      ((SYSTEMD / "solobot@.service").read_text().replace("%i", "shop"), named_bot_copy_unit("shop"))):
+        first, second = unit_setting_lists(one), unit_setting_lists(copy)
+        for s in (first, second):
+            assert s["ProtectSystem"] == ["strict"] and s["RuntimeDirectoryPreserve"] == ["yes"]
+            assert "ReadWritePaths" not in s and "LOCK_DIR" not in " ".join(s.get("Environment", []))
+        assert second["RuntimeDirectory"] == first["RuntimeDirectory"]
+        assert second["StateDirectory"] == first["StateDirectory"]
+        assert second["EnvironmentFile"][0] == first["EnvironmentFile"][0], "the same bot"
+    copy_files = unit_setting_lists((SYSTEMD / "solobot-copy@.service").read_text())["EnvironmentFile"]
+    assert copy_files == ["/etc/solobot/solobot.env", "/etc/solobot/copy-%i.env"], "own HEALTH_PORT"
+    for example in (SYSTEMD / "solobot.env.example", ROOT / ".env.example"):
+        assert "LOCK_DIR=" not in example.read_text()
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
@@ -59,8 +109,8 @@ def test_unit_properties(unit: Path) -> None:
     for hardening in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert s[hardening] == "yes"
     assert s["ProtectSystem"] == "strict"
-    if "@" in unit.name:
-        assert "%i" in s["EnvironmentFile"] and "%i" in s["RuntimeDirectory"]
+    if unit.name == "solobot@.service":  # one bot per instance name: its own files and directories
+        assert "%i" in s["EnvironmentFile"] and "%i" in s["RuntimeDirectory"] and "%i" in s["StateDirectory"]
 
 
 class NotifySocket:
@@ -145,7 +195,7 @@ def test_dockerfile_properties() -> None:
     assert user and not user[-1].startswith(("root", "0"))
     copies = [i for i, (k, v) in enumerate(ins) if k == "COPY"]
     pip = next(i for i, (k, v) in enumerate(ins) if k == "RUN" and "pip install" in v)
-    assert ins[copies[0]][1].startswith("requirements.txt"), "dependencies in their own layer"
+    assert ins[copies[0]][1].startswith("requirements"), "dependencies in their own layer"
     assert copies[0] < pip < copies[1], "requirements, then install, then the code"
     entry = json.loads(dict(ins)["ENTRYPOINT"])
     assert entry[0] == "python" and entry[1] == "main.py", "exec form: python is PID 1"

@@ -34,6 +34,8 @@ from utils.state.store import StateStore
 log = logging.getLogger("solobot.lock")
 
 HEARTBEAT_INTERVAL = 1.0
+#: How often a standby reads the holder's heartbeat (from the moment it starts waiting).
+HOLDER_CHECK_INTERVAL = 0.5
 #: A verification slower than this counts as failed.
 VERIFY_TIMEOUT = 2 * HEARTBEAT_INTERVAL
 #: A step of the takeover (schema, epoch) slower than this is reported once at WARNING.
@@ -172,8 +174,11 @@ class LockBackend(abc.ABC):
         Each outcome is logged once per holder (instance and epoch); again only when it changes.
         """
         said: dict[str, str] = {}
+        first = True
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if not first:
+                await asyncio.sleep(HOLDER_CHECK_INTERVAL)
+            first = False
             try:
                 holder = await self.holder()
             except Exception:  # e.g. the database is down; keep waiting

@@ -138,9 +138,13 @@ class LeaseGate:
     def __init__(self) -> None:
         self.lease: Lease | None = None
 
-    async def __call__(self, make_request, bot, method):  # type: ignore[no-untyped-def]
+    async def check(self) -> None:
+        """Return if a call for the leader may go out now; else raise :class:`LeaseLost`."""
         lease = self.lease
         if lease is None:
             raise LeaseLost("not the active instance")
         await lease.ensure()
+
+    async def __call__(self, make_request, bot, method):  # type: ignore[no-untyped-def]
+        await self.check()
         return await make_request(bot, method)

@@ -24,8 +24,11 @@ DEFAULT_PG_PORT = 5432
 SEVERITY_PREFIX = re.compile(r"^(?:FATAL|ERROR|PANIC):\s+")
 #: One failed attempt in libpq's text: ``connection to server at "h" (addr), port 5432 failed: REASON``.
 ATTEMPT_FAILED = re.compile(r".*failed:\s*(?P<reason>.+)$")
-#: libpq's hint lines (tab-indented) and SQLAlchemy's link line add nothing to the one line.
-NOISE_LINE = re.compile(r"^\s*(?:\t|Is the server running|\(Background on this error at:)")
+#: libpq's hint lines (tab-indented), psycopg's header over several attempts and SQLAlchemy's link
+#: line add nothing to the one line.
+NOISE_LINE = re.compile(
+    r"^(?:\t|\s*Is the server running|\s*\(Background on this error at:|.*Multiple connection attempts failed)"
+)
 
 
 def database_location(database_url: str | None) -> str:
@@ -63,7 +66,7 @@ def _libpq_reason(text: str) -> str:
     """The server's or the network's reason in libpq's connection-failure text (all attempts)."""
     reasons: list[str] = []
     for line in text.splitlines():
-        if not line.strip() or NOISE_LINE.match(line) or line.startswith("Multiple connection attempts"):
+        if not line.strip() or NOISE_LINE.match(line):
             continue
         found = ATTEMPT_FAILED.search(line)
         reason = found["reason"] if found else line.removeprefix("connection failed:")

@@ -113,7 +113,8 @@ async def holder_row(conn: PgConn, bot_id: int) -> tuple[Any, ...] | None:
 async def lock_is_granted(conn: PgConn, key: int) -> bool:
     cur = await conn.execute(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        "AND classid = %s AND objid = %s AND objsubid = 1",
+        "AND classid = %s AND objid = %s AND objsubid = 1 "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
     )
     row = await cur.fetchone()
