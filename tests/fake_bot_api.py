@@ -296,13 +296,17 @@ class _WebhookActor:
             error = f"Connection refused: {exc.os_error}" if exc.os_error else "Connection refused"
         except aiohttp.ClientError:
             error = "Webhook connection closed"
+        except Exception as exc:  # noqa: BLE001 - any other failure is a failed delivery, retried later
+            error = f"Webhook delivery failed: {type(exc).__name__}"
         finally:
             self.busy_chats.discard(key)
             self.in_flight.pop(id(update), None)
             self.wake.set()
-        ok = 200 <= status <= 299
-        if status and not ok:
+        if error:
+            status = 0  # no complete answer, whatever began to arrive
+        elif not 200 <= status <= 299:
             error = f"Wrong response from the webhook: {status} {reason}".rstrip()
+        ok = not error
         self.fake._record_delivery(Delivery(self.tag, int(update["update_id"]), status, attempt, time.time(),
                                             chat_key(update), started, error))
         if ok:
@@ -512,15 +516,15 @@ class FakeBotAPI:
 
         No rate limit and no reachability check (those apply to the setWebhook method).
         """
-        self._call(self._apply_webhook, self._bot(bot_id), url, secret_token, max_connections, allowed_updates,
-                   "", False)
+        self._call(lambda: self._apply_webhook(self._bot(bot_id), url, secret_token, max_connections,
+                                               allowed_updates, "", False))
 
     def webhook(self, bot_id: int) -> str:
         return str(self._call(lambda: self._bot(bot_id).webhook))
 
     def webhook_info(self, bot_id: int) -> dict[str, Any]:
         """What getWebhookInfo answers now."""
-        return dict(self._call(self._webhook_info, self._bot(bot_id)))
+        return dict(self._call(lambda: self._webhook_info(self._bot(bot_id))))
 
     @property
     def deliver_webhooks(self) -> bool:

@@ -169,7 +169,7 @@ def test_injected_conflict_ends_a_pending_poll(fake: FakeBotAPI) -> None:
     t0 = time.monotonic()
     fake.inject_conflict(BOT_ID)
     assert pending.join()[0] == 409
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 2.0, "at once, not at the end of its 10 s long poll"
     assert update_ids(fake, timeout=0) == [], "one conflict only"
     assert fake.conflicts() == 1
 

@@ -11,10 +11,12 @@ PYTHON=.venv/bin/python
 
 sweep() {  # whatever an interrupted run of checks.py may have left, by label
   command -v podman >/dev/null || return 0
-  local ids
-  ids=$(podman ps -aq --filter label=solobot.test=container --filter label=io.podman.compose.project=solobotct 2>/dev/null || true)
-  ids+=" $(podman ps -aq --filter label=io.podman.compose.project=solobotct 2>/dev/null || true)"
-  [[ -z ${ids// /} ]] || podman rm -f -t 0 $ids >/dev/null 2>&1 || true
+  local label ids
+  for label in solobot.test=container io.podman.compose.project=solobotct; do
+    ids=$(podman ps -aq --filter "label=$label" 2>/dev/null || true)
+    # shellcheck disable=SC2086 # one word per id
+    [[ -z $ids ]] || podman rm -f -t 0 $ids >/dev/null 2>&1 || true
+  done
 }
 trap sweep EXIT
 

@@ -108,8 +108,11 @@ class DatabaseTarget:
         }
         # The URL object, not its text: SQLAlchemy passes the parts to psycopg unmangled.
         url = make_url(self.sqlalchemy_url)
-        return create_async_engine(url, pool_pre_ping=True, pool_size=PG_POOL_SIZE,
-                                   max_overflow=PG_POOL_OVERFLOW, connect_args=connect_args)
+        # No pool_pre_ping: it costs a round trip per transaction. A connection that died with
+        # the server fails its statement instead, and every caller retries (the pipeline keeps a
+        # batch or its done marks until they are written).
+        return create_async_engine(url, pool_size=PG_POOL_SIZE, max_overflow=PG_POOL_OVERFLOW,
+                                   connect_args=connect_args)
 
 
 def prepare_private_dir(path: Path) -> None:

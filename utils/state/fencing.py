@@ -31,6 +31,17 @@ def fenced(bot_id: int, epoch: int) -> sa.ColumnElement[bool]:
     return sa.literal(epoch, sa.BigInteger) >= current_epoch(bot_id)
 
 
+def epoch_is_current(dialect: str, bot_id: int) -> sa.ColumnElement[bool]:
+    """``WHERE`` condition on a bound ``epoch`` parameter, holding the leader row on PostgreSQL.
+
+    For statements compiled once and run many times: the epoch is a parameter, not a literal.
+    """
+    query = sa.select(leader_table.c.epoch).where(leader_table.c.bot_id == bot_id)
+    if dialect == "postgresql":
+        query = query.with_for_update(key_share=True, read=True)
+    return sa.bindparam("epoch", type_=sa.BigInteger) >= query.scalar_subquery()
+
+
 async def hold_epoch(conn: AsyncConnection, bot_id: int, epoch: int) -> None:
     """Inside a transaction: raise :class:`FencedError` unless *epoch* is current, and keep it so
     until commit (``FOR KEY SHARE`` on PostgreSQL)."""

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from utils.state.fencing import hold_epoch
+from utils.state.fencing import epoch_is_current, hold_epoch, raise_if_fenced
 from utils.state.schema import inbox_table, offset_table, utcnow
 
 #: Done rows are kept this long for de-duplication: Telegram keeps (and may re-deliver) an
@@ -63,6 +63,18 @@ class InboxRepository:
         self.engine = engine
         self.bot_id = bot_id
         self._insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._insert_statement = (
+            self._insert(inbox_table)
+            .on_conflict_do_nothing(index_elements=["bot_id", "update_id", "fingerprint"])
+            .returning(inbox_table.c.seq, inbox_table.c.update_id, inbox_table.c.fingerprint)
+        )
+        self._done_statement = (
+            sa.update(inbox_table)
+            .where(inbox_table.c.bot_id == self.bot_id,
+                   inbox_table.c.seq.in_(sa.bindparam("seqs", expanding=True)),
+                   epoch_is_current(engine.dialect.name, self.bot_id))
+            .values(done_at=sa.bindparam("now"))
+        )
 
     async def store_batch(
         self, updates: Sequence[NewUpdate], *, epoch: int | None, next_offset: int | None = None
@@ -87,12 +99,9 @@ class InboxRepository:
                     await self._save_offset(conn, next_offset, epoch, now)
             inserted: dict[tuple[int, str], int] = {}
             if rows:
-                statement = (
-                    self._insert(inbox_table).values(rows)
-                    .on_conflict_do_nothing(index_elements=["bot_id", "update_id", "fingerprint"])
-                    .returning(inbox_table.c.seq, inbox_table.c.update_id, inbox_table.c.fingerprint)
-                )
-                for seq, update_id, fingerprint in await conn.execute(statement):
+                # One statement for every batch size (executemany, batched by SQLAlchemy's
+                # "insertmanyvalues"): compiled once, cached, however many rows come.
+                for seq, update_id, fingerprint in await conn.execute(self._insert_statement, rows):
                     inserted[(int(update_id), str(fingerprint))] = int(seq)
             new = [InboxEntry(inserted[(u.update_id, u.fingerprint)], u.update_id, u.chat_key,
                               u.payload, attempt)
@@ -149,16 +158,18 @@ class InboxRepository:
                     for r in rows]
 
     async def mark_done(self, seqs: Sequence[int], epoch: int) -> None:
-        """Group commit of finished updates (fenced): no later leader handles them again."""
+        """Group commit of finished updates (fenced): no later leader handles them again.
+
+        One statement: the epoch check is a sub-select of it (``FOR KEY SHARE`` on PostgreSQL, so
+        a new leader's epoch write waits for it; SQLite holds its write lock anyway).
+        """
         if not seqs:
             return
         async with self.engine.begin() as conn:
-            await hold_epoch(conn, self.bot_id, epoch)
-            await conn.execute(
-                sa.update(inbox_table)
-                .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.seq.in_(list(seqs)))
-                .values(done_at=utcnow())
-            )
+            result = await conn.execute(self._done_statement,
+                                        {"seqs": list(seqs), "now": utcnow(), "epoch": epoch})
+            if result.rowcount == 0:
+                await raise_if_fenced(conn, self.bot_id, epoch)
 
     async def prune(self) -> int:
         """Forget done rows past the de-duplication window; return how many went."""

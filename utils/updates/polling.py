@@ -170,7 +170,9 @@ class PollingManager:
                             "sequence", min(ids), sent,
                         )
                     if updates:
-                        await self._until_stopped(self._store(updates))
+                        # Not cancelled by a stop: a short transaction, and a batch half-stored
+                        # is no use to anyone. A database that keeps failing gives up at stop.
+                        await self._store(updates)
                 except _Stopped:
                     break
         except (LeadershipLost, LeaseLost) as exc:
@@ -197,6 +199,10 @@ class PollingManager:
             except (LeaseLost, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the database hiccuped: keep the batch, retry
+                if self._stop.is_set():
+                    log.warning("stopping with %d fetched update(s) not stored: %s; Telegram still "
+                                "has them (they were not confirmed)", len(updates), exc)
+                    return
                 if not failing:
                     log.warning("could not store %d update(s) in the inbox (%s); retrying, nothing "
                                 "is confirmed to Telegram meanwhile", len(updates), exc)
