@@ -136,3 +136,13 @@ def test_password_with_spaces_survives_parsing() -> None:
     from psycopg.conninfo import conninfo_to_dict
 
     assert conninfo_to_dict(target.libpq_dsn)["password"] == "s3cret P@ss"
+
+
+async def test_leader_adopts_rows_other_processes_stored(store: StateStore) -> None:
+    await store.leader.advance_epoch(instance_id="a", host="h", pid=1)
+    await store.inbox.store_batch([update(1), update(2)], epoch=None)  # two webhook deliveries
+    first = await store.inbox.claim_unclaimed(1, limit=1)
+    assert [(e.update_id, e.attempt) for e in first] == [(1, 1)], "oldest first, bounded"
+    rest = await store.inbox.claim_unclaimed(1, limit=10)
+    assert [e.update_id for e in rest] == [2]
+    assert await store.inbox.claim_unclaimed(1, limit=10) == [], "each row adopted once"

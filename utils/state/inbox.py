@@ -157,6 +157,31 @@ class InboxRepository:
             return [InboxEntry(int(r.seq), int(r.update_id), r.chat_key, r.payload, int(r.attempts))
                     for r in rows]
 
+    async def claim_unclaimed(self, epoch: int, limit: int) -> list[InboxEntry]:
+        """The leader takes rows other processes stored (webhook replicas), oldest first.
+
+        Keyed on ``claimed_epoch IS NULL``, not on a sequence watermark: on PostgreSQL a row with a
+        lower ``seq`` can commit after one with a higher, and must not be missed.
+        """
+        async with self.engine.begin() as conn:
+            await hold_epoch(conn, self.bot_id, epoch)
+            picked = (
+                sa.select(inbox_table.c.seq)
+                .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None),
+                       inbox_table.c.claimed_epoch.is_(None))
+                .order_by(inbox_table.c.seq).limit(limit)
+            )
+            rows = await conn.execute(
+                sa.update(inbox_table)
+                .where(inbox_table.c.seq.in_(picked.scalar_subquery()))
+                .values(attempts=inbox_table.c.attempts + 1, claimed_epoch=epoch)
+                .returning(inbox_table.c.seq, inbox_table.c.update_id, inbox_table.c.chat_key,
+                           inbox_table.c.payload, inbox_table.c.attempts)
+            )
+            entries = [InboxEntry(int(r.seq), int(r.update_id), r.chat_key, r.payload, int(r.attempts))
+                       for r in rows]
+        return sorted(entries, key=lambda e: e.seq)
+
     async def mark_done(self, seqs: Sequence[int], epoch: int) -> None:
         """Group commit of finished updates (fenced): no later leader handles them again.
 

@@ -181,6 +181,23 @@ class UpdatePipeline:
             log.debug("%d update(s) already in the inbox; skipped", batch.duplicates)
         self._push(items)
 
+    async def adopt_unclaimed(self) -> int:
+        """Take the rows other processes stored (webhook replicas); return how many.
+
+        The caller decides when (a notification, a timer); bounded by the room left under
+        ``INBOX_MAX``, so a flood waits in the database, not in memory.
+        """
+        lease = self._lease
+        if lease is None or self._stopping:
+            return 0
+        room = self.inbox_max - self._queues.held
+        if room <= 0:
+            return 0
+        await lease.ensure()
+        entries = await self.store.inbox.claim_unclaimed(lease.epoch, room)
+        self._push([self._from_entry(e) for e in entries if not self._queues.knows(e.seq)])
+        return len(entries)
+
     def _from_entry(self, entry: InboxEntry, update: Update | None = None) -> QueuedUpdate:
         return QueuedUpdate(entry.seq, entry.update_id, entry.chat_key, entry.attempt, entry.payload, update)
 
