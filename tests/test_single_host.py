@@ -31,10 +31,13 @@ from tests.fake_bot_api import FakeBotAPI
 Spawn = Callable[..., BotProcess]
 
 
-def assert_each_answered_once(fake: FakeBotAPI, message_ids: list[int]) -> None:
+def assert_each_answered_once(fake: FakeBotAPI, message_ids: list[int], *bots: BotProcess) -> None:
     wait_until(lambda: all(fake.replies_to(m) for m in message_ids), 20,
                message="every /ping to be answered")
-    time.sleep(0.3)  # let a (wrong) second answer arrive if there were one
+    # The positive marker: every running instance holds no unfinished update, so no (wrong)
+    # second answer can still be on its way.
+    wait_until(lambda: all(b.proc.poll() is not None or (b.health() or {}).get("updates", {}).get("waiting") == 0
+                           for b in bots), message="the instances idle")
     counts = Counter(s.reply_to for s in fake.snapshot_sent() if s.text == "pong")
     doubled = {m: counts[m] for m in message_ids if counts[m] != 1}
     assert not doubled, f"answered other than once: {doubled}"
@@ -43,7 +46,7 @@ def assert_each_answered_once(fake: FakeBotAPI, message_ids: list[int]) -> None:
 def test_two_instances_one_poller(fake: FakeBotAPI, spawn: Spawn) -> None:
     a, b = start_pair(spawn)
     pings = [fake.send_user_message(BOT_ID, "/ping") for _ in range(20)]
-    assert_each_answered_once(fake, pings)
+    assert_each_answered_once(fake, pings, a, b)
     assert {s.tag for s in fake.snapshot_sent()} == {"a"}
     assert {p.tag for p in fake.snapshot_polls()} == {"a"}, "the standby must never poll"
     assert fake.conflicts() == 0
@@ -82,7 +85,7 @@ def test_sigterm_handover_loses_and_doubles_nothing(fake: FakeBotAPI, spawn: Spa
     gap = first - t_term
     print(f"\nSIGTERM handover: standby's first getUpdates {gap * 1000:.1f} ms after SIGTERM")
     assert gap < 0.5
-    assert_each_answered_once(fake, sent)
+    assert_each_answered_once(fake, sent, a, b)
     assert fake.conflicts() == 0
     tags = {s.tag for s in fake.snapshot_sent()}
     assert tags == {"a", "b"}, tags

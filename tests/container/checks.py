@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -262,7 +263,7 @@ class ContainerTest:
 
     @staticmethod
     def remove(*containers: Container) -> None:
-        podman("rm", "-f", "-t", "0", *(c.name for c in containers), check=False)
+        podman("rm", "-f", "-v", "-t", "0", *(c.name for c in containers), check=False)
 
     def cleanup(self) -> None:
         """Remove everything this test may have started, this run's or an interrupted one's."""
@@ -272,7 +273,7 @@ class ContainerTest:
         for kind, label in (("ps", LABEL), ("ps", f"io.podman.compose.project={COMPOSE_PROJECT}")):
             ids = podman(kind, "-aq", "--filter", f"label={label}", check=False).stdout.split()
             if ids:
-                podman("rm", "-f", "-t", "0", *ids, check=False)
+                podman("rm", "-f", "-v", "-t", "0", *ids, check=False)
         for label in (LABEL, f"io.podman.compose.project={COMPOSE_PROJECT}"):
             names = podman("volume", "ls", "-q", "--filter", f"label={label}", check=False).stdout.split()
             if names:
@@ -449,7 +450,8 @@ class ContainerTest:
         shutil.copy(ROOT / "docker-compose.yml", workdir / "docker-compose.yml")
         (workdir / ".env").write_text(
             f"BOT_TOKEN={TOKEN}\nTELEGRAM_API_URL=http://fake:{FAKE_PORT_IN_COMPOSE}/compose\n"
-            f"ADMIN_IDS={ADMIN_ID}\nPOLLING_TIMEOUT=10\nLOG_LEVEL=INFO\n")
+            f"ADMIN_IDS={ADMIN_ID}\nPOLLING_TIMEOUT=10\nLOG_LEVEL=INFO\n"
+            f"POSTGRES_PASSWORD={secrets.token_hex(12)}\n")
         # The image built above instead of a second build; the fake Bot API as a service.
         (workdir / "test-override.yml").write_text(f"""\
 services:
@@ -463,6 +465,10 @@ services:
     entrypoint: ["python", "-m", "tests.container.fake_server", "--port", "{FAKE_PORT_IN_COMPOSE}"]
     volumes:
       - {ROOT / "tests"}:/app/tests:ro
+    # The image's volumes as tmpfs: no anonymous volume left behind by the fake.
+    tmpfs:
+      - /run/solobot
+      - /app/data
     init: true
     healthcheck:
       test: ["NONE"]

@@ -15,7 +15,7 @@ sweep() {  # whatever an interrupted run of checks.py may have left, by label
   for label in solobot.test=container io.podman.compose.project=solobotct; do
     ids=$(podman ps -aq --filter "label=$label" 2>/dev/null || true)
     # shellcheck disable=SC2086 # one word per id
-    [[ -z $ids ]] || podman rm -f -t 0 $ids >/dev/null 2>&1 || true
+    [[ -z $ids ]] || podman rm -f -v -t 0 $ids >/dev/null 2>&1 || true
   done
 }
 trap sweep EXIT
