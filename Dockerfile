@@ -13,9 +13,11 @@ RUN groupadd --system --gid 10001 solobot \
 
 WORKDIR /app
 
-# Dependencies first: this layer is rebuilt only when requirements.txt changes.
-COPY requirements.txt .
-RUN pip install -r requirements.txt
+# Dependencies first, from the lock (exact versions, hashes checked, nothing resolved at build
+# time): this layer is rebuilt only when the requirements change. requirements.txt states the
+# direct dependencies; requirements.lock is generated from it (see its header).
+COPY requirements.txt requirements.lock ./
+RUN pip install --require-hashes --no-deps -r requirements.lock
 
 COPY main.py bot.py ./
 COPY utils/ utils/

@@ -48,6 +48,7 @@ from utils.state.store import StateStore  # noqa: E402
 from utils.updates.pipeline import UpdatePipeline  # noqa: E402
 from utils.updates.polling import PollingManager  # noqa: E402
 from utils.updates.stats import UpdateStats  # noqa: E402
+from utils.updates.webhook import Registration, WebhookReceiver, WebhookRole, webhook_path  # noqa: E402
 
 log = logging.getLogger("solobot")
 
@@ -103,6 +104,17 @@ class App:
             delete_webhook=settings.delete_webhook_on_conflict,
             allowed_updates=allowed,
         )
+        self.webhook: WebhookRole | None = None
+        self.receiver: WebhookReceiver | None = None
+        if settings.bot_mode == "webhook" and settings.webhook_url:
+            self.webhook = WebhookRole(
+                self.bot, self.store, self.pipeline,
+                registration=Registration(settings.webhook_url, settings.webhook_secret, tuple(allowed),
+                                          settings.webhook_max_connections),
+                target=self.target, instance_id=self.instance_id, step_down=self._step_down,
+            )
+            self.receiver = WebhookReceiver(self.store, path=webhook_path(settings.webhook_url),
+                                            secret=settings.webhook_secret, on_stored=self.webhook.wake)
         self.autoposter: Autoposter | None = None
         if settings.channel_id:
             self.autoposter = Autoposter(
@@ -115,7 +127,7 @@ class App:
                 admin_ids=settings.admin_ids,
                 step_down=self._step_down,
             )
-        roles: list[Any] = [self.polling] + ([self.autoposter] if self.autoposter else [])
+        roles: list[Any] = [self.webhook or self.polling] + ([self.autoposter] if self.autoposter else [])
         self.controller = LeadershipController(
             self.backend, roles, instance_id=self.instance_id,
             role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
@@ -132,6 +144,7 @@ class App:
             self.health = HealthServer(
                 settings.health_host, settings.health_port,
                 status=self.status, ready=self.ready, metrics=self.metrics.render,
+                routes=self.receiver.routes() if self.receiver else (),
             )
 
     def _step_down(self, reason: str) -> None:
@@ -153,7 +166,8 @@ class App:
         """What /health shows. The lookups that need the database run concurrently, each bounded
         (HEALTH_LOOKUP_TIMEOUT): /health answers in well under a second whatever the database does."""
         snap = self.controller.snapshot()
-        holder, paused = await asyncio.gather(self.controller.holder(), self._paused_or_error())
+        holder, paused, depth = await asyncio.gather(self.controller.holder(), self._paused_or_error(),
+                                                     self._inbox_depth())
         stats = self.stats
         autoposter = "off (no CHANNEL_ID)"
         if self.autoposter is not None:
@@ -183,8 +197,34 @@ class App:
                 "duplicates_skipped": stats.duplicates,
                 "redelivered": stats.redelivered,
                 "waiting": stats.inbox_waiting,
+                "delivery": "webhook" if self.webhook else "polling",
+                "inbox_waiting": depth[0] if isinstance(depth, tuple) else None,
+                "inbox_oldest_age_s": depth[1] if isinstance(depth, tuple) else None,
+                **({"inbox_error": depth} if isinstance(depth, str) else {}),
+                **({"webhook": self._webhook_status()} if self.webhook else {}),
             },
             "autoposter": {"state": autoposter},
+        }
+
+    async def _inbox_depth(self) -> tuple[int, float | None] | str:
+        """Waiting rows in the shared inbox and the oldest one's age, or why unknown (bounded)."""
+        try:
+            return await asyncio.wait_for(self.store.inbox.depth(), timeout=HEALTH_LOOKUP_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
+            return type(exc).__name__
+
+    def _webhook_status(self) -> dict[str, Any]:
+        """The receiver's counters, and on the leader getWebhookInfo as last fetched (cached)."""
+        assert self.webhook is not None and self.receiver is not None
+        received = self.receiver.stats
+        return {
+            "accepted": received.accepted,
+            "duplicates": received.duplicates,
+            "unauthorized": received.unauthorized,
+            "malformed": received.malformed,
+            "unavailable": received.unavailable,
+            "inbox_error": received.inbox_error,
+            "info": self.webhook.info,
         }
 
     async def _paused_or_error(self) -> bool | str | None:
@@ -196,7 +236,12 @@ class App:
             return type(exc).__name__
 
     def ready(self) -> tuple[bool, str]:
-        """200 only while active with a successful getUpdates within POLLING_TIMEOUT + a margin."""
+        """200 only while active with a successful getUpdates within POLLING_TIMEOUT + a margin.
+
+        Webhook mode: 200 on every replica that can store deliveries (passive ones too: a
+        balancer should send updates to any of them)."""
+        if self.receiver is not None:
+            return self.receiver.ready()
         if not self.controller.is_active:
             return False, f"{self.controller.mode.value}: {self.controller.snapshot()['passive_reason']}"
         stats = self.stats
@@ -239,6 +284,9 @@ class App:
         self.notifier.notify("READY=1")
         self.notifier.start_watchdog()
         sd.register("stop watchdog", self.notifier.stop_watchdog)
+        if self.webhook is not None and self.settings.webhook_insecure:
+            log.warning("WEBHOOK_URL is plain http: only for a local Bot API server or tests "
+                        "(Telegram's cloud server posts to https only)")
         log.info("solobot started: bot %s, instance %s, lock backend %s, state %s",
                  self.settings.masked_token, self.instance_id, self.backend.name,
                  self.settings.database_target)

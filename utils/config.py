@@ -104,6 +104,13 @@ class Settings:
     post_interval: float | None
     post_timezone: str
     post_misfire_grace: float
+    # Webhook mode (utils/updates/webhook.py); defaults keep polling.
+    bot_mode: str = "polling"
+    webhook_url: str | None = None
+    webhook_secret: str = field(default="", repr=False)
+    webhook_max_connections: int = 40
+    #: Set when WEBHOOK_URL is plain http (one WARNING at startup, not a problem).
+    webhook_insecure: bool = False
 
     @property
     def masked_token(self) -> str:
@@ -296,6 +303,9 @@ def load_settings(env: Mapping[str, str] | None = None,
     if channel_id and not post_cron and post_interval is None:
         r.problems.append("CHANNEL_ID: set POST_CRON or POST_INTERVAL to say when to post")
 
+    bot_mode, webhook_url, webhook_secret, webhook_max_connections, webhook_insecure = _webhook_settings(
+        r, token)
+
     if r.problems:
         raise ConfigError(r.problems, hints)
     return Settings(
@@ -325,7 +335,52 @@ def load_settings(env: Mapping[str, str] | None = None,
         post_interval=post_interval,
         post_timezone=post_timezone,
         post_misfire_grace=misfire,
+        bot_mode=bot_mode,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        webhook_max_connections=webhook_max_connections,
+        webhook_insecure=webhook_insecure,
     )
+
+
+BOT_MODES = ("polling", "webhook")
+#: Telegram's rule for ``secret_token``: 1-256 characters of ``A-Za-z0-9_-``.
+WEBHOOK_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+#: What the default secret is derived for (HMAC-SHA256 keyed with the token): every replica
+#: computes the same value without configuration, and it reveals nothing about the token.
+WEBHOOK_SECRET_PURPOSE = b"solobot webhook secret v1"
+
+
+def derive_webhook_secret(token: str) -> str:
+    """The default ``WEBHOOK_SECRET``: 64 hex characters, the same on every replica of a bot."""
+    import hashlib
+    import hmac
+
+    return hmac.new(token.encode(), WEBHOOK_SECRET_PURPOSE, hashlib.sha256).hexdigest()
+
+
+def _webhook_settings(r: _Reader, token: str) -> tuple[str, str | None, str, int, bool]:
+    """BOT_MODE, WEBHOOK_URL, WEBHOOK_SECRET (never echoed), WEBHOOK_MAX_CONNECTIONS."""
+    mode = (r.text("BOT_MODE", "polling") or "polling").lower()
+    if mode not in BOT_MODES:
+        r.problems.append(f"BOT_MODE: expected 'polling' or 'webhook', got {mode!r}")
+    url = r.text("WEBHOOK_URL")
+    insecure = False
+    if url is not None:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+            r.problems.append(f"WEBHOOK_URL: expected an https:// URL, got {url!r}")
+        insecure = url.startswith("http://")
+    elif mode == "webhook":
+        r.problems.append("WEBHOOK_URL: required when BOT_MODE=webhook (the public https:// URL "
+                          "Telegram posts updates to)")
+    secret = r.text("WEBHOOK_SECRET")
+    if secret is not None and not WEBHOOK_SECRET_RE.match(secret):
+        r.problems.append("WEBHOOK_SECRET: 1-256 characters of A-Z, a-z, 0-9, '_' and '-' "
+                          "(Telegram's rule; value not shown)")
+    if secret is None:
+        secret = derive_webhook_secret(token) if token else ""
+    max_connections = r.whole("WEBHOOK_MAX_CONNECTIONS", 40, low=1, high=100)
+    return mode, url, secret, max_connections, insecure
 
 
 def _check_cron(expr: str) -> str | None:

@@ -5,7 +5,7 @@
 # - runc, not crun: crun refuses a host whose cgroups are mixed v1/v2 (ours are).
 # - default_ulimits: rootful podman asks for RLIMIT_NOFILE/NPROC 1048576 by default, above this
 #   machine's hard limits; raising a hard limit needs a privilege we lack, so every container
-#   start fails. We ask for the machine's own hard limits instead.
+#   start fails. We ask for the machine's own hard limits instead (nproc: see PODMAN_NPROC).
 # - catatonit: the init that `podman run --init` / compose's `init: true` put in as PID 1.
 # - netavark + aardvark-dns + iptables: compose's project network, with service names in DNS.
 # - debootstrap: the local stand-in base images (deploy/container/build-base-images.sh).

@@ -31,4 +31,4 @@ bash deploy/container/build-base-images.sh
 export SOLOBOT_CT_BASE_S=$((SECONDS - t0))
 
 echo "== container test: checks"
-"$PYTHON" -m tests.container.checks
+"$PYTHON" -m tests.container.checks "$@"

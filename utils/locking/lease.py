@@ -23,6 +23,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:  # aiogram only for the middleware's types: this module stays light to import
+    from aiogram import Bot
+    from aiogram.client.session.middlewares.base import NextRequestMiddlewareType
+    from aiogram.methods import Response, TelegramMethod
 
 log = logging.getLogger("solobot.lease")
 
@@ -43,6 +49,7 @@ class LeaseLost(Exception):
 
 
 Verify = Callable[[], Awaitable[bool]]
+T = TypeVar("T")
 
 
 class Lease:
@@ -145,6 +152,8 @@ class LeaseGate:
             raise LeaseLost("not the active instance")
         await lease.ensure()
 
-    async def __call__(self, make_request, bot, method):  # type: ignore[no-untyped-def]
+    async def __call__(
+        self, make_request: NextRequestMiddlewareType[T], bot: Bot, method: TelegramMethod[T]
+    ) -> Response[T]:
         await self.check()
         return await make_request(bot, method)

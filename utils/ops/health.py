@@ -2,13 +2,15 @@
 active and polling is healthy (for load balancers and Kubernetes), ``/metrics`` Prometheus text.
 
 It only reads: the state it reports comes from the leadership controller and the polling stats.
+Other parts mount their own routes on the same port (*routes*: the webhook receiver), because a
+PaaS exposes one port per process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -29,12 +31,14 @@ class HealthServer:
         status: Callable[[], Awaitable[dict[str, Any]]],
         ready: Callable[[], tuple[bool, str]],
         metrics: Callable[[], tuple[bytes, str]] | None = None,
+        routes: Sequence[web.AbstractRouteDef] = (),
     ) -> None:
         self.host = host
         self.port = port
         self._status = status
         self._ready = ready
         self._metrics = metrics
+        self._routes = list(routes)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -43,6 +47,7 @@ class HealthServer:
         app.router.add_get("/ready", self._ready_handler)
         if self._metrics is not None:
             app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_routes(self._routes)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:

@@ -86,10 +86,10 @@ def summary(body: bytes) -> str:
     return " ".join(f"{key}={data[key]}" for key in ("mode", "epoch", "ready") if key in data)
 
 
-def bot_process_alive(proc: Path = PROC, own_pid: int | None = None) -> int | None:
+def bot_process_alive(proc: Path | None = None, own_pid: int | None = None) -> int | None:
     """The PID of a live ``python main.py`` in this PID namespace, or None."""
     own = os.getpid() if own_pid is None else own_pid
-    for entry in proc.iterdir():
+    for entry in (PROC if proc is None else proc).iterdir():
         if not entry.name.isdigit() or int(entry.name) == own:
             continue
         try:

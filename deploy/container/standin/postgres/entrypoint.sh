@@ -1,6 +1,7 @@
 #!/bin/sh
 # First start: initialise $PGDATA (UTF-8, C.UTF-8 collation) with POSTGRES_USER as superuser,
-# password auth from the network, and POSTGRES_DB. Then PostgreSQL itself runs as PID 1.
+# password auth from the network, and POSTGRES_DB (POSTGRES_INITDB_ARGS as in the official
+# image, e.g. --no-sync for a throwaway test database). Then PostgreSQL itself runs as PID 1.
 set -eu
 : "${POSTGRES_USER:=postgres}" "${POSTGRES_DB:=$POSTGRES_USER}"
 as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
@@ -23,7 +24,7 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   printf '%s\n' "${POSTGRES_PASSWORD:-unused}" >"$pwfile"
   chown postgres "$pwfile"
   as_postgres initdb -D "$PGDATA" -U "$POSTGRES_USER" -E UTF8 --locale=C.UTF-8 \
-    --auth-local=trust --auth-host="$auth" --pwfile="$pwfile" >/dev/null
+    --auth-local=trust --auth-host="$auth" --pwfile="$pwfile" ${POSTGRES_INITDB_ARGS:-} >/dev/null
   rm -f "$pwfile"
   printf 'host all all all %s\n' "$auth" >>"$PGDATA/pg_hba.conf"
   printf "listen_addresses = '*'\n" >>"$PGDATA/postgresql.conf"

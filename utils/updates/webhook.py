@@ -1,0 +1,432 @@
+"""Webhook mode: every replica receives into the durable inbox, the leader handles.
+
+Why not aiogram's ``SimpleRequestHandler``: it answers 200 before the handler ran (an update in
+flight is lost by kill -9) and has no notion of a leader, so behind a load balancer every replica
+would handle what it received, and run the scheduler too.
+
+Here, two halves:
+
+* :class:`WebhookReceiver`, on **every** replica (active or passive): a POST route on the health
+  server's port at the path of ``WEBHOOK_URL``. The secret header is checked in constant time
+  (401, nothing stored); a body too large or not an Update is refused (400, one log line); a valid
+  update is stored in the inbox in one short transaction and answered 200 only after the commit.
+  If the inbox cannot be written the answer is 503 with ``Retry-After``: Telegram keeps the update
+  and delivers it again. Receiving never calls Telegram (a passive replica cannot).
+* :class:`WebhookRole`, a role of the leadership controller (instead of polling): starts the
+  pipeline, registers the webhook (``setWebhook`` at most once per activation, and only when
+  ``getWebhookInfo`` or our record of the last registration differs), and adopts the rows the
+  replicas stored: at once on a notification (PostgreSQL ``LISTEN``; in-process when the
+  receiving replica is the leader itself), and on a short sweep as a safety net (the only way on
+  SQLite, whose replicas share one host and one file). Nobody deletes the webhook on stop:
+  updates keep flowing into the inbox through a handover.
+
+Order per chat: Telegram has one delivery in flight per chat and sends the next only after a 2xx,
+which we give after the commit, so a chat's rows are in the inbox in its order; the pipeline runs
+them in inbox order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiogram import Bot
+from aiogram.exceptions import TelegramBadRequest, TelegramRetryAfter, TelegramUnauthorizedError
+from aiogram.types import Update, WebhookInfo
+from aiohttp import web
+from pydantic import ValidationError
+
+from utils.locking.lease import Lease, LeaseLost
+from utils.state.database import DatabaseTarget
+from utils.state.fencing import FencedError
+from utils.state.notify import has_unclaimed, inbox_listener, notify_inbox
+from utils.state.store import StateStore
+from utils.updates.pipeline import UpdatePipeline, to_new_update
+
+log = logging.getLogger("solobot.webhook")
+
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+#: A delivery larger than this is refused (an Update is a few KB; this bounds memory per request).
+MAX_BODY_BYTES = 1 << 20
+#: A delivery waits at most this long for the inbox write; then 503 and Telegram retries.
+STORE_TIMEOUT = 5.0
+#: ``Retry-After`` on a 503: Telegram waits this long before delivering again.
+RETRY_AFTER_SECONDS = 1
+#: Refused deliveries are logged at WARNING at most once per this many seconds (then DEBUG).
+REFUSAL_LOG_INTERVAL = 60.0
+#: The leader looks for rows stored elsewhere this often when nothing woke it: on SQLite this is
+#: how it learns of them; on PostgreSQL only a safety net behind LISTEN/NOTIFY.
+SWEEP_SQLITE = 0.05
+SWEEP_POSTGRES = 1.0
+#: A failed adoption (database down) is retried after this long.
+ADOPT_RETRY = 0.5
+#: getWebhookInfo for /health is refreshed this often on the leader (never on a /health request).
+INFO_REFRESH = 30.0
+#: Registration that failed (Telegram unreachable, bad URL): from this, doubling, capped.
+REGISTER_RETRY_FIRST, REGISTER_RETRY_MAX = 1.0, 300.0
+#: A dropped LISTEN connection is opened again after this long (the sweep covers the gap).
+LISTEN_RETRY = 1.0
+#: The flag that records what this bot last registered (a hash: the secret is never stored).
+REGISTRATION_FLAG = "webhook_registration"
+
+
+# -- receiving, on every replica ------------------------------------------------------------
+
+
+@dataclass
+class ReceiverStats:
+    """Counters for /health and /metrics; ``inbox_error`` is set while the inbox cannot be written."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    unauthorized: int = 0
+    malformed: int = 0
+    unavailable: int = 0
+    inbox_error: str | None = None
+
+
+class _Throttle:
+    """At most one WARNING per interval for a kind of refusal (the rest at DEBUG)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def level(self, kind: str) -> int:
+        now = time.monotonic()
+        if now - self._last.get(kind, float("-inf")) >= self.interval:
+            self._last[kind] = now
+            return logging.WARNING
+        return logging.DEBUG
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_limited(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, or :class:`BodyTooLarge` as soon as it exceeds *limit* bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"{request.content_length} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_update(body: bytes) -> Update:
+    """An Update from a delivery's body; :class:`ValueError` with one line if it is not one."""
+    try:
+        return Update.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(part) for part in errors[0]["loc"]) if errors else ""
+        what = errors[0]["msg"] if errors else "invalid"
+        raise ValueError(f"not an Update ({where or 'body'}: {what}; "
+                         f"{exc.error_count()} error(s))") from None
+
+
+def secret_matches(given: str | None, expected: bytes) -> bool:
+    """Constant-time comparison of the secret header (missing never matches)."""
+    if given is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
+
+
+class WebhookReceiver:
+    """The webhook route on every replica: check, store durably, then answer."""
+
+    def __init__(self, store: StateStore, *, path: str, secret: str,
+                 on_stored: Callable[[], None] = lambda: None) -> None:
+        self.store = store
+        self.path = path or "/"
+        self._secret = secret.encode()
+        self._on_stored = on_stored
+        self.stats = ReceiverStats()
+        self._throttle = _Throttle(REFUSAL_LOG_INTERVAL)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(self.path, self.handle)]
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether a balancer should send deliveries here: yes while the inbox can be written."""
+        if self.stats.inbox_error is not None:
+            return False, f"webhook: the inbox cannot be written ({self.stats.inbox_error})"
+        return True, "accepting webhook deliveries"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        peer = request.headers.get("X-Real-IP") or request.remote or "?"
+        if not secret_matches(request.headers.get(SECRET_HEADER), self._secret):
+            self.stats.unauthorized += 1
+            log.log(self._throttle.level("secret"), "webhook delivery from %s refused (401): %s secret "
+                    "header", peer, "no" if SECRET_HEADER not in request.headers else "wrong")
+            return web.Response(status=401, text="unauthorized")
+        try:
+            update = parse_update(await read_limited(request))
+        except (BodyTooLarge, ValueError) as exc:
+            self.stats.malformed += 1
+            what = f"body too large ({exc})" if isinstance(exc, BodyTooLarge) else str(exc)
+            log.warning("webhook delivery from %s refused (400): %s", peer, what)
+            return web.Response(status=400, text="bad request")
+        row = to_new_update(update)
+        try:
+            batch = await asyncio.wait_for(self.store.inbox.store_batch([row], epoch=None),
+                                           timeout=STORE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - any failure to store: Telegram must deliver again
+            self.stats.unavailable += 1
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if self.stats.inbox_error is None:
+                log.warning("webhook: cannot store updates in the inbox (%s); answering 503, "
+                            "Telegram delivers them again", reason.rstrip(": "))
+            self.stats.inbox_error = reason.rstrip(": ")
+            return web.Response(status=503, text="inbox unavailable",
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        if self.stats.inbox_error is not None:
+            log.info("webhook: the inbox can be written again")
+            self.stats.inbox_error = None
+        if batch.new:
+            self.stats.accepted += 1
+            self._on_stored()
+            try:
+                await notify_inbox(self.store.engine, self.store.bot_id)
+            except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
+                log.debug("webhook: NOTIFY after storing update %d failed: %s", row.update_id, exc)
+        else:
+            self.stats.duplicates += 1  # a re-delivery: answer 200 again, nothing new
+        return web.Response(status=200)
+
+
+# -- registration, pure -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the leader registers with setWebhook."""
+
+    url: str
+    secret: str = field(repr=False)
+    allowed_updates: tuple[str, ...]
+    max_connections: int
+
+    def fingerprint(self) -> str:
+        """A hash of all of it, secret included (getWebhookInfo does not return the secret)."""
+        text = json.dumps([self.url, self.secret, sorted(self.allowed_updates), self.max_connections])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def differs(self, info: WebhookInfo, recorded: str | None) -> list[str]:
+        """What differs between this and the webhook Telegram has (empty: nothing to do)."""
+        why = []
+        if info.url != self.url:
+            why.append("url")
+        if (info.max_connections or 0) != self.max_connections:
+            why.append("max_connections")
+        if sorted(info.allowed_updates or []) != sorted(self.allowed_updates):
+            why.append("allowed_updates")
+        if recorded != self.fingerprint():
+            why.append("secret (or not registered by solobot)")
+        return why
+
+
+def info_for_health(info: WebhookInfo) -> dict[str, Any]:
+    return {
+        "url": info.url,
+        "pending_update_count": info.pending_update_count,
+        "last_error_message": info.last_error_message,
+        "last_error_date": info.last_error_date.timestamp() if info.last_error_date else None,
+        "max_connections": info.max_connections,
+    }
+
+
+# -- handling, on the leader -----------------------------------------------------------------
+
+
+class WebhookRole:
+    """The leader's half of webhook mode (a role of the leadership controller)."""
+
+    name = "webhook"
+
+    def __init__(
+        self,
+        bot: Bot,
+        store: StateStore,
+        pipeline: UpdatePipeline,
+        *,
+        registration: Registration,
+        target: DatabaseTarget,
+        instance_id: str,
+        step_down: Callable[[str], None],
+    ) -> None:
+        self.bot = bot
+        self.store = store
+        self.pipeline = pipeline
+        self.registration = registration
+        self.target = target
+        self.instance_id = instance_id
+        self.step_down = step_down
+        self.sweep = SWEEP_POSTGRES if target.is_postgres else SWEEP_SQLITE
+        self.info: dict[str, Any] | None = None  # getWebhookInfo, refreshed on the leader
+        self.info_checked_at: float | None = None
+        self.set_webhook_calls = 0
+        self._lease: Lease | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- role interface ----------------------------------------------------------------------
+
+    async def start(self, lease: Lease) -> None:
+        self._lease = lease
+        self._wake = asyncio.Event()
+        await self.pipeline.start(lease)
+        self._tasks = [asyncio.create_task(self._adopt_loop(), name="solobot-webhook-adopt"),
+                       asyncio.create_task(self._register_and_watch(lease), name="solobot-webhook-register")]
+        if self.target.is_postgres:
+            self._tasks.append(asyncio.create_task(self._listen_loop(), name="solobot-webhook-listen"))
+        self._wake.set()  # rows stored while nobody led
+
+    async def stop(self, *, voluntary: bool) -> None:
+        """Stop adopting, then drain the pipeline. The webhook stays set (never deleteWebhook)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pipeline.stop()
+        self._lease = None
+        self.info = None
+        self.info_checked_at = None
+
+    def wake(self) -> None:
+        """A row was stored by this process: adopt it now (a no-op unless leading)."""
+        if self._lease is not None:
+            self._wake.set()
+
+    # -- adopting what the replicas stored ---------------------------------------------------
+
+    async def _adopt_loop(self) -> None:
+        failing = False
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.sweep)
+            except TimeoutError:
+                pass
+            woken = self._wake.is_set()
+            self._wake.clear()
+            try:
+                if not woken and not await has_unclaimed(self.store.engine, self.store.bot_id):
+                    continue
+                taken = await self.pipeline.adopt_unclaimed()
+            except LeaseLost:
+                return
+            except FencedError as exc:
+                self.step_down(f"fenced while taking webhook updates: {exc}")
+                return
+            except Exception as exc:  # noqa: BLE001 - database down: rows wait; retry
+                if not failing:
+                    log.warning("webhook: cannot take stored updates from the inbox (%s); retrying",
+                                exc)
+                failing = True
+                await asyncio.sleep(ADOPT_RETRY)
+                continue
+            if failing:
+                log.info("webhook: taking stored updates from the inbox again")
+                failing = False
+            if taken:
+                log.debug("adopted %d update(s) stored by the replicas", taken)
+                self._wake.set()  # more may wait (adoption is bounded by INBOX_MAX)
+
+    async def _listen_loop(self) -> None:
+        """PostgreSQL: wake on every NOTIFY of the bot's inbox channel; reconnect if dropped."""
+        failing = False
+        while True:
+            try:
+                async with inbox_listener(self.target, self.store.bot_id, self.instance_id) as notes:
+                    if failing:
+                        log.info("webhook: listening for stored updates again")
+                        failing = False
+                    self._wake.set()  # anything stored while we were not listening
+                    async for _ in notes:
+                        self._wake.set()
+            except Exception as exc:  # noqa: BLE001 - the sweep covers the gap
+                if not failing:
+                    log.warning("webhook: LISTEN connection failed (%s); the sweep every %.1f s "
+                                "takes stored updates meanwhile", exc, self.sweep)
+                failing = True
+            await asyncio.sleep(LISTEN_RETRY)
+
+    # -- registration and getWebhookInfo -----------------------------------------------------
+
+    async def _register_and_watch(self, lease: Lease) -> None:
+        registered = False
+        delay = REGISTER_RETRY_FIRST
+        while True:
+            try:
+                info = await self.bot.get_webhook_info()
+                if not registered:
+                    registered = await self._register(info, lease)
+                    if registered and self.set_webhook_calls:
+                        info = await self.bot.get_webhook_info()
+                self.info = info_for_health(info)
+                self.info_checked_at = time.monotonic()
+                delay = REGISTER_RETRY_FIRST
+                await asyncio.sleep(INFO_REFRESH)
+            except LeaseLost:
+                return
+            except FencedError as exc:
+                self.step_down(f"fenced while recording the webhook registration: {exc}")
+                return
+            except TelegramUnauthorizedError as exc:
+                log.error("webhook: Telegram refuses the token (%s)", exc)
+                self.step_down("the bot token is refused")
+                return
+            except TelegramRetryAfter as exc:
+                await asyncio.sleep(exc.retry_after)
+            except Exception as exc:  # noqa: BLE001 - Telegram or the network: retry with backoff
+                level = logging.ERROR if isinstance(exc, TelegramBadRequest) else logging.WARNING
+                log.log(level, "webhook: %s failed (%s); retrying in %.0f s",
+                        "getWebhookInfo" if registered else "registration", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REGISTER_RETRY_MAX)
+
+    async def _register(self, info: WebhookInfo, lease: Lease) -> bool:
+        """setWebhook if what Telegram has differs; True once registered (at most one call)."""
+        wanted = self.registration
+        try:
+            recorded = await self.store.get_flag(REGISTRATION_FLAG)
+        except Exception as exc:  # noqa: BLE001 - unsure: register once rather than not at all
+            log.debug("webhook: registration record unreadable (%s)", exc)
+            recorded = None
+        why = wanted.differs(info, recorded)
+        if not why:
+            log.info("webhook already registered at %s; not set again", wanted.url)
+            return True
+        await self.bot.set_webhook(
+            url=wanted.url, secret_token=wanted.secret, allowed_updates=list(wanted.allowed_updates),
+            max_connections=wanted.max_connections, drop_pending_updates=False,
+        )
+        self.set_webhook_calls += 1
+        log.info("webhook registered at %s (max_connections %d, updates: %s; differed: %s)",
+                 wanted.url, wanted.max_connections, ", ".join(wanted.allowed_updates) or "default",
+                 ", ".join(why))
+        try:
+            await self.store.set_flag(REGISTRATION_FLAG, wanted.fingerprint(), epoch=lease.epoch)
+        except FencedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the next leader registers once more, harmlessly
+            log.warning("webhook: could not record the registration (%s)", exc)
+        return True
+
+
+def webhook_path(url: str) -> str:
+    """The path part of WEBHOOK_URL: where the route is mounted (``/`` if none)."""
+    return urlsplit(url).path or "/"
