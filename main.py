@@ -156,7 +156,7 @@ class App:
         self.shutdown.request(reason)
 
     def _on_mode(self, mode: Mode, detail: str) -> None:
-        words = {Mode.ACTIVE: "active: polling", Mode.PASSIVE: "passive: standby",
+        words = {Mode.ACTIVE: f"active: {self.settings.bot_mode}", Mode.PASSIVE: "passive: standby",
                  Mode.STOPPING: "stopping"}[mode]
         self.notifier.notify(f"STATUS={words} ({detail})")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,14 +23,21 @@ import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
+from aiogram.types import WebhookInfo
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import BOT_ID, DATABASE_URL, TOKEN, BotProcess, free_port, wait_until
 from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from tests.test_postgres import TcpProxy
-from utils.config import derive_webhook_secret
+from utils.config import ConfigError, derive_webhook_secret, load_settings
+from utils.state.database import DatabaseTarget
+from utils.state.store import StateStore
+from utils.updates.webhook import Registration, WebhookReceiver
 
 Spawn = Callable[..., BotProcess]
 HOOK_PATH = "/tg/hook"
@@ -244,6 +252,87 @@ def leader_and_standby(spawn: Spawn, nginx_ports: list[int], url: str, **env: st
     return pair
 
 
+# -- in-process: configuration, registration, the receiver ----------------------------------
+
+
+BASE_ENV = {"BOT_TOKEN": TOKEN, "ENV_FILE": os.devnull}
+
+
+def test_webhook_settings() -> None:
+    polling = load_settings(BASE_ENV)
+    assert polling.bot_mode == "polling" and polling.webhook_url is None
+    hook = load_settings({**BASE_ENV, "BOT_MODE": "webhook", "WEBHOOK_URL": "http://127.0.0.1:8080/tg/hook"})
+    assert hook.bot_mode == "webhook" and hook.webhook_insecure and hook.webhook_max_connections == 40
+    assert hook.webhook_secret == derive_webhook_secret(TOKEN), "every replica derives the same secret"
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,256}", hook.webhook_secret)
+    assert derive_webhook_secret(TOKEN + "x") != hook.webhook_secret
+    assert hook.webhook_secret not in repr(hook)
+    with pytest.raises(ConfigError) as raised:
+        load_settings({**BASE_ENV, "BOT_MODE": "webhooks", "WEBHOOK_SECRET": "has space",
+                       "WEBHOOK_MAX_CONNECTIONS": "101"})
+    problems = "\n".join(raised.value.problems)
+    assert "BOT_MODE" in problems and "WEBHOOK_MAX_CONNECTIONS" in problems and "has space" not in problems
+    assert "WEBHOOK_SECRET" in problems
+    with pytest.raises(ConfigError, match="WEBHOOK_URL: required"):
+        load_settings({**BASE_ENV, "BOT_MODE": "webhook"})
+
+
+def test_registration_differs_only_when_something_changed() -> None:
+    wanted = Registration("https://bot.example/tg/hook", "s3cret", ("message",), 40)
+    same = WebhookInfo(url=wanted.url, has_custom_certificate=False, pending_update_count=3,
+                       max_connections=40, allowed_updates=["message"])
+    assert wanted.differs(same, wanted.fingerprint()) == []
+    assert wanted.differs(same, None) == ["secret (or not registered by solobot)"]
+    other = Registration(wanted.url, "other", ("message",), 40)
+    assert other.differs(same, wanted.fingerprint()) == ["secret (or not registered by solobot)"]
+    moved = same.model_copy(update={"url": "https://old.example/hook", "max_connections": 10,
+                                    "allowed_updates": None})
+    assert wanted.differs(moved, wanted.fingerprint()) == ["url", "max_connections", "allowed_updates"]
+
+
+class FailingInbox:
+    async def store_batch(self, updates: object, *, epoch: int | None) -> object:
+        raise ConnectionRefusedError("database down")
+
+
+async def test_receiver_stores_then_answers(tmp_path: Path) -> None:
+    target = DatabaseTarget.parse(None, tmp_path)
+    store = StateStore.create(target, BOT_ID, "unit")
+    await store.migrate()
+    woken: list[int] = []
+
+    def on_stored() -> bool:
+        woken.append(1)
+        return True  # as if this process led: no NOTIFY (SQLite has none anyway)
+
+    receiver = WebhookReceiver(store, path=HOOK_PATH, secret="s3cret", on_stored=on_stored)
+    app = web.Application()
+    app.router.add_routes(receiver.routes())
+    good = {SECRET_HEADER: "s3cret"}
+    try:
+        async with TestClient(TestServer(app)) as client:
+            body = forged_update(1)
+            assert (await client.post(HOOK_PATH, data=body, headers=good)).status == 200
+            assert (await client.post(HOOK_PATH, data=body, headers=good)).status == 200  # re-delivery
+            assert woken == [1], "woken for the new row only"
+            waiting, _oldest = await store.inbox.depth()
+            assert waiting == 1
+            assert (await client.post(HOOK_PATH, data=body, headers={SECRET_HEADER: "s3creT"})).status == 401
+            assert (await client.post(HOOK_PATH, data=b"{}", headers=good)).status == 400
+            receiver.store = cast(StateStore, type("Down", (), {"inbox": FailingInbox()})())
+            down = await client.post(HOOK_PATH, data=forged_update(2), headers=good)
+            assert down.status == 503 and down.headers["Retry-After"] == "1"
+            assert receiver.ready()[0] is False and "database down" in (receiver.stats.inbox_error or "")
+            receiver.store = store
+            assert (await client.post(HOOK_PATH, data=forged_update(2), headers=good)).status == 200
+            assert receiver.ready()[0] is True
+        stats = receiver.stats
+        assert (stats.accepted, stats.duplicates, stats.unauthorized, stats.malformed, stats.unavailable) == \
+            (2, 1, 1, 1, 1)
+    finally:
+        await store.close()
+
+
 # -- the "done when" stream -------------------------------------------------------------------
 
 
@@ -412,19 +501,21 @@ def test_refused_deliveries_then_switch_to_polling_and_back(fake: FakeBotAPI, sp
     webhook = (hook.health() or {})["updates"]["webhook"]
     assert webhook["unauthorized"] == 6 and webhook["malformed"] == 4 and webhook["accepted"] == 1
 
+    # A rolling deploy that switches the mode: the next replica waits as the standby meanwhile.
+    poller = spawn("poller")
+    wait_until(lambda: "standby: lock held by pid" in poller.log(), 20, message="the poller waits")
     hook.signal(signal.SIGTERM)
     assert hook.wait_exit() == 0
-    assert fake.webhook(BOT_ID) == nginx.url, "stopping never deletes the webhook"
-    poller = spawn("poller")
+    assert "hook1" not in calls(fake, "deleteWebhook"), "stopping never deletes the webhook"
     poller.wait_mode("active")
     second = fake.send_user_message(BOT_ID, "/ping")
     wait_until(lambda: fake.replies_to(second), message="answered in polling mode")
     assert fake.webhook(BOT_ID) == ""
     assert calls(fake, "deleteWebhook") == ["poller"]
+    back = spawn("hook2", **webhook_env(nginx.url, port))
+    wait_until(lambda: "standby: lock held by pid" in back.log(), 20, message="the webhook replica waits")
     poller.signal(signal.SIGTERM)
     assert poller.wait_exit() == 0
-
-    back = spawn("hook2", **webhook_env(nginx.url, port))
     back.wait_mode("active")
     wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, message="registered again")
     third = fake.send_user_message(BOT_ID, "/ping")

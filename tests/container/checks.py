@@ -538,8 +538,12 @@ services:
     def compose_diagnostics(self, bots: list[str]) -> str:
         """What the bots logged and what the fake saw, for a failure's message."""
         parts = []
+        health = ("import urllib.request as u; "
+                  "print(u.urlopen('http://127.0.0.1:8080/health', timeout=2).read().decode())")
         for name in bots:
-            parts.append(f"--- {name} log (tail):\n{podman('logs', '--tail', '25', name, check=False).stdout}")
+            logs = podman("logs", "--tail", "25", name, check=False)
+            parts.append(f"--- {name} log (tail):\n{logs.stdout}{logs.stderr}")
+            parts.append(f"--- {name} /health: {podman('exec', name, 'python', '-c', health, check=False).stdout}")
         with contextlib.suppress(CheckFailed, ValueError, subprocess.TimeoutExpired):
             polls = self.in_compose_fake("polls")[-12:]
             parts.append("--- the fake's last getUpdates: " + "; ".join(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 
@@ -27,7 +28,7 @@ from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from utils.state.database import DatabaseTarget, session_tag
-from utils.state.schema import inbox_table
+from utils.state.schema import inbox_table, utcnow
 
 log = logging.getLogger("solobot.state")
 
@@ -58,6 +59,24 @@ async def has_unclaimed(engine: AsyncEngine, bot_id: int) -> bool:
             .limit(1)
         )
     return found is not None
+
+
+async def oldest_unclaimed_age(engine: AsyncEngine, bot_id: int) -> float | None:
+    """Seconds since the oldest row that no leader has taken was stored (None: there is none).
+
+    A leader takes rows within milliseconds of their commit, so an old one means nobody leads.
+    """
+    async with engine.connect() as conn:
+        oldest = await conn.scalar(
+            sa.select(sa.func.min(inbox_table.c.received_at))
+            .where(inbox_table.c.bot_id == bot_id, inbox_table.c.done_at.is_(None),
+                   inbox_table.c.claimed_epoch.is_(None))
+        )
+    if not isinstance(oldest, dt.datetime):
+        return None
+    if oldest.tzinfo is None:  # SQLite keeps them naive (UTC)
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    return (utcnow() - oldest).total_seconds()
 
 
 @contextlib.asynccontextmanager

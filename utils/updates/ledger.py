@@ -171,6 +171,9 @@ class DoneMarks:
             return 0.0
         return max(0.0, self._first_at + self.max_delay - now)
 
+    def oldest_age(self, now: float) -> float | None:
+        return None if self._first_at is None else now - self._first_at
+
     def take(self) -> list[int]:
         seqs, self._seqs, self._first_at = self._seqs, [], None
         return seqs

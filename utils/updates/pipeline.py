@@ -97,23 +97,36 @@ class UpdatePipeline:
         self._room = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._stopping = False
+        self._held = False
         self._flushes = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, lease: Lease) -> None:
-        """Take over what the inbox holds unfinished (oldest first), then accept new updates."""
+    async def start(self, lease: Lease, *, hold: bool = False) -> None:
+        """Take over what the inbox holds unfinished (oldest first), then accept new updates.
+
+        With *hold*, the unfinished updates wait in their chats' queues until :meth:`release`:
+        the polling role sends its first getUpdates before the recovered handlers compete for the
+        event loop, so a takeover under load is not slowed by the work it takes over.
+        """
         self._lease = lease
         self._queues = ChatQueues(self.concurrency)
         self._marks = DoneMarks(max_batch=DONE_BATCH, max_delay=DONE_DELAY)
         self._tasks = {}
         self._stopping = False
+        self._held = hold
         await lease.ensure()
         waiting = await self.store.inbox.claim_waiting(lease.epoch)
         if waiting:
             log.info("resuming %d update(s) the inbox holds unfinished", len(waiting))
             self._push([self._from_entry(e) for e in waiting])
         self._flusher = asyncio.create_task(self._flush_loop(), name="solobot-done-marks")
+
+    def release(self) -> None:
+        """Start the handlers :meth:`start` held back."""
+        if self._held:
+            self._held = False
+            self._schedule()
 
     async def stop(self) -> None:
         """Bounded whatever the handlers do: drain up to the deadline, flush done marks."""
@@ -208,7 +221,7 @@ class UpdatePipeline:
     # -- workers -----------------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        if not self._stopping:
+        if not self._stopping and not self._held:
             for item in self._queues.take_runnable():
                 self._tasks[item.seq] = asyncio.create_task(self._run(item), name=f"solobot-update-{item.update_id}")
         self.stats.inbox_waiting = self._queues.held
@@ -281,7 +294,9 @@ class UpdatePipeline:
         lease = self._lease
         if lease is None or not len(self._marks):
             return
+        oldest = self._marks.oldest_age(time.monotonic())
         seqs = self._marks.take()
+        started = time.monotonic()
         try:
             if not final:
                 await lease.ensure()
@@ -289,6 +304,8 @@ class UpdatePipeline:
         except BaseException:
             self._marks.put_back(seqs, time.monotonic())
             raise
+        log.debug("recorded %d update(s) as done in %.1f ms (the oldest finished %.1f ms before)",
+                  len(seqs), (time.monotonic() - started) * 1000, (oldest or 0.0) * 1000)
         self._flushes += 1
         if self._flushes % PRUNE_EVERY_FLUSHES == 0:
             pruned = await self.store.inbox.prune()

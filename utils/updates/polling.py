@@ -70,6 +70,8 @@ TRANSIENT_ERRORS = (TelegramNetworkError, TelegramServerError, ClientDecodeError
 TRANSIENT_FIRST_WAIT, TRANSIENT_MAX_WAIT = 0.5, 3.0
 #: The HTTP timeout of a long poll: the poll's own timeout plus this allowance.
 REQUEST_TIMEOUT_ALLOWANCE = 15
+#: At most this long do a new leader's recovered updates wait for its first getUpdates.
+RECOVERED_HOLD_MAX = 1.0
 #: A failed batch write is retried after this long (the batch is not confirmed meanwhile).
 STORE_RETRY_WAIT = 1.0
 
@@ -138,7 +140,9 @@ class PollingManager:
         # The first poll of a term returns at once, so /ready knows within a round trip that
         # Telegram answers (a long poll on an idle bot would take POLLING_TIMEOUT to tell).
         self._quick_poll = True
-        await self.pipeline.start(lease)
+        await self.pipeline.start(lease, hold=True)
+        # Released after the first getUpdates, or after this long if Telegram does not answer.
+        asyncio.get_running_loop().call_later(RECOVERED_HOLD_MAX, self.pipeline.release)
         self._book = OffsetBook(await self.store.inbox.load_offset())
         self._task = asyncio.create_task(self._run(), name="solobot-polling")
 
@@ -162,6 +166,7 @@ class PollingManager:
                     await self._until_stopped(self.pipeline.wait_for_room())
                     sent = self._book.offset
                     updates = await self._until_stopped(self._fetch(sent))
+                    self.pipeline.release()  # after the first getUpdates of the term: see start()
                     ids = [u.update_id for u in updates]
                     if self._book.after_batch(sent, ids):
                         log.warning(

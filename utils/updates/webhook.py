@@ -47,8 +47,9 @@ from pydantic import ValidationError
 from utils.locking.lease import Lease, LeaseLost
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
-from utils.state.notify import has_unclaimed, inbox_listener, notify_inbox
+from utils.state.notify import has_unclaimed, inbox_listener, notify_inbox, oldest_unclaimed_age
 from utils.state.store import StateStore
+from utils.updates.passive_notice import PassiveNotice
 from utils.updates.pipeline import UpdatePipeline, to_new_update
 
 log = logging.getLogger("solobot.webhook")
@@ -60,6 +61,8 @@ MAX_BODY_BYTES = 1 << 20
 STORE_TIMEOUT = 5.0
 #: ``Retry-After`` on a 503: Telegram waits this long before delivering again.
 RETRY_AFTER_SECONDS = 1
+#: The PASSIVE_NOTICE lookup (one indexed query) gives up after this; the delivery is answered anyway.
+NOTICE_LOOKUP_TIMEOUT = 0.5
 #: Refused deliveries are logged at WARNING at most once per this many seconds (then DEBUG).
 REFUSAL_LOG_INTERVAL = 60.0
 #: The leader looks for rows stored elsewhere this often when nothing woke it: on SQLite this is
@@ -149,8 +152,12 @@ class WebhookReceiver:
     """The webhook route on every replica: check, store durably, then answer."""
 
     def __init__(self, store: StateStore, *, path: str, secret: str,
-                 on_stored: Callable[[], None] = lambda: None) -> None:
+                 on_stored: Callable[[], bool] = lambda: False,
+                 notice: PassiveNotice | None = None) -> None:
+        """*on_stored* is called after a new row committed; it returns True when this process
+        leads and was woken directly (then no NOTIFY is needed). *notice*: PASSIVE_NOTICE."""
         self.store = store
+        self.notice = notice
         self.path = path or "/"
         self._secret = secret.encode()
         self._on_stored = on_stored
@@ -198,14 +205,38 @@ class WebhookReceiver:
             self.stats.inbox_error = None
         if batch.new:
             self.stats.accepted += 1
-            self._on_stored()
-            try:
-                await notify_inbox(self.store.engine, self.store.bot_id)
-            except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
-                log.debug("webhook: NOTIFY after storing update %d failed: %s", row.update_id, exc)
+            leading = self._on_stored()
+            if not leading:
+                try:
+                    await notify_inbox(self.store.engine, self.store.bot_id)
+                except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
+                    log.debug("webhook: NOTIFY after storing update %d failed: %s", row.update_id, exc)
+                if self.notice is not None:
+                    reply = await self._notice_for(update)
+                    if reply is not None:
+                        return web.json_response(reply)
         else:
             self.stats.duplicates += 1  # a re-delivery: answer 200 again, nothing new
         return web.Response(status=200)
+
+    async def _notice_for(self, update: Update) -> dict[str, Any] | None:
+        """PASSIVE_NOTICE as a method in the 200's body (Telegram executes it: no Bot API call
+        leaves this replica), when nobody has taken a stored update for a few seconds."""
+        notice = self.notice
+        assert notice is not None
+        chat_id = notice.chat_of(update)
+        if chat_id is None or not notice.may_send(chat_id):
+            return None
+        try:
+            age = await asyncio.wait_for(oldest_unclaimed_age(self.store.engine, self.store.bot_id),
+                                         timeout=NOTICE_LOOKUP_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - no notice rather than a late or failed answer
+            log.debug("webhook: PASSIVE_NOTICE lookup failed: %s", exc)
+            return None
+        if age is None or age < notice.after:
+            return None
+        notice.sent(chat_id)
+        return {"method": "sendMessage", "chat_id": chat_id, "text": notice.text}
 
 
 # -- registration, pure -----------------------------------------------------------------------
@@ -306,10 +337,12 @@ class WebhookRole:
         self.info = None
         self.info_checked_at = None
 
-    def wake(self) -> None:
-        """A row was stored by this process: adopt it now (a no-op unless leading)."""
-        if self._lease is not None:
-            self._wake.set()
+    def wake(self) -> bool:
+        """A row was stored by this process: adopt it now. False when not leading."""
+        if self._lease is None:
+            return False
+        self._wake.set()
+        return True
 
     # -- adopting what the replicas stored ---------------------------------------------------
 
