@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import sys
 
-from utils.ops.bootstrap import EarlyStop, prepare
+from utils.ops.early_stop import EarlyStop
 
-# Before anything heavy: a container's PID 1 must honour SIGTERM from its first instruction, and a
-# bad configuration must exit 78 without paying for aiogram's imports (utils/ops/bootstrap.py).
+# First: a container's PID 1 must honour SIGTERM from its first instruction (utils/ops/early_stop.py).
 EARLY_STOP = EarlyStop.install()
+
+from utils.ops.bootstrap import prepare  # noqa: E402 - after the signal handlers, still light
+
+# Before anything heavy: a bad configuration must exit 78 without paying for aiogram's imports.
 PREPARED = prepare(sys.argv, __doc__ or "") if __name__ == "__main__" else None
 if isinstance(PREPARED, int):
     sys.exit(PREPARED)
@@ -45,6 +48,7 @@ from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
 from utils.state.store import StateStore  # noqa: E402
+from utils.updates.passive_notice import PassiveNotice  # noqa: E402
 from utils.updates.pipeline import UpdatePipeline  # noqa: E402
 from utils.updates.polling import PollingManager  # noqa: E402
 from utils.updates.stats import UpdateStats  # noqa: E402
@@ -113,8 +117,11 @@ class App:
                                           settings.webhook_max_connections),
                 target=self.target, instance_id=self.instance_id, step_down=self._step_down,
             )
-            self.receiver = WebhookReceiver(self.store, path=webhook_path(settings.webhook_url),
-                                            secret=settings.webhook_secret, on_stored=self.webhook.wake)
+            self.receiver = WebhookReceiver(
+                self.store, path=webhook_path(settings.webhook_url), secret=settings.webhook_secret,
+                on_stored=self.webhook.wake,
+                notice=PassiveNotice(settings.passive_notice) if settings.passive_notice else None,
+            )
         self.autoposter: Autoposter | None = None
         if settings.channel_id:
             self.autoposter = Autoposter(

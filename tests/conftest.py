@@ -47,6 +47,10 @@ OWNER_VARIABLE = "SOLOBOT_TEST_OWNER"
 os.environ[OWNER_VARIABLE] = str(os.getpid())
 #: How long a killed process group may take to disappear.
 KILL_WAIT = 10.0
+#: How long a test waits for a bot to reach a mode. Not a claim about solobot: importing aiogram
+#: alone costs about 5 s of CPU, so with both cores busy (pytest-xdist, several bots starting) a
+#: start can take 20 s. The wait ends as soon as the mode is reached.
+START_WAIT = 60.0
 
 
 def worker_database_url(base_url: str, worker: str) -> str:
@@ -259,7 +263,7 @@ class BotProcess:
         h = self.health()
         return None if h is None else str(h["mode"])
 
-    def wait_mode(self, mode: str, timeout: float = 20.0) -> None:
+    def wait_mode(self, mode: str, timeout: float = START_WAIT) -> None:
         wait_until(lambda: self.mode() == mode, timeout, 0.02, f"{self.name} to be {mode}\n{self.log()}")
 
     def signal(self, sig: int) -> None:

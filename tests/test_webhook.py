@@ -37,6 +37,7 @@ from tests.test_postgres import TcpProxy
 from utils.config import ConfigError, derive_webhook_secret, load_settings
 from utils.state.database import DatabaseTarget
 from utils.state.store import StateStore
+from utils.updates.passive_notice import PassiveNotice
 from utils.updates.webhook import Registration, WebhookReceiver
 
 Spawn = Callable[..., BotProcess]
@@ -50,6 +51,8 @@ STREAM_SECONDS = 6.0
 #: A reply may be doubled only if it went out this shortly before kill -9 (its done mark was not
 #: committed yet: at-least-once for side effects, docs/architecture.md).
 UNRECORDED_WINDOW = 0.5
+#: A replica's start (aiogram's imports alone take seconds on a loaded 2-core machine).
+STARTUP_TIMEOUT = 60.0
 
 NGINX_CONF = """
 worker_processes 1;
@@ -247,7 +250,7 @@ def leader_and_standby(spawn: Spawn, nginx_ports: list[int], url: str, **env: st
             return a, b
         return (b, a) if modes == ("passive", "active") else None
 
-    pair: tuple[BotProcess, BotProcess] = wait_until(settled, 20, 0.02,
+    pair: tuple[BotProcess, BotProcess] = wait_until(settled, STARTUP_TIMEOUT, 0.02,
                                                      message="one replica active, the other passive")
     return pair
 
@@ -333,6 +336,47 @@ async def test_receiver_stores_then_answers(tmp_path: Path) -> None:
         await store.close()
 
 
+def private_update(update_id: int, chat_id: int) -> bytes:
+    return json.dumps({"update_id": update_id, "message": {
+        "message_id": update_id, "date": int(time.time()), "text": "hi",
+        "chat": {"id": chat_id, "type": "private", "first_name": "U"},
+        "from": {"id": chat_id, "is_bot": False, "first_name": "U"}}}).encode()
+
+
+def test_passive_notice_throttle() -> None:
+    now = [100.0]
+    notice = PassiveNotice("updating", per_chat=60.0, clock=lambda: now[0])
+    assert notice.may_send(1)
+    notice.sent(1)
+    assert not notice.may_send(1) and notice.may_send(2)
+    now[0] += 60.0
+    assert notice.may_send(1)
+
+
+async def test_passive_notice_while_nobody_leads(tmp_path: Path) -> None:
+    """No leader takes the rows: the 200 carries sendMessage (Telegram runs it), once per chat."""
+    store = StateStore.create(DatabaseTarget.parse(None, tmp_path), BOT_ID, "unit")
+    await store.migrate()
+    receiver = WebhookReceiver(store, path=HOOK_PATH, secret="s3cret", on_stored=lambda: False,
+                               notice=PassiveNotice("back in a minute", after=0.0))
+    app = web.Application()
+    app.router.add_routes(receiver.routes())
+    good = {SECRET_HEADER: "s3cret"}
+    try:
+        async with TestClient(TestServer(app)) as client:
+            first = await client.post(HOOK_PATH, data=private_update(1, 11), headers=good)
+            assert first.status == 200
+            assert await first.json() == {"method": "sendMessage", "chat_id": 11, "text": "back in a minute"}
+            again = await client.post(HOOK_PATH, data=private_update(2, 11), headers=good)
+            assert again.status == 200 and await again.read() == b"", "once per chat per 60 s"
+            other = await client.post(HOOK_PATH, data=private_update(3, 12), headers=good)
+            assert (await other.json())["chat_id"] == 12
+        waiting, _ = await store.inbox.depth()
+        assert waiting == 3, "the updates themselves are stored all the same"
+    finally:
+        await store.close()
+
+
 # -- the "done when" stream -------------------------------------------------------------------
 
 
@@ -349,7 +393,7 @@ def test_kill9_of_the_leader_mid_stream_behind_nginx(fake: FakeBotAPI, spawn: Sp
     t_kill = time.time()
     a.signal(signal.SIGKILL)
     a.wait_exit()
-    b.wait_mode("active")
+    b.wait_mode("active", STARTUP_TIMEOUT)
     takeover = time.time() - t_kill
     assert stream.done.wait(STREAM_SECONDS + 10)
     pings = stream.all_ids()
@@ -382,34 +426,53 @@ def test_kill9_of_the_leader_mid_stream_behind_nginx(fake: FakeBotAPI, spawn: Sp
                5, message="b's cached getWebhookInfo")
 
 
-# -- SIGTERM handover on the file backend (SQLite: the sweep) ---------------------------------
+# -- kill -9 of a passive replica, SIGTERM of the leader (SQLite: the sweep) -----------------
 
 
-def test_sigterm_of_the_leader_hands_over_without_loss(fake: FakeBotAPI, spawn: Spawn,
+def accepted(bot: BotProcess) -> int:
+    """Deliveries this replica stored (its /health), 0 if it does not answer."""
+    return int(((bot.health() or {}).get("updates", {}).get("webhook") or {}).get("accepted", 0))
+
+
+def test_kill9_of_a_passive_then_sigterm_of_the_leader(fake: FakeBotAPI, spawn: Spawn,
                                                        balancer: Callable[[list[int]], Nginx]) -> None:
-    ports = [free_port(), free_port()]
+    """Three replicas (SQLite: the leader learns of the others' rows by its sweep): kill -9 of a
+    passive one right after it accepted updates, then SIGTERM of the leader mid-stream."""
+    ports = [free_port(), free_port(), free_port()]
     nginx = balancer(ports)
-    a, b = leader_and_standby(spawn, ports, nginx.url)
+    replicas = [spawn(name, **webhook_env(nginx.url, port)) for name, port in zip("abc", ports, strict=True)]
+
+    def settled() -> BotProcess | None:
+        modes = [r.mode() for r in replicas]
+        if Counter(modes) != Counter({"active": 1, "passive": 2}):
+            return None
+        return replicas[modes.index("active")]
+
+    leader = wait_until(settled, STARTUP_TIMEOUT, 0.02, message="one replica active, two passive")
+    victim, heir = (r for r in replicas if r is not leader)
     wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, message="the leader registers the webhook")
     fake.send_delay = 0.05
-    stream = PingStream(fake, 4, 0.03, 2.0).start()
-    time.sleep(0.7)
-    a.signal(signal.SIGTERM)
-    assert a.wait_exit(15) == 0
-    b.wait_mode("active")
+    stream = PingStream(fake, 4, 0.03, 2.5).start()
+    wait_until(lambda: accepted(victim) >= 3, 10, message="the passive replica accepts deliveries")
+    victim.signal(signal.SIGKILL)
+    victim.wait_exit()
+    wait_until(lambda: len(stream.all_ids()) >= 40, 10, message="the stream goes on")
+    leader.signal(signal.SIGTERM)
+    assert leader.wait_exit(15) == 0
+    heir.wait_mode("active", STARTUP_TIMEOUT)
     assert stream.done.wait(10)
     pings = stream.all_ids()
     wait_until(lambda: all(fake.replies_to(m) for m in pings), 30, 0.05, message="every /ping answered")
-    wait_until(lambda: idle(b), 10, message="b idle")
+    wait_until(lambda: idle(heir), 10, message="the new leader idle")
     counts = pongs(fake)
-    assert [m for m in pings if counts[m] != 1] == [], "answered exactly once after a clean handover"
+    assert [m for m in pings if counts[m] != 1] == [], "answered exactly once (no kill -9 of a leader)"
     for chat, ids in stream.sent.items():
         replies = [s.reply_to for s in sorted(fake.snapshot_sent(), key=lambda s: s.at)
                    if s.chat_id == str(chat) and s.text == "pong"]
         assert replies == ids, f"chat {chat}: out of order"
     assert calls(fake, "deleteWebhook") == []
     assert fake.webhook(BOT_ID) == nginx.url, "the webhook stays set through a handover"
-    assert Counter(calls(fake, "setWebhook")) == Counter({a.name: 1})
+    assert Counter(calls(fake, "setWebhook")) == Counter({leader.name: 1})
 
 
 # -- the database goes away under a steady stream ---------------------------------------------
@@ -473,7 +536,10 @@ def test_refused_deliveries_then_switch_to_polling_and_back(fake: FakeBotAPI, sp
     port = free_port()
     nginx = balancer([port])
     hook = spawn("hook1", **webhook_env(nginx.url, port))
-    hook.wait_mode("active")
+    hook.wait_mode("active", STARTUP_TIMEOUT)
+    # The next replica of a rolling deploy that switches the mode, started now so that its start
+    # overlaps the checks below; it waits as the standby.
+    poller = spawn("poller")
     wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, message="the webhook registered")
     direct = f"http://127.0.0.1:{port}{HOOK_PATH}"
     forged_id = 987654
@@ -501,22 +567,20 @@ def test_refused_deliveries_then_switch_to_polling_and_back(fake: FakeBotAPI, sp
     webhook = (hook.health() or {})["updates"]["webhook"]
     assert webhook["unauthorized"] == 6 and webhook["malformed"] == 4 and webhook["accepted"] == 1
 
-    # A rolling deploy that switches the mode: the next replica waits as the standby meanwhile.
-    poller = spawn("poller")
-    wait_until(lambda: "standby: lock held by pid" in poller.log(), 20, message="the poller waits")
+    wait_until(lambda: "standby: lock held by pid" in poller.log(), STARTUP_TIMEOUT, message="the poller waits")
     hook.signal(signal.SIGTERM)
     assert hook.wait_exit() == 0
     assert "hook1" not in calls(fake, "deleteWebhook"), "stopping never deletes the webhook"
-    poller.wait_mode("active")
+    poller.wait_mode("active", STARTUP_TIMEOUT)
     second = fake.send_user_message(BOT_ID, "/ping")
     wait_until(lambda: fake.replies_to(second), message="answered in polling mode")
     assert fake.webhook(BOT_ID) == ""
     assert calls(fake, "deleteWebhook") == ["poller"]
     back = spawn("hook2", **webhook_env(nginx.url, port))
-    wait_until(lambda: "standby: lock held by pid" in back.log(), 20, message="the webhook replica waits")
+    wait_until(lambda: "standby: lock held by pid" in back.log(), STARTUP_TIMEOUT, message="the webhook replica waits")
     poller.signal(signal.SIGTERM)
     assert poller.wait_exit() == 0
-    back.wait_mode("active")
+    back.wait_mode("active", STARTUP_TIMEOUT)
     wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, message="registered again")
     third = fake.send_user_message(BOT_ID, "/ping")
     wait_until(lambda: fake.replies_to(third), message="answered in webhook mode again")

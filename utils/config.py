@@ -111,6 +111,8 @@ class Settings:
     webhook_max_connections: int = 40
     #: Set when WEBHOOK_URL is plain http (one WARNING at startup, not a problem).
     webhook_insecure: bool = False
+    #: Webhook mode: text sent (throttled) to a chat while no replica leads.
+    passive_notice: str | None = None
 
     @property
     def masked_token(self) -> str:
@@ -305,6 +307,10 @@ def load_settings(env: Mapping[str, str] | None = None,
 
     bot_mode, webhook_url, webhook_secret, webhook_max_connections, webhook_insecure = _webhook_settings(
         r, token)
+    passive_notice = r.text("PASSIVE_NOTICE")
+    if passive_notice is not None and len(passive_notice) > TELEGRAM_TEXT_MAX:
+        r.problems.append(f"PASSIVE_NOTICE: at most {TELEGRAM_TEXT_MAX} characters (a Telegram "
+                          f"message), got {len(passive_notice)}")
 
     if r.problems:
         raise ConfigError(r.problems, hints)
@@ -340,10 +346,12 @@ def load_settings(env: Mapping[str, str] | None = None,
         webhook_secret=webhook_secret,
         webhook_max_connections=webhook_max_connections,
         webhook_insecure=webhook_insecure,
+        passive_notice=passive_notice,
     )
 
 
 BOT_MODES = ("polling", "webhook")
+TELEGRAM_TEXT_MAX = 4096
 #: Telegram's rule for ``secret_token``: 1-256 characters of ``A-Za-z0-9_-``.
 WEBHOOK_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 #: What the default secret is derived for (HMAC-SHA256 keyed with the token): every replica

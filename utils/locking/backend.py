@@ -184,7 +184,10 @@ class LockBackend(abc.ABC):
             except Exception:  # e.g. the database is down; keep waiting
                 log.debug("could not read the holder", exc_info=True)
                 continue
-            if holder is None or holder.heartbeat_age is None or holder.heartbeat_age <= self.stale_seconds:
+            if (holder is None or holder.heartbeat_age is None or holder.heartbeat_age <= self.stale_seconds
+                    or await self.lock_is_held() is False):
+                # Fresh, or a stale record of a holder that let go (the lock is free: we get it
+                # next): nothing to fence, nothing to say.
                 self.note = None
                 said.clear()
                 continue
@@ -242,6 +245,10 @@ class LockBackend(abc.ABC):
     async def _describe_blockers(self) -> str:
         """Who blocks this instance's state sessions, if the mechanism can tell."""
         return ""
+
+    async def lock_is_held(self) -> bool | None:
+        """Does anybody hold the lock right now? None if the mechanism cannot tell cheaply."""
+        return None
 
     async def holder_is_live(self, holder: HolderInfo) -> bool:
         """Does *holder* still hold the lock (for ``main.py status``)? Default: fresh heartbeat."""

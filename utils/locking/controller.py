@@ -51,8 +51,9 @@ Listener = Callable[["Mode", str], None]
 
 #: A standby that has not got the lock after this long says once whom it waits for.
 ANNOUNCE_AFTER = 0.2
-#: Backoff for a lock backend that fails (database down): from 1 s, doubling, capped.
-RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+#: Backoff for a lock backend that fails (database down): from 1 s, doubling, capped low so a
+#: database that comes back has a leader again within seconds.
+RETRY_FIRST, RETRY_MAX = 1.0, 5.0
 #: After losing the lease, wait this long before contending again (never a tight loop).
 PAUSE_AFTER_LOSS = 1.0
 #: /health must answer quickly even when the backend does not.
@@ -205,6 +206,7 @@ class LeadershipController:
                     failing = True
                 else:
                     log.debug("lock acquisition retry in %.0f s: %s", delay, describe_error(exc))
+                self.passive_reason += f" (retrying in {delay:.0f} s)"
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=delay)
                 except TimeoutError:

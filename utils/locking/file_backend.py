@@ -86,6 +86,9 @@ class FileLockBackend(LockBackend):
             state_id=record.state_id or None,
         )
 
+    async def lock_is_held(self) -> bool | None:
+        return self.lock.is_taken_elsewhere()
+
     async def holder_is_live(self, holder: HolderInfo) -> bool:
         return self.lock.is_taken_elsewhere()
 

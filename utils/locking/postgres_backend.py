@@ -84,11 +84,14 @@ class PostgresLockBackend(LockBackend):
         self._pid = conn.info.backend_pid
 
     async def _before_new_epoch(self) -> None:
-        """An unclean predecessor may still have sessions holding row locks: end them all."""
+        """An unclean predecessor may still have sessions inside a transaction, holding row locks
+        the epoch write needs (a paused process): end those. Its other sessions are left alone: it
+        may be alive as a standby by now."""
         row = await self._query(sql.holder_row, self.bot_id)
         if row is None or row[6] or row[1] in (None, self.instance_id):
             return
-        ended = await self._query(sql.terminate_sessions, instance_tag_pattern(self.bot_id, row[1]))
+        ended = await self._query(sql.terminate_sessions, instance_tag_pattern(self.bot_id, row[1]),
+                                  in_transaction_only=True)
         if ended:
             log.info("ended %d leftover session(s) of the previous holder (instance %s)", ended, row[1])
 
@@ -143,12 +146,12 @@ class PostgresLockBackend(LockBackend):
         except Exception:  # noqa: BLE001
             pass
 
-    async def _query(self, query: Any, *args: Any) -> Any:
+    async def _query(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one of :mod:`utils.state.leader`'s queries on the monitor connection."""
         if self._monitor is None or self._monitor.closed or self._monitor.broken:
             self._monitor = await self._connect("monitor")
         try:
-            return await query(self._monitor, *args)
+            return await query(self._monitor, *args, **kwargs)
         except psycopg.OperationalError:
             await self._close_quietly(self._monitor)
             self._monitor = None
@@ -165,6 +168,9 @@ class PostgresLockBackend(LockBackend):
         )
 
     async def holder_is_live(self, holder: HolderInfo) -> bool:
+        return bool(await self._query(sql.lock_is_granted, self.key))
+
+    async def lock_is_held(self) -> bool | None:
         return bool(await self._query(sql.lock_is_granted, self.key))
 
     async def _fence_holder(self, holder: HolderInfo) -> str | None:

@@ -2,8 +2,9 @@
 
 A container's PID 1 gets no default signal actions: the kernel drops a SIGTERM that PID 1 has no
 handler for. aiogram, SQLAlchemy and APScheduler take seconds to import in a slim image, so the
-handlers are installed first, from this stdlib-only module, and a stop that arrives during the
-imports ends the process at once with exit 0 (nothing was acquired yet). Once the event loop runs,
+handlers are installed first (:mod:`utils.ops.early_stop`, imported by main.py before this module),
+and a stop that arrives during the imports ends the process at once with exit 0 (nothing was
+acquired yet). Once the event loop runs,
 :class:`utils.ops.shutdown.ShutdownManager` takes the signals over and is told about any that
 arrived in between. The configuration is validated here too, so exit 78 costs no heavy import.
 """
@@ -11,13 +12,12 @@ arrived in between. The configuration is validated here too, so exit 78 costs no
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 
 from utils.config import EX_CONFIG, ConfigError, Settings, load_configuration
+from utils.ops.early_stop import EarlyStop
 from utils.ops.logging_setup import configure_logging
 
 #: When the process started, near enough: main.py imports this module first. ``status`` answers
@@ -25,33 +25,6 @@ from utils.ops.logging_setup import configure_logging
 STARTED = time.monotonic()
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class EarlyStop:
-    """SIGTERM/SIGINT from the first instruction until the event loop's handlers take over."""
-
-    def __init__(self) -> None:
-        self.received: signal.Signals | None = None
-        self._abort = True  # while nothing is acquired, a signal ends the process at once
-
-    @classmethod
-    def install(cls) -> EarlyStop:
-        early = cls()
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, early._on_signal)
-        return early
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
-        if self._abort:
-            print(f"solobot: {self.received.name} before startup finished; exiting",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_OK)
-
-    def hand_over(self) -> None:
-        """From now on only record signals: the caller is about to install its own handlers."""
-        self._abort = False
 
 
 def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
@@ -77,3 +50,6 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
 
         return run_status(settings, started=STARTED)
     return command, settings
+
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "EarlyStop", "prepare"]

@@ -32,7 +32,7 @@ EXIT_OK, EXIT_NO_HOLDER, EXIT_UNKNOWN = 0, 3, 4
 ANSWER_WITHIN = 2.2
 #: But the query (connect included) gets at least this long, however slow the start-up was: a
 #: healthy remote server needs a few round trips.
-MIN_QUERY_TIMEOUT = 0.8
+MIN_QUERY_TIMEOUT = 0.5
 #: Closing what the query opened; a hung server must not hold the answer back.
 CLOSE_TIMEOUT = 0.5
 

@@ -134,11 +134,17 @@ async def lock_session_of(conn: PgConn, bot_id: int, epoch: int) -> tuple[int | 
     return (None if row[0] is None else int(row[0]), None if row[1] is None else float(row[1]))
 
 
-async def terminate_sessions(conn: PgConn, pattern: str) -> int:
-    """End every session whose ``application_name`` matches *pattern* (one instance's); count them."""
+async def terminate_sessions(conn: PgConn, pattern: str, *, in_transaction_only: bool = False) -> int:
+    """End the sessions whose ``application_name`` matches *pattern* (one instance's); count them.
+
+    *in_transaction_only*: only those inside a transaction (they may hold row locks), not one that
+    merely waits for the advisory lock (a live standby's).
+    """
+    only = (" AND xact_start IS NOT NULL AND coalesce(wait_event, '') <> 'advisory'"
+            if in_transaction_only else "")
     cur = await conn.execute(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
+        "WHERE application_name LIKE %s AND pid <> pg_backend_pid()" + only,
         (pattern,),
     )
     row = await cur.fetchone()

@@ -406,9 +406,10 @@ class WebhookRole:
             try:
                 info = await self.bot.get_webhook_info()
                 if not registered:
-                    registered = await self._register(info, lease)
-                    if registered and self.set_webhook_calls:
-                        info = await self.bot.get_webhook_info()
+                    called = await self._register(info, lease)
+                    registered = True  # never a second setWebhook in this activation
+                    if called:
+                        info = await self.bot.get_webhook_info()  # as set (for /health)
                 self.info = info_for_health(info)
                 self.info_checked_at = time.monotonic()
                 delay = REGISTER_RETRY_FIRST
@@ -432,7 +433,8 @@ class WebhookRole:
                 delay = min(delay * 2, REGISTER_RETRY_MAX)
 
     async def _register(self, info: WebhookInfo, lease: Lease) -> bool:
-        """setWebhook if what Telegram has differs; True once registered (at most one call)."""
+        """setWebhook if what Telegram has differs (at most one successful call per activation:
+        the caller calls this until it returns); True if it called setWebhook."""
         wanted = self.registration
         try:
             recorded = await self.store.get_flag(REGISTRATION_FLAG)
@@ -442,7 +444,7 @@ class WebhookRole:
         why = wanted.differs(info, recorded)
         if not why:
             log.info("webhook already registered at %s; not set again", wanted.url)
-            return True
+            return False
         await self.bot.set_webhook(
             url=wanted.url, secret_token=wanted.secret, allowed_updates=list(wanted.allowed_updates),
             max_connections=wanted.max_connections, drop_pending_updates=False,
