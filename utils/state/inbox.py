@@ -30,6 +30,18 @@ DONE_RETENTION = dt.timedelta(hours=26)
 DONE_KEEP_MAX = 100_000
 
 
+PG_INSERT_UNNEST = sa.text(
+    "INSERT INTO solobot_inbox (bot_id, update_id, fingerprint, chat_key, payload, received_at, "
+    "attempts, claimed_epoch) "
+    "SELECT :bot_id, u.update_id, u.fingerprint, u.chat_key, u.payload, :now, :attempts, "
+    "CAST(:epoch AS bigint) "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:fps AS text[]), CAST(:chats AS text[]), "
+    "CAST(:payloads AS text[])) AS u(update_id, fingerprint, chat_key, payload) "
+    "ON CONFLICT (bot_id, update_id, fingerprint) DO NOTHING "
+    "RETURNING seq, update_id, fingerprint"
+)
+
+
 @dataclass(frozen=True)
 class NewUpdate:
     """An update about to be stored."""
@@ -62,7 +74,8 @@ class InboxRepository:
     def __init__(self, engine: AsyncEngine, bot_id: int) -> None:
         self.engine = engine
         self.bot_id = bot_id
-        self._insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._is_postgres = engine.dialect.name == "postgresql"
+        self._insert: Any = postgresql.insert if self._is_postgres else sqlite.insert
         self._insert_statement = (
             self._insert(inbox_table)
             .on_conflict_do_nothing(index_elements=["bot_id", "update_id", "fingerprint"])
@@ -99,9 +112,7 @@ class InboxRepository:
                     await self._save_offset(conn, next_offset, epoch, now)
             inserted: dict[tuple[int, str], int] = {}
             if rows:
-                # One statement for every batch size (executemany, batched by SQLAlchemy's
-                # "insertmanyvalues"): compiled once, cached, however many rows come.
-                for seq, update_id, fingerprint in await conn.execute(self._insert_statement, rows):
+                for seq, update_id, fingerprint in await self._insert_rows(conn, rows):
                     inserted[(int(update_id), str(fingerprint))] = int(seq)
             new = [InboxEntry(inserted[(u.update_id, u.fingerprint)], u.update_id, u.chat_key,
                               u.payload, attempt)
@@ -109,6 +120,22 @@ class InboxRepository:
             seen = [u for u in updates if (u.update_id, u.fingerprint) not in inserted]
             waiting = await self._waiting_among(conn, seen) if seen else []
         return StoredBatch(new=new, duplicates=len(seen), waiting_duplicates=waiting)
+
+    async def _insert_rows(self, conn: Any, rows: list[dict[str, Any]]) -> Any:
+        """Insert, skipping duplicates; the (seq, update_id, fingerprint) of the new rows.
+
+        One statement for every batch size, compiled once. PostgreSQL: the columns as arrays
+        through ``unnest`` (a third of the client CPU of a multi-row VALUES); SQLite: executemany.
+        """
+        if self._is_postgres:
+            first = rows[0]
+            return await conn.execute(PG_INSERT_UNNEST, {
+                "bot_id": self.bot_id, "now": first["received_at"], "attempts": first["attempts"],
+                "epoch": first["claimed_epoch"],
+                "ids": [r["update_id"] for r in rows], "fps": [r["fingerprint"] for r in rows],
+                "chats": [r["chat_key"] for r in rows], "payloads": [r["payload"] for r in rows],
+            })
+        return await conn.execute(self._insert_statement, rows)
 
     async def _waiting_among(self, conn: Any, updates: Sequence[NewUpdate]) -> list[InboxEntry]:
         keys = [(u.update_id, u.fingerprint) for u in updates]
