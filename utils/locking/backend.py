@@ -246,6 +246,11 @@ class LockBackend(abc.ABC):
         """Who blocks this instance's state sessions, if the mechanism can tell."""
         return ""
 
+    def describe_failure(self, exc: BaseException) -> str:
+        """An acquisition failure as one line for logs and /health (the mechanism may say more)."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
     async def lock_is_held(self) -> bool | None:
         """Does anybody hold the lock right now? None if the mechanism cannot tell cheaply."""
         return None

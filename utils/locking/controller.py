@@ -200,12 +200,13 @@ class LeadershipController:
             try:
                 return acquire.result()
             except Exception as exc:  # noqa: BLE001 - e.g. database down: stay passive, retry
-                self.passive_reason = f"cannot acquire the {self.backend.name} lock: {describe_error(exc)}"
+                why = self.backend.describe_failure(exc)
+                self.passive_reason = f"cannot acquire the {self.backend.name} lock: {why}"
                 if not failing:
                     log.warning("%s; staying passive and retrying with backoff", self.passive_reason)
                     failing = True
                 else:
-                    log.debug("lock acquisition retry in %.0f s: %s", delay, describe_error(exc))
+                    log.debug("lock acquisition retry in %.0f s: %s", delay, self.backend.describe_failure(exc))
                 self.passive_reason += f" (retrying in {delay:.0f} s)"
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=delay)
@@ -294,8 +295,3 @@ class LeadershipController:
                 except TimeoutError:
                     pass
 
-
-def describe_error(exc: BaseException) -> str:
-    """An error's class and text, for one log line (the log filter masks secrets)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

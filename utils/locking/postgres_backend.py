@@ -29,6 +29,7 @@ import psycopg
 from utils.locking.backend import HEARTBEAT_INTERVAL, HolderInfo, LockBackend
 from utils.state import leader as sql
 from utils.state.database import DatabaseTarget, instance_tag_pattern, session_tag
+from utils.state.errors import describe_database_error
 from utils.state.store import StateStore
 
 log = logging.getLogger("solobot.lock")
@@ -57,6 +58,7 @@ class PostgresLockBackend(LockBackend):
 
     def __init__(self, target: DatabaseTarget, bot_id: int, store: StateStore, **kwargs: Any) -> None:
         super().__init__(store, **kwargs)
+        self.target = target
         self.dsn = target.libpq_dsn
         self.bot_id = bot_id
         self.key = advisory_key(bot_id)
@@ -169,6 +171,10 @@ class PostgresLockBackend(LockBackend):
 
     async def holder_is_live(self, holder: HolderInfo) -> bool:
         return bool(await self._query(sql.lock_is_granted, self.key))
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """Host, port, database and the server's reason; never the password."""
+        return describe_database_error(exc, self.target.display)
 
     async def lock_is_held(self) -> bool | None:
         return bool(await self._query(sql.lock_is_granted, self.key))
