@@ -2,10 +2,12 @@
 
     python main.py            run the bot (active if it gets the lock, else a quiet standby)
     python main.py status     print who is active for the configured backend; exit 0 if an
-                              active holder exists, 3 if none
+                              active holder exists, 3 if none, 4 if it cannot tell (the
+                              database is unreachable or does not answer; one line says why)
 
-Exit codes: 0 clean stop, 1 runtime failure (e.g. health port in use), 2 usage,
-3 ``status``: no active holder, 78 configuration error, 130 forced by a repeated SIGINT.
+Exit codes: 0 clean stop, 1 runtime failure (e.g. health port in use), 2 usage, 3 status: no
+active holder, 4 status: cannot tell (database unreachable), 78 configuration error (also an
+unreadable .env line or a placeholder token), 130 forced by a repeated SIGINT.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from tests.conftest import (
     BOT_ID,
     DATABASE_URL,
     ROOT,
+    START_WAIT,
     TOKEN,
     BotProcess,
     first_poll_after,
@@ -315,7 +316,7 @@ def test_database_down_at_start_stays_passive_and_says_why(fake: FakeBotAPI, spa
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
     a = spawn("a", **pg_env(dead))
     wait_until(lambda: "cannot acquire the postgres lock" in str((a.health() or {}).get("passive_reason")),
-               15, message="reason in /health")
+               START_WAIT, message="reason in /health")
     assert a.mode() == "passive"
     assert fake.snapshot_polls() == []
     a.signal(signal.SIGTERM)
@@ -341,7 +342,7 @@ def test_autoposter_across_hosts_and_reactivation_in_the_same_process(
         admin_says(fake, "/resume", expect="Resumed")
         wait_until(lambda: len(channel_posts(fake)) >= 2, 15, message="a posts")
         proxy.cut()
-        wait_until(lambda: a.mode() == "passive" and b.mode() == "active", 15, message="b leads")
+        wait_until(lambda: a.mode() == "passive" and b.mode() == "active", START_WAIT, message="b leads")
         wait_until(lambda: any(p.tag == "b" for p in channel_posts(fake)), 15, message="b posts")
         proxy.restore()
         b.signal(signal.SIGTERM)

@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import (
     BOT_ID,
     ROOT,
+    START_WAIT,
     TOKEN,
     BotProcess,
     first_poll_after,
@@ -134,7 +135,7 @@ def test_webhook_is_deleted_once_and_polling_starts(fake: FakeBotAPI, spawn: Spa
 def test_webhook_kept_when_opted_out(fake: FakeBotAPI, spawn: Spawn) -> None:
     fake.set_webhook(BOT_ID, "https://example.invalid/hook")
     a = spawn("a", DELETE_WEBHOOK_ON_CONFLICT="false")
-    wait_until(lambda: "DELETE_WEBHOOK_ON_CONFLICT=false" in a.log(), message="error line")
+    wait_until(lambda: "DELETE_WEBHOOK_ON_CONFLICT=false" in a.log(), START_WAIT, message="error line")
     assert fake.webhook(BOT_ID) == "https://example.invalid/hook"
     assert not any(m == "deleteWebhook" for _, m, _ in fake.calls)
 
@@ -188,7 +189,7 @@ def test_unsafe_lock_dir_exits_78(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(lock_dir),
            "STATE_DIR": str(tmp_path / "s"), "HEALTH_PORT": "0"}
     done = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=20)
+                          capture_output=True, text=True, timeout=START_WAIT)
     assert done.returncode == 78
     assert "world-writable" in done.stderr and "Traceback" not in done.stderr
 
@@ -248,7 +249,7 @@ def test_status_command_file_backend(fake: FakeBotAPI, spawn: Spawn, shared_dirs
 
     def status() -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, str(ROOT / "main.py"), "status"], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=20)
+                              capture_output=True, text=True, timeout=START_WAIT)
 
     assert status().returncode == 3
     a = spawn("a")
@@ -263,7 +264,7 @@ def test_status_command_file_backend(fake: FakeBotAPI, spawn: Spawn, shared_dirs
 def test_revoked_token_stops_with_exit_78(fake: FakeBotAPI, spawn: Spawn) -> None:
     fake.revoked.add(TOKEN)
     a = spawn("a")
-    assert a.wait_exit(20) == 78
+    assert a.wait_exit(START_WAIT) == 78
     assert "401" in a.log() and "Traceback" not in a.log()
     assert len([p for p in fake.calls if p[1] == "getUpdates"]) == 1, "no retry loop on a rejected token"
     assert TOKEN.partition(":")[2] not in a.log()

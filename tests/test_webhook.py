@@ -31,7 +31,7 @@ from aiogram.types import WebhookInfo
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import BOT_ID, DATABASE_URL, TOKEN, BotProcess, free_port, wait_until
+from tests.conftest import BOT_ID, DATABASE_URL, START_WAIT, TOKEN, BotProcess, free_port, wait_until
 from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from tests.test_postgres import TcpProxy
 from utils.config import ConfigError, derive_webhook_secret, load_settings
@@ -385,7 +385,7 @@ def test_kill9_of_the_leader_mid_stream_behind_nginx(fake: FakeBotAPI, spawn: Sp
     ports = [free_port(), free_port()]
     nginx = balancer(ports)
     a, b = leader_and_standby(spawn, ports, nginx.url, LOCK_BACKEND="postgres", DATABASE_URL=pg)
-    wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, message="the leader registers the webhook")
+    wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, START_WAIT, message="the leader registers the webhook")
     wait_until(lambda: "standby: lock held by pid" in b.log(), message="b waits as the standby")
     fake.send_delay = 0.2
     stream = PingStream(fake, STREAM_CHATS, STREAM_INTERVAL, STREAM_SECONDS).start()
@@ -450,7 +450,7 @@ def test_kill9_of_a_passive_then_sigterm_of_the_leader(fake: FakeBotAPI, spawn: 
 
     leader = wait_until(settled, STARTUP_TIMEOUT, 0.02, message="one replica active, two passive")
     victim, heir = (r for r in replicas if r is not leader)
-    wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, message="the leader registers the webhook")
+    wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, START_WAIT, message="the leader registers the webhook")
     fake.send_delay = 0.05
     stream = PingStream(fake, 4, 0.03, 2.5).start()
     wait_until(lambda: accepted(victim) >= 3, 10, message="the passive replica accepts deliveries")
@@ -490,7 +490,7 @@ def test_database_outage_answers_503_then_loses_nothing(fake: FakeBotAPI, spawn:
         ports = [free_port(), free_port()]
         nginx = balancer(ports)
         a, b = leader_and_standby(spawn, ports, nginx.url, LOCK_BACKEND="postgres", DATABASE_URL=via_proxy)
-        wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, message="the leader registers the webhook")
+        wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, START_WAIT, message="the leader registers the webhook")
         stream = PingStream(fake, 3, 0.05, OUTAGE_SECONDS + 2.0).start()
         time.sleep(1.0)
         t_cut = time.time()
