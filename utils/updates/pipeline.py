@@ -36,7 +36,7 @@ log = logging.getLogger("solobot.updates")
 
 #: Group commit of done marks: at most this many per transaction, at most this late.
 DONE_BATCH = 100
-DONE_DELAY = 0.01
+DONE_DELAY = 0.025
 #: A failed done-mark flush is retried after this long (the marks are kept meanwhile).
 FLUSH_RETRY = 0.5
 #: The last flush at stop may take this long at most.
