@@ -65,7 +65,7 @@ ROLE_STOP_ALLOWANCE = 2.0
 #: /ready: a successful getUpdates within POLLING_TIMEOUT plus this, or not ready.
 READY_MARGIN = 5.0
 #: /health's database lookups (holder, pause flag) give up after this; they run concurrently.
-HEALTH_LOOKUP_TIMEOUT = 0.4
+HEALTH_LOOKUP_TIMEOUT = 0.25
 #: Releasing the lock after the roles stopped (a database round trip or two).
 RELEASE_ALLOWANCE = 1.0
 

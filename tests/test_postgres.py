@@ -312,6 +312,25 @@ def test_status_command_ready_and_metrics(fake: FakeBotAPI, spawn: Spawn, pg: st
     assert json.loads(status().stdout)["pid"] == b.pid
 
 
+def test_health_answers_quickly_while_the_database_is_unreachable(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
+    """/health within 0.5 s whatever the database does: here it stops answering under an active bot."""
+    proxy = TcpProxy()
+    try:
+        a = spawn("a", **pg_env(pg.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")))
+        a.wait_mode("active")
+        proxy.cut()
+        wait_until(lambda: a.mode() == "passive", START_WAIT, message="a loses the database")
+        timings = []
+        for _ in range(5):
+            started = time.monotonic()
+            assert a.health() is not None
+            timings.append(time.monotonic() - started)
+        print(f"\n/health with the database unreachable: max {max(timings) * 1000:.0f} ms")
+        assert max(timings) < 0.5, timings
+    finally:
+        proxy.stop()
+
+
 def test_database_down_at_start_stays_passive_and_says_why(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
     a = spawn("a", **pg_env(dead))

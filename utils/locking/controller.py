@@ -57,7 +57,7 @@ RETRY_FIRST, RETRY_MAX = 1.0, 5.0
 #: After losing the lease, wait this long before contending again (never a tight loop).
 PAUSE_AFTER_LOSS = 1.0
 #: /health must answer quickly even when the backend does not.
-HOLDER_LOOKUP_TIMEOUT = 0.4
+HOLDER_LOOKUP_TIMEOUT = 0.25
 
 
 class LeadershipController:
