@@ -178,7 +178,10 @@ class StateStore:
             return bool(result.rowcount)
 
     async def claim_post(self, epoch: int, post_id: int | None = None) -> Post | None:
-        """``queued`` -> ``sending``, fenced: the next post, or *post_id*."""
+        """``queued`` -> ``sending``, fenced: the next post, or *post_id*.
+
+        ``hold_epoch`` fences the whole transaction (the epoch cannot change before it commits),
+        so the statements after it need no epoch condition of their own."""
         async with self.engine.begin() as conn:
             await hold_epoch(conn, self.bot_id, epoch)
             if post_id is None:
@@ -197,16 +200,12 @@ class StateStore:
                         posts_table.c.bot_id == self.bot_id,
                         posts_table.c.id == post_id,
                         posts_table.c.status == "queued",
-                        fenced(self.bot_id, epoch),
                     )
                     .values(status="sending", claimed_at=utcnow(), epoch=epoch)
                     .returning(*posts_table.c)
                 )
             ).first()
-            if row is None:
-                await raise_if_fenced(conn, self.bot_id, epoch)
-                return None
-            return self._post(row)
+            return None if row is None else self._post(row)
 
     async def finish_post(
         self, post_id: int, epoch: int, *, status: str, message_id: int | None = None,
@@ -215,20 +214,17 @@ class StateStore:
         """``sending`` -> ``sent`` / ``failed`` / ``uncertain`` / back to ``queued`` (fenced)."""
         async with self.engine.begin() as conn:
             await hold_epoch(conn, self.bot_id, epoch)
-            await self._fenced_write(
-                conn,
+            await conn.execute(
                 sa.update(posts_table)
                 .where(
                     posts_table.c.bot_id == self.bot_id,
                     posts_table.c.id == post_id,
                     posts_table.c.status == "sending",
-                    fenced(self.bot_id, epoch),
                 )
                 .values(
                     status=status, message_id=message_id, error=error,
                     sent_at=utcnow() if status == "sent" else None,
-                ),
-                epoch,
+                )
             )
 
     async def mark_interrupted_uncertain(self, epoch: int) -> list[Post]:
