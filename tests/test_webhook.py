@@ -322,7 +322,8 @@ async def test_receiver_stores_then_answers(tmp_path: Path) -> None:
             assert waiting == 1
             assert (await client.post(HOOK_PATH, data=body, headers={SECRET_HEADER: "s3creT"})).status == 401
             assert (await client.post(HOOK_PATH, data=b"{}", headers=good)).status == 400
-            receiver.store = cast(StateStore, type("Down", (), {"inbox": FailingInbox()})())
+            receiver.store = cast(StateStore, type("Down", (), {"inbox": FailingInbox(),
+                                                              "describe_error": store.describe_error})())
             down = await client.post(HOOK_PATH, data=forged_update(2), headers=good)
             assert down.status == 503 and down.headers["Retry-After"] == "1"
             assert receiver.ready()[0] is False and "database down" in (receiver.stats.inbox_error or "")

@@ -29,7 +29,6 @@ import psycopg
 from utils.locking.backend import HEARTBEAT_INTERVAL, HolderInfo, LockBackend
 from utils.state import leader as sql
 from utils.state.database import DatabaseTarget, instance_tag_pattern, session_tag
-from utils.state.errors import describe_database_error
 from utils.state.store import StateStore
 
 log = logging.getLogger("solobot.lock")
@@ -174,7 +173,7 @@ class PostgresLockBackend(LockBackend):
 
     def describe_failure(self, exc: BaseException) -> str:
         """Host, port, database and the server's reason; never the password."""
-        return describe_database_error(exc, self.target.display)
+        return self.store.describe_error(exc)
 
     async def lock_is_held(self) -> bool | None:
         return bool(await self._query(sql.lock_is_granted, self.key))

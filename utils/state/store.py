@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from utils.state.database import DatabaseTarget
+from utils.state.errors import describe_database_error
 from utils.state.fencing import FencedError, fenced, hold_epoch, raise_if_fenced
 from utils.state.inbox import InboxRepository
 from utils.state.leader import LeaderRepository
@@ -62,6 +63,11 @@ class StateStore:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+    def describe_error(self, exc: BaseException, *, waited: float | None = None) -> str:
+        """A database error as one line: where (host, port, database; never the password), why."""
+        url = self.target.display if self.target is not None and self.target.is_postgres else None
+        return describe_database_error(exc, url, waited=waited)
 
     async def migrate(self) -> None:
         """Apply the schema once per process (idempotent; cheap when already current)."""

@@ -151,7 +151,8 @@ class UpdatePipeline:
         try:
             await asyncio.wait_for(self._flush(final=True), timeout=FINAL_FLUSH_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - the next leader re-runs what is not marked
-            log.warning("could not record %d finished update(s) as done: %s", len(self._marks), exc)
+            log.warning("could not record %d finished update(s) as done: %s", len(self._marks),
+                        self.store.describe_error(exc))
         self.stats.inbox_waiting = 0
         self._lease = None
 
@@ -286,7 +287,8 @@ class UpdatePipeline:
             except LeaseLost:
                 return
             except Exception as exc:  # noqa: BLE001 - keep the marks, try again shortly
-                log.warning("could not record finished updates as done (%s); retrying", exc)
+                log.warning("could not record finished updates as done (%s); retrying",
+                            self.store.describe_error(exc))
                 self._marked.set()
                 await asyncio.sleep(FLUSH_RETRY)
 

@@ -206,11 +206,11 @@ class PollingManager:
             except Exception as exc:  # noqa: BLE001 - the database hiccuped: keep the batch, retry
                 if self._stop.is_set():
                     log.warning("stopping with %d fetched update(s) not stored: %s; Telegram still "
-                                "has them (they were not confirmed)", len(updates), exc)
+                                "has them (they were not confirmed)", len(updates), self.store.describe_error(exc))
                     return
                 if not failing:
-                    log.warning("could not store %d update(s) in the inbox (%s); retrying, nothing "
-                                "is confirmed to Telegram meanwhile", len(updates), exc)
+                    log.warning("could not store %d update(s) in the inbox (%s); retrying, nothing is "
+                                "confirmed to Telegram meanwhile", len(updates), self.store.describe_error(exc))
                     failing = True
                 await asyncio.sleep(STORE_RETRY_WAIT)
                 continue

@@ -193,11 +193,11 @@ class WebhookReceiver:
                                            timeout=STORE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure to store: Telegram must deliver again
             self.stats.unavailable += 1
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            reason = self.store.describe_error(exc, waited=STORE_TIMEOUT)
             if self.stats.inbox_error is None:
                 log.warning("webhook: cannot store updates in the inbox (%s); answering 503, "
-                            "Telegram delivers them again", reason.rstrip(": "))
-            self.stats.inbox_error = reason.rstrip(": ")
+                            "Telegram delivers them again", reason)
+            self.stats.inbox_error = reason
             return web.Response(status=503, text="inbox unavailable",
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         if self.stats.inbox_error is not None:
