@@ -76,10 +76,6 @@ RECOVERED_HOLD_MAX = 1.0
 STORE_RETRY_WAIT = 1.0
 
 
-class LeadershipLost(Exception):
-    """The lock or epoch is gone: stop polling at once."""
-
-
 class _Stopped(Exception):
     """Stop was requested while fetching."""
 
@@ -180,7 +176,7 @@ class PollingManager:
                         await self._store(updates)
                 except _Stopped:
                     break
-        except (LeadershipLost, LeaseLost) as exc:
+        except LeaseLost as exc:
             log.warning("stopping polling: %s", exc)
             self.step_down(str(exc))
         except TelegramUnauthorizedError as exc:
@@ -200,7 +196,7 @@ class PollingManager:
             try:
                 await self.pipeline.accept(updates, next_offset=self._book.offset)
             except FencedError as exc:
-                raise LeadershipLost(f"fenced while storing updates: {exc}") from exc
+                raise self._lose(f"fenced while storing updates: {exc}") from exc
             except (LeaseLost, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the database hiccuped: keep the batch, retry
@@ -217,6 +213,12 @@ class PollingManager:
             if failing:
                 log.info("inbox writable again")
             return
+
+    def _lose(self, reason: str) -> LeaseLost:
+        """The term is over: the lease (one source of truth for it) records why; stop polling."""
+        if self._lease is not None:
+            self._lease.lose(reason)
+        return LeaseLost(reason)
 
     async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run *coro* unless stop is requested first (then cancel it: no more fetching)."""
@@ -275,7 +277,7 @@ class PollingManager:
         # Another poller. Are we still the leader? A fenced instance steps down instead.
         lease = self._lease
         if lease is None or not await lease.renew():
-            raise LeadershipLost("409 conflict and the lock or epoch is no longer ours") from exc
+            raise self._lose("409 conflict and the lock or epoch is no longer ours") from exc
 
     async def _before_conflict_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
