@@ -120,8 +120,8 @@ class PingStream:
 
 
 def start_instance(groups: ProcessGroups, fake: FakeBotAPI, tag: str, bot_id: int, work: Path,
-                   postgres: str | None) -> BotProc:
-    return groups.start(tag, solobot_argv(), solobot_env(fake, tag, bot_id, work, postgres))
+                   postgres: str | None, log_level: str = "INFO") -> BotProc:
+    return groups.start(tag, solobot_argv(), solobot_env(fake, tag, bot_id, work, postgres, LOG_LEVEL=log_level))
 
 
 def wait_standby(proc: BotProc) -> None:
@@ -142,7 +142,7 @@ def run_case(groups: ProcessGroups, case: Case, n_case: int, args: argparse.Name
     try:
         with tempfile.TemporaryDirectory(prefix="solobot-handover-") as tmp:
             work = Path(tmp)
-            active = start_instance(groups, fake, f"c{n_case}-0", bot_id, work, pg)
+            active = start_instance(groups, fake, f"c{n_case}-0", bot_id, work, pg, args.log_level)
             active.wait_mode("active")
             stream = PingStream(fake, bot_id, args.chats, args.interval).start()
             round_starts: list[float] = []
@@ -151,7 +151,7 @@ def run_case(groups: ProcessGroups, case: Case, n_case: int, args: argparse.Name
                            "the first reply")
                 for r in range(1, args.rounds + 1):
                     round_starts.append(time.time())
-                    standby = start_instance(groups, fake, f"c{n_case}-{r}", bot_id, work, pg)
+                    standby = start_instance(groups, fake, f"c{n_case}-{r}", bot_id, work, pg, args.log_level)
                     wait_standby(standby)
                     wait_until(lambda: fake.sending_now > 0, 30, "handlers in flight")
                     t_signal = time.time()
@@ -166,7 +166,9 @@ def run_case(groups: ProcessGroups, case: Case, n_case: int, args: argparse.Name
                     active.kill_group()
                     result.gaps_ms.append(gap_ms)
                     result.old_exit_codes.append(code)
-                    print(f"{case.label} round {r}/{args.rounds}: gap {gap_ms:.0f} ms, old exit {code}",
+                    print(f"{case.label} round {r}/{args.rounds}: gap {gap_ms:.0f} ms, old exit {code}, "
+                          f"signal at {time.strftime('%H:%M:%S', time.localtime(t_signal))}"
+                          f".{int(t_signal * 1000) % 1000:03d}",
                           file=sys.stderr, flush=True)
                     active = standby
             finally:
@@ -222,6 +224,8 @@ def main() -> int:
     parser.add_argument("--chats", type=int, default=10, help="chats the pings come from, round-robin")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--log-level", default="INFO", help="the bots' LOG_LEVEL (DEBUG: where the time goes)")
+    parser.add_argument("--keep-logs", type=Path, help="keep every bot's log in this directory")
     parser.add_argument("--case", action="append", choices=["file-term", "file-kill", "pg-term", "pg-kill"],
                         help="run only these cases (repeatable)")
     args = parser.parse_args()
@@ -235,8 +239,10 @@ def main() -> int:
         cases = [c for c in cases if (c.backend, c.sig) in wanted]
     started = time.strftime("%Y-%m-%d %H:%M")
     results = []
-    with tempfile.TemporaryDirectory(prefix="solobot-handover-logs-") as logs, \
-            ProcessGroups(Path(logs)) as groups, scratch_database(args.postgres) as postgres:
+    if args.keep_logs:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="solobot-handover-logs-") as tmp_logs, \
+            ProcessGroups(args.keep_logs or Path(tmp_logs)) as groups, scratch_database(args.postgres) as postgres:
         for n, case in enumerate(cases, 1):
             results.append(run_case(groups, case, n, args, postgres))
     print(f"\nGap from the signal to the standby's first successful getUpdates; /ping every "
