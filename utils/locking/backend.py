@@ -126,6 +126,8 @@ class LockBackend(abc.ABC):
         age = takeover.previous_heartbeat_age
         if age is not None and age >= self.renew_deadline:
             return 0.0  # its lease ran out before we got here: it cannot act any more
+        if not self._predecessor_may_act():
+            return 0.0  # the mechanism saw it gone (no session left): nothing of it can act
         return self.unclean_takeover_delay
 
     async def heartbeat(self) -> bool:
@@ -241,6 +243,10 @@ class LockBackend(abc.ABC):
 
     def _backend_pid(self) -> int | None:
         return None
+
+    def _predecessor_may_act(self) -> bool:
+        """Could the last holder, which left uncleanly, still be running? True unless known gone."""
+        return True
 
     async def _describe_blockers(self) -> str:
         """Who blocks this instance's state sessions, if the mechanism can tell."""

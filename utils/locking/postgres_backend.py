@@ -13,7 +13,8 @@
   that the new leader's epoch write needs. A new leader whose predecessor did not release cleanly
   does the same before it writes the epoch.
 * After a holder vanished without a clean release while its lease may still run, the new leader
-  waits :attr:`unclean_takeover_delay` before polling: the time a cut-off holder needs to notice.
+  waits :attr:`unclean_takeover_delay` before polling (the time a cut-off holder needs to notice),
+  unless the server holds no session of it any more: a killed process cannot poll.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class PostgresLockBackend(LockBackend):
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._monitor: psycopg.AsyncConnection[Any] | None = None
         self._pid: int | None = None
+        self._predecessor_gone = False
 
     async def _connect(self, purpose: str) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(
@@ -87,14 +89,20 @@ class PostgresLockBackend(LockBackend):
     async def _before_new_epoch(self) -> None:
         """An unclean predecessor may still have sessions inside a transaction, holding row locks
         the epoch write needs (a paused process): end those. Its other sessions are left alone: it
-        may be alive as a standby by now."""
+        may be alive as a standby by now. Whether it has any session left decides the takeover
+        delay: none means the process is gone (kill -9, crash), so nothing of it can still poll."""
+        self._predecessor_gone = False
         row = await self._query(sql.holder_row, self.bot_id)
         if row is None or row[6] or row[1] in (None, self.instance_id):
             return
-        ended = await self._query(sql.terminate_sessions, instance_tag_pattern(self.bot_id, row[1]),
-                                  in_transaction_only=True)
+        ended, others = await self._query(sql.end_leftover_sessions, instance_tag_pattern(self.bot_id, row[1]))
         if ended:
             log.info("ended %d leftover session(s) of the previous holder (instance %s)", ended, row[1])
+        self._predecessor_gone = not ended and not others
+        log.debug("previous holder %s: %d session(s) ended, %d still open", row[1], ended, others)
+
+    def _predecessor_may_act(self) -> bool:
+        return not self._predecessor_gone
 
     def _backend_pid(self) -> int | None:
         return self._pid

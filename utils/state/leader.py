@@ -134,21 +134,34 @@ async def lock_session_of(conn: PgConn, bot_id: int, epoch: int) -> tuple[int | 
     return (None if row[0] is None else int(row[0]), None if row[1] is None else float(row[1]))
 
 
-async def terminate_sessions(conn: PgConn, pattern: str, *, in_transaction_only: bool = False) -> int:
-    """End the sessions whose ``application_name`` matches *pattern* (one instance's); count them.
-
-    *in_transaction_only*: only those inside a transaction (they may hold row locks), not one that
-    merely waits for the advisory lock (a live standby's).
-    """
-    only = (" AND xact_start IS NOT NULL AND coalesce(wait_event, '') <> 'advisory'"
-            if in_transaction_only else "")
+async def terminate_sessions(conn: PgConn, pattern: str) -> int:
+    """End every session whose ``application_name`` matches *pattern* (one instance's); count them."""
     cur = await conn.execute(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE application_name LIKE %s AND pid <> pg_backend_pid()" + only,
+        "WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
         (pattern,),
     )
     row = await cur.fetchone()
     return int(row[0]) if row and row[0] is not None else 0
+
+
+async def end_leftover_sessions(conn: PgConn, pattern: str) -> tuple[int, int]:
+    """Of one instance's sessions (``application_name`` matching *pattern*): end those inside a
+    transaction (they may hold row locks a new leader needs; not one that merely waits for the
+    advisory lock, a live standby's), count the rest. Returns (ended, others still open).
+
+    None of either means the instance has no session left on the server: it is gone (killed,
+    crashed, or cut off long enough for the server to drop every connection of it).
+    """
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE in_transaction AND pg_terminate_backend(pid)), "
+        "count(*) FILTER (WHERE NOT in_transaction) "
+        "FROM (SELECT pid, xact_start IS NOT NULL AND coalesce(wait_event, '') <> 'advisory' AS in_transaction "
+        "FROM pg_stat_activity WHERE application_name LIKE %s AND pid <> pg_backend_pid()) AS sessions",
+        (pattern,),
+    )
+    row = await cur.fetchone()
+    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
 
 
 async def blockers_of(conn: PgConn, pattern: str) -> list[str]:

@@ -1,0 +1,98 @@
+"""The crash-takeover delay: waited only while the last holder could still act.
+
+The policy in-process (:meth:`LockBackend.takeover_delay`), and the PostgreSQL mechanism's view of
+a predecessor's sessions against the real server (``end_leftover_sessions``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import DATABASE_URL
+from utils.locking.backend import HolderInfo, LockBackend
+from utils.state import leader as sql
+from utils.state.database import instance_tag_pattern, session_tag
+from utils.state.leader import Takeover
+
+
+class Mechanism(LockBackend):
+    """Only what takeover_delay reads: the policy's inputs, no lock."""
+
+    name = "test"
+    unclean_takeover_delay = 0.5
+
+    def __init__(self, *, predecessor_gone: bool) -> None:
+        super().__init__(None, instance_id="me", stale_seconds=3.0, takeover=True)  # type: ignore[arg-type]
+        self.predecessor_gone = predecessor_gone
+
+    def _predecessor_may_act(self) -> bool:
+        return not self.predecessor_gone
+
+    async def _lock_acquire(self) -> None:
+        raise NotImplementedError
+
+    async def _lock_heartbeat(self) -> bool:
+        raise NotImplementedError
+
+    async def _lock_release(self) -> None:
+        raise NotImplementedError
+
+    async def holder(self) -> HolderInfo | None:
+        raise NotImplementedError
+
+    async def _fence_holder(self, holder: HolderInfo) -> str | None:
+        raise NotImplementedError
+
+
+def takeover(*, released: bool = False, age: float | None = 0.2) -> Takeover:
+    return Takeover(epoch=7, previous_released=released, previous_instance="old", previous_heartbeat_age=age)
+
+
+@pytest.mark.parametrize(("released", "age", "gone", "delay"), [
+    (False, 0.2, False, 0.5),  # vanished uncleanly, lease may run, sessions left: wait
+    (False, None, False, 0.5),  # heartbeat age unknown: wait
+    (True, 0.2, False, 0.0),  # released in order
+    (False, 1.5, False, 0.0),  # its lease ran out (renew deadline 0.5 x 3 s)
+    (False, 0.2, True, 0.0),  # no session left on the server: killed, cannot act
+])
+def test_delay_only_while_the_last_holder_could_act(released: bool, age: float | None, gone: bool,
+                                                    delay: float) -> None:
+    assert Mechanism(predecessor_gone=gone).takeover_delay(takeover(released=released, age=age)) == delay
+
+
+@pytest.fixture
+def sessions() -> Iterator[list[psycopg.Connection[Any]]]:
+    opened: list[psycopg.Connection[Any]] = []
+    yield opened
+    for conn in opened:
+        conn.close()
+
+
+async def test_leftover_sessions_in_a_transaction_are_ended_the_rest_counted(
+        sessions: list[psycopg.Connection[Any]]) -> None:
+    bot_id, old = 424242, "0ldinstance1"
+
+    def open_session(purpose: str) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(DATABASE_URL, application_name=session_tag(bot_id, old, purpose))
+        sessions.append(conn)
+        return conn
+
+    idle = open_session("monitor")
+    idle.autocommit = True
+    in_transaction = open_session("state")
+    in_transaction.execute("SELECT 1")  # psycopg opened a transaction; it stays open (idle in transaction)
+    open_session("other-bot").close()  # closed: not counted
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        pattern = instance_tag_pattern(bot_id, old)
+        assert await sql.end_leftover_sessions(conn, pattern) == (1, 1)
+        idle.close()
+        # The terminated backend and the closed one leave pg_stat_activity within moments.
+        for _ in range(200):
+            if await sql.end_leftover_sessions(conn, pattern) == (0, 0):
+                break
+            await conn.execute("SELECT pg_sleep(0.01)")
+        assert await sql.end_leftover_sessions(conn, pattern) == (0, 0)
