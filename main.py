@@ -122,7 +122,7 @@ class App:
             )
             self.receiver = WebhookReceiver(
                 self.store, path=webhook_path(settings.webhook_url), secret=settings.webhook_secret,
-                on_stored=self.webhook.wake,
+                on_stored=self.webhook.wake, accept_as_leader=self.webhook.accept_deliveries,
                 notice=PassiveNotice(settings.passive_notice) if settings.passive_notice else None,
             )
         self.autoposter: Autoposter | None = None
@@ -143,7 +143,9 @@ class App:
             role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
         )
         self.metrics = Metrics(controller=self.controller, stats=self.stats, autoposter=self.autoposter,
-                               backend=self.backend)
+                               backend=self.backend, inbox=self.store.inbox,
+                               deliveries=self.receiver.stats if self.receiver else None,
+                               webhook=self.webhook)
         self.notifier = SystemdNotifier.from_environment()
         self.controller.add_listener(self._on_mode)
         self.dp["admin_ids"] = settings.admin_ids
@@ -153,7 +155,7 @@ class App:
         if settings.health_port:
             self.health = HealthServer(
                 settings.health_host, settings.health_port,
-                status=self.status, ready=self.ready, metrics=self.metrics.render,
+                status=self.status, ready=self.ready, metrics=self.metrics.scrape,
                 routes=self.receiver.routes() if self.receiver else (),
             )
 

@@ -14,8 +14,9 @@ from prometheus_client.samples import Sample
 from tests.conftest import free_port
 from utils.locking.controller import Mode
 from utils.ops.health import HealthServer
-from utils.ops.metrics import Metrics
+from utils.ops.metrics import INBOX_LOOKUP_TIMEOUT, Metrics
 from utils.updates.stats import HANDLER_BUCKETS, UpdateStats
+from utils.updates.webhook import ReceiverStats
 
 
 @dataclass
@@ -169,7 +170,7 @@ async def test_health_server_serves_parseable_metrics() -> None:
 
     port = free_port()
     server = HealthServer("127.0.0.1", port, status=status, ready=lambda: (True, "ok"),
-                          metrics=metrics.render)
+                          metrics=metrics.scrape)
     await server.start()
     try:
         def scrape() -> tuple[str, str]:
@@ -183,3 +184,60 @@ async def test_health_server_serves_parseable_metrics() -> None:
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"solobot_mode", "solobot_handovers", "solobot_handler_duration_seconds"} <= names
     assert "solobot_handovers_total 1.0" in text
+
+
+@dataclass
+class FakeWebhookRole:
+    info: dict[str, Any] | None = None
+
+
+class FakeInbox:
+    def __init__(self, depth: tuple[int, float | None] | None) -> None:
+        self._depth = depth  # None: the database does not answer
+
+    async def depth(self) -> tuple[int, float | None]:
+        if self._depth is None:
+            await asyncio.Event().wait()  # hangs, as a stopped database's connect can
+        assert self._depth is not None
+        return self._depth
+
+
+async def scrape_families(metrics: Metrics) -> dict[str, tuple[str, list[Sample]]]:
+    body, _ = await metrics.scrape()
+    return {f.name: (f.type, f.samples) for f in text_string_to_metric_families(body.decode())}
+
+
+async def test_webhook_deliveries_inbox_depth_and_telegrams_view() -> None:
+    deliveries = ReceiverStats(accepted=40, duplicates=2, unauthorized=3, malformed=1, unavailable=5)
+    role = FakeWebhookRole()
+    metrics = Metrics(controller=FakeController(Mode.ACTIVE, 2, 1), stats=UpdateStats(),
+                      deliveries=deliveries, webhook=role, inbox=FakeInbox((12, 3.5)))
+    families = await scrape_families(metrics)
+    for outcome, count in (("accepted", 40), ("duplicate", 2), ("unauthorized", 3), ("malformed", 1),
+                           ("unavailable", 5)):
+        assert value(families, "solobot_webhook_deliveries_total", outcome=outcome) == count
+    assert families["solobot_webhook_deliveries"][0] == "counter"
+    assert value(families, "solobot_webhook_inbox_writable") == 1
+    assert value(families, "solobot_inbox_pending_updates") == 12
+    assert value(families, "solobot_inbox_oldest_pending_age_seconds") == 3.5
+    assert "solobot_telegram_webhook_pending_updates" not in families, "no getWebhookInfo yet"
+
+    deliveries.inbox_error = "OperationalError: connection refused"
+    role.info = {"pending_update_count": 7, "last_error_message": "Connection timed out",
+                 "last_error_date": 1_700_000_000.0}
+    families = await scrape_families(metrics)
+    assert value(families, "solobot_webhook_inbox_writable") == 0
+    assert value(families, "solobot_telegram_webhook_pending_updates") == 7
+    assert value(families, "solobot_telegram_webhook_last_error_timestamp_seconds") == 1_700_000_000.0
+    assert value(families, "solobot_telegram_webhook_last_error_info", message="Connection timed out") == 1
+
+
+async def test_a_silent_database_costs_a_scrape_only_the_inbox_series() -> None:
+    metrics = Metrics(controller=FakeController(), stats=UpdateStats(), inbox=FakeInbox(None))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    families = await scrape_families(metrics)
+    took = loop.time() - started
+    assert "solobot_inbox_pending_updates" not in families
+    assert value(families, "solobot_mode", mode="passive") == 1
+    assert INBOX_LOOKUP_TIMEOUT <= took < INBOX_LOOKUP_TIMEOUT + 2.0, took

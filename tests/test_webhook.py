@@ -8,14 +8,10 @@ delivery to a dead or refusing replica goes to the other one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -30,7 +26,9 @@ import pytest
 from aiogram.types import WebhookInfo
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.balancer import Nginx
 from tests.conftest import BOT_ID, DATABASE_URL, START_WAIT, TOKEN, BotProcess, free_port, wait_until
 from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from tests.test_postgres import TcpProxy
@@ -54,81 +52,6 @@ UNRECORDED_WINDOW = 0.5
 #: A replica's start (aiogram's imports alone take seconds on a loaded 2-core machine).
 STARTUP_TIMEOUT = 60.0
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-user root;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 512; }}
-http {{
-    access_log {tmp}/nginx-access.log;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    upstream solobot {{
-{servers}
-        keepalive 16;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 2m;
-        location {path} {{
-            proxy_pass http://solobot;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header X-Real-IP $remote_addr;
-            # Storing a delivery is idempotent (de-duplicated), so a POST may go to the next replica.
-            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
-            proxy_connect_timeout 1s;
-            proxy_read_timeout 30s;
-        }}
-    }}
-}}
-"""
-
-
-class Nginx:
-    """Debian's nginx in front of the replicas' health ports."""
-
-    def __init__(self, tmp: Path, upstream_ports: list[int]) -> None:
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.port = free_port()
-        self.dir = tmp / "nginx"
-        self.dir.mkdir()
-        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;" for p in upstream_ports)
-        conf = self.dir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=self.dir, servers=servers, port=self.port, path=HOOK_PATH))
-        command = [binary, "-c", str(conf), "-p", str(self.dir), "-e", str(self.dir / "nginx-error.log")]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        wait_until(self._listening, 10, 0.02, message="nginx to listen")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:  # failed to start (bad config, port taken)
-            raise AssertionError(f"nginx exited {self.proc.returncode}: {self.error_log()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def error_log(self) -> str:
-        path = self.dir / "nginx-error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{HOOK_PATH}"
-
-    def stop(self) -> None:
-        """Kill nginx's process group. Not conftest's kill_group: nginx overwrites its environment
-        (the process title), so the owner mark cannot be read; the group is ours by construction
-        (its leader is our unreaped child, or its workers keep the group alive)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeBotAPI]:
     """The fake Bot API with webhook delivery on; a failed delivery is retried after 0.2 s here."""
@@ -143,7 +66,7 @@ def balancer(tmp_path: Path) -> Iterator[Callable[[list[int]], Nginx]]:
     started: list[Nginx] = []
 
     def start(ports: list[int]) -> Nginx:
-        nginx = Nginx(tmp_path, ports)
+        nginx = Nginx(tmp_path, ports, HOOK_PATH)
         started.append(nginx)
         return nginx
 
@@ -567,6 +490,15 @@ def test_refused_deliveries_then_switch_to_polling_and_back(fake: FakeBotAPI, sp
     assert secret not in log
     webhook = (hook.health() or {})["updates"]["webhook"]
     assert webhook["unauthorized"] == 6 and webhook["malformed"] == 4 and webhook["accepted"] == 1
+    status, body = hook.get("/metrics")
+    assert status == 200
+    samples = {(s.name, s.labels.get("outcome")): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    assert samples[("solobot_webhook_deliveries_total", "unauthorized")] == 6
+    assert samples[("solobot_webhook_deliveries_total", "malformed")] == 4
+    assert samples[("solobot_webhook_deliveries_total", "accepted")] == 1
+    assert samples[("solobot_webhook_inbox_writable", None)] == 1
+    assert samples[("solobot_inbox_pending_updates", None)] == 0
 
     wait_until(lambda: "standby: lock held by pid" in poller.log(), STARTUP_TIMEOUT, message="the poller waits")
     hook.signal(signal.SIGTERM)

@@ -30,7 +30,7 @@ class HealthServer:
         *,
         status: Callable[[], Awaitable[dict[str, Any]]],
         ready: Callable[[], tuple[bool, str]],
-        metrics: Callable[[], tuple[bytes, str]] | None = None,
+        metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None,
         routes: Sequence[web.AbstractRouteDef] = (),
     ) -> None:
         self.host = host
@@ -79,7 +79,7 @@ class HealthServer:
 
     async def _metrics_handler(self, _request: web.Request) -> web.Response:
         assert self._metrics is not None
-        payload, content_type = self._metrics()
+        payload, content_type = await self._metrics()
         response = web.Response(body=payload)
         response.headers["Content-Type"] = content_type
         return response

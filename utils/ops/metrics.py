@@ -17,10 +17,11 @@ Naming follows https://prometheus.io/docs/practices/naming/: a ``solobot_`` pref
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -28,6 +29,7 @@ from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 
@@ -112,6 +114,46 @@ class FencingSource(Protocol):
     def fenced_holders(self) -> int: ...
 
 
+class DeliverySource(Protocol):
+    """Webhook mode: the receiver's counters (``utils.updates.webhook.ReceiverStats``)."""
+
+    @property
+    def accepted(self) -> int: ...
+
+    @property
+    def duplicates(self) -> int: ...
+
+    @property
+    def unauthorized(self) -> int: ...
+
+    @property
+    def malformed(self) -> int: ...
+
+    @property
+    def unavailable(self) -> int: ...
+
+    @property
+    def inbox_error(self) -> str | None: ...
+
+
+class WebhookInfoSource(Protocol):
+    """Webhook mode, on the leader: getWebhookInfo as last fetched (``WebhookRole.info``)."""
+
+    @property
+    def info(self) -> Mapping[str, Any] | None: ...
+
+
+class InboxSource(Protocol):
+    """The shared inbox (every replica's rows): waiting rows and the oldest one's age."""
+
+    async def depth(self) -> tuple[int, float | None]: ...
+
+
+#: The inbox lookup of a scrape gives up after this (the database may be down); the scrape
+#: is answered without those two series.
+INBOX_LOOKUP_TIMEOUT = 0.25
+
+
 def _name(suffix: str) -> str:
     return f"{PREFIX}_{suffix}"
 
@@ -181,8 +223,62 @@ def pipeline_metrics(stats: PipelineSource) -> Iterator[Metric]:
     )
 
 
+def inbox_metrics(depth: tuple[int, float | None]) -> Iterator[Metric]:
+    waiting, oldest_age = depth
+    yield GaugeMetricFamily(
+        _name("inbox_pending_updates"),
+        "Rows in the shared inbox not yet done (stored by any replica), read at scrape time",
+        value=waiting,
+    )
+    yield GaugeMetricFamily(
+        _name("inbox_oldest_pending_age_seconds"),
+        "Age of the oldest row in the shared inbox not yet done (0 when none waits)",
+        value=oldest_age or 0.0,
+    )
+
+
+def delivery_metrics(deliveries: DeliverySource) -> Iterator[Metric]:
+    outcomes = CounterMetricFamily(
+        _name("webhook_deliveries_total"),
+        "Webhook deliveries this replica answered, by outcome (accepted: stored, 200; duplicate: "
+        "already stored, 200; unauthorized: 401; malformed: 400; unavailable: inbox not writable, 503)",
+        labels=["outcome"],
+    )
+    for outcome, count in (("accepted", deliveries.accepted), ("duplicate", deliveries.duplicates),
+                           ("unauthorized", deliveries.unauthorized), ("malformed", deliveries.malformed),
+                           ("unavailable", deliveries.unavailable)):
+        outcomes.add_metric([outcome], count)
+    yield outcomes
+    yield GaugeMetricFamily(
+        _name("webhook_inbox_writable"), "1 while this replica can store deliveries, 0 while it answers 503",
+        value=0 if deliveries.inbox_error else 1,
+    )
+
+
+def telegram_webhook_metrics(info: Mapping[str, Any]) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        _name("telegram_webhook_pending_updates"),
+        "getWebhookInfo pending_update_count: updates Telegram holds for us (the leader's last fetch)",
+        value=int(info.get("pending_update_count") or 0),
+    )
+    if info.get("last_error_date"):
+        yield GaugeMetricFamily(
+            _name("telegram_webhook_last_error_timestamp_seconds"),
+            "getWebhookInfo last_error_date: when Telegram last failed to deliver to us",
+            value=float(info["last_error_date"]),
+        )
+        yield InfoMetricFamily(
+            _name("telegram_webhook_last_error"), "getWebhookInfo last_error_message",
+            value={"message": str(info.get("last_error_message") or "")},
+        )
+
+
 class SolobotCollector:
-    """A prometheus_client ``Collector``: reads every source at each scrape, keeps nothing."""
+    """A prometheus_client ``Collector``: reads every source at each scrape, keeps nothing.
+
+    ``inbox_depth`` is the one exception to reading synchronously: it needs the database, so
+    :meth:`Metrics.scrape` looks it up (bounded) and sets it for the duration of one render.
+    """
 
     def __init__(
         self,
@@ -191,15 +287,26 @@ class SolobotCollector:
         stats: PipelineSource,
         autoposter: PostsSource | None = None,
         backend: FencingSource | None = None,
+        deliveries: DeliverySource | None = None,
+        webhook: WebhookInfoSource | None = None,
     ) -> None:
         self.controller = controller
         self.stats = stats
         self.autoposter = autoposter
         self.backend = backend
+        self.deliveries = deliveries
+        self.webhook = webhook
+        self.inbox_depth: tuple[int, float | None] | None = None
 
     def collect(self) -> Iterator[Metric]:
         yield from leadership_metrics(self.controller)
         yield from pipeline_metrics(self.stats)
+        if self.inbox_depth is not None:
+            yield from inbox_metrics(self.inbox_depth)
+        if self.deliveries is not None:
+            yield from delivery_metrics(self.deliveries)
+        if self.webhook is not None and self.webhook.info is not None:
+            yield from telegram_webhook_metrics(self.webhook.info)
         if self.backend is not None:
             yield CounterMetricFamily(
                 _name("fenced_holders_total"), "Hung holders this instance fenced off",
@@ -222,13 +329,35 @@ class Metrics:
         stats: PipelineSource,
         autoposter: PostsSource | None = None,
         backend: FencingSource | None = None,
+        deliveries: DeliverySource | None = None,
+        webhook: WebhookInfoSource | None = None,
+        inbox: InboxSource | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SolobotCollector(
-            controller=controller, stats=stats, autoposter=autoposter, backend=backend
+            controller=controller, stats=stats, autoposter=autoposter, backend=backend,
+            deliveries=deliveries, webhook=webhook,
         )
         self.registry.register(self.collector)
+        self.inbox = inbox
+        self._scraping = asyncio.Lock()
 
     def render(self) -> tuple[bytes, str]:
         """``(body, content type)`` for the HTTP response, in Prometheus' text format."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    async def scrape(self) -> tuple[bytes, str]:
+        """:meth:`render`, with the shared inbox's depth looked up first (bounded: a database
+        that does not answer costs a scrape at most :data:`INBOX_LOOKUP_TIMEOUT`, and only the
+        inbox series are missing)."""
+        async with self._scraping:
+            if self.inbox is not None:
+                try:
+                    self.collector.inbox_depth = await asyncio.wait_for(self.inbox.depth(),
+                                                                        timeout=INBOX_LOOKUP_TIMEOUT)
+                except Exception:  # noqa: BLE001 - the rest of the scrape stands on its own
+                    self.collector.inbox_depth = None
+            try:
+                return self.render()
+            finally:
+                self.collector.inbox_depth = None

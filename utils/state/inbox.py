@@ -1,7 +1,8 @@
 """The durable inbox: every update received is a row until its handler finished.
 
 Polling writes each getUpdates batch in one transaction (with the offset that confirms it), and
-only then confirms it to Telegram; a webhook delivery is one short transaction before the 200.
+only then confirms it to Telegram; webhook deliveries are stored before their 200, concurrent ones
+in one transaction (``utils.updates.group_commit``).
 Any process of the bot may write here; only the leader handles rows and marks them done.
 
 De-duplication is on (update id, fingerprint of its content): a re-delivered update is

@@ -9,7 +9,8 @@ Here, two halves:
 * :class:`WebhookReceiver`, on **every** replica (active or passive): a POST route on the health
   server's port at the path of ``WEBHOOK_URL``. The secret header is checked in constant time
   (401, nothing stored); a body too large or not an Update is refused (400, one log line); a valid
-  update is stored in the inbox in one short transaction and answered 200 only after the commit.
+  update is stored in the inbox and answered 200 only after the commit; deliveries that arrive
+  together share one transaction (:mod:`utils.updates.group_commit`).
   If the inbox cannot be written the answer is 503 with ``Retry-After``: Telegram keeps the update
   and delivers it again. Receiving never calls Telegram (a passive replica cannot).
 * :class:`WebhookRole`, a role of the leadership controller (instead of polling): starts the
@@ -33,7 +34,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,12 +48,18 @@ from pydantic import ValidationError
 from utils.locking.lease import Lease, LeaseLost
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
+from utils.state.inbox import NewUpdate, StoredBatch
 from utils.state.notify import has_unclaimed, inbox_listener, notify_inbox, oldest_unclaimed_age
 from utils.state.store import StateStore
+from utils.updates.group_commit import GroupCommit
 from utils.updates.passive_notice import PassiveNotice
 from utils.updates.pipeline import UpdatePipeline, to_new_update
 
 log = logging.getLogger("solobot.webhook")
+
+#: The leader's pipeline taking deliveries its own process received: the stored batch, or None
+#: when this process does not lead (or its queues are full): then they are stored unclaimed.
+AcceptAsLeader = Callable[[Sequence[Update], Sequence[NewUpdate]], Awaitable[StoredBatch | None]]
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 #: A delivery larger than this is refused (an Update is a few KB; this bounds memory per request).
@@ -153,16 +160,40 @@ class WebhookReceiver:
 
     def __init__(self, store: StateStore, *, path: str, secret: str,
                  on_stored: Callable[[], bool] = lambda: False,
+                 accept_as_leader: AcceptAsLeader | None = None,
                  notice: PassiveNotice | None = None) -> None:
-        """*on_stored* is called after a new row committed; it returns True when this process
-        leads and was woken directly (then no NOTIFY is needed). *notice*: PASSIVE_NOTICE."""
+        """*on_stored* is called after new rows committed; it returns True when this process
+        leads and was woken directly (then no NOTIFY is needed). *accept_as_leader*: the
+        leader's pipeline takes a batch directly (None when this process does not lead).
+        *notice*: PASSIVE_NOTICE."""
         self.store = store
         self.notice = notice
         self.path = path or "/"
         self._secret = secret.encode()
         self._on_stored = on_stored
+        self._accept_as_leader = accept_as_leader
         self.stats = ReceiverStats()
         self._throttle = _Throttle(REFUSAL_LOG_INTERVAL)
+        self._commits: GroupCommit[Update] = GroupCommit(self._write)
+
+    async def _write(self, updates: Sequence[Update]) -> list[bool]:
+        """One transaction for a batch of deliveries; which of them were new.
+
+        On the leader the pipeline takes them directly: stored claimed and queued at once (no
+        second write to claim them, no second parse). Elsewhere (or with the leader's queues
+        full) they are stored unclaimed and the leader is woken.
+        """
+        rows = [to_new_update(u) for u in updates]
+        batch = await self._accept_as_leader(updates, rows) if self._accept_as_leader else None
+        if batch is None:
+            batch = await asyncio.wait_for(self.store.inbox.store_batch(rows, epoch=None), timeout=STORE_TIMEOUT)
+            if batch.new and not self._on_stored():
+                try:
+                    await notify_inbox(self.store.engine, self.store.bot_id)
+                except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
+                    log.debug("webhook: NOTIFY after storing %d update(s) failed: %s", len(batch.new), exc)
+        new = {(entry.update_id, entry.payload) for entry in batch.new}
+        return [(row.update_id, row.payload) in new for row in rows]
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(self.path, self.handle)]
@@ -187,10 +218,8 @@ class WebhookReceiver:
             what = f"body too large ({exc})" if isinstance(exc, BodyTooLarge) else str(exc)
             log.warning("webhook delivery from %s refused (400): %s", peer, what)
             return web.Response(status=400, text="bad request")
-        row = to_new_update(update)
         try:
-            batch = await asyncio.wait_for(self.store.inbox.store_batch([row], epoch=None),
-                                           timeout=STORE_TIMEOUT)
+            new = await asyncio.wait_for(self._commits.submit(update), timeout=STORE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure to store: Telegram must deliver again
             self.stats.unavailable += 1
             reason = self.store.describe_error(exc, waited=STORE_TIMEOUT)
@@ -203,20 +232,14 @@ class WebhookReceiver:
         if self.stats.inbox_error is not None:
             log.info("webhook: the inbox can be written again")
             self.stats.inbox_error = None
-        if batch.new:
-            self.stats.accepted += 1
-            leading = self._on_stored()
-            if not leading:
-                try:
-                    await notify_inbox(self.store.engine, self.store.bot_id)
-                except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
-                    log.debug("webhook: NOTIFY after storing update %d failed: %s", row.update_id, exc)
-                if self.notice is not None:
-                    reply = await self._notice_for(update)
-                    if reply is not None:
-                        return web.json_response(reply)
-        else:
+        if not new:
             self.stats.duplicates += 1  # a re-delivery: answer 200 again, nothing new
+            return web.Response(status=200)
+        self.stats.accepted += 1
+        if self.notice is not None and not self._on_stored():
+            reply = await self._notice_for(update)
+            if reply is not None:
+                return web.json_response(reply)
         return web.Response(status=200)
 
     async def _notice_for(self, update: Update) -> dict[str, Any] | None:
@@ -336,6 +359,20 @@ class WebhookRole:
         self._lease = None
         self.info = None
         self.info_checked_at = None
+
+    async def accept_deliveries(self, updates: Sequence[Update], rows: Sequence[NewUpdate]) -> StoredBatch | None:
+        """Deliveries this process received, while it leads: into the pipeline directly (one
+        transaction, claimed and queued). None when not leading or the queues are full (the
+        receiver then stores them unclaimed, for the adoption loop)."""
+        if self._lease is None or not self.pipeline.has_room():
+            return None
+        try:
+            return await self.pipeline.accept(updates, rows=rows)
+        except LeaseLost:
+            return None
+        except FencedError as exc:
+            self.step_down(f"fenced while storing webhook deliveries: {exc}")
+            return None
 
     def wake(self) -> bool:
         """A row was stored by this process: adopt it now. False when not leading."""

@@ -1,0 +1,296 @@
+"""Webhook throughput: one burst of /ping delivered through nginx to two replicas, aiogram's own
+webhook handler vs solobot's webhook mode, same run.
+
+For every round and every case, in an order that rotates each round:
+
+1. a fresh fake Bot API delivering webhooks as telegram-bot-api's ``WebhookActor`` does (one
+   update in flight per chat, chats in parallel up to ``max_connections``, 40), a fresh bot id,
+   Debian's nginx on a free port (tests/balancer.py) in front of two fresh replicas:
+   * aiogram ``SimpleRequestHandler`` with ``handle_in_background=True`` (bench/aiogram_webhook.py):
+     200 at once, the handler afterwards, in whichever replica got the delivery (no leader);
+     also with one replica, which is what one process does (solobot handles on its leader only);
+   * solobot ``BOT_MODE=webhook``, file lock + SQLite or PostgreSQL: each replica stores the
+     delivery in the shared inbox and answers 200 after the commit; the leader handles;
+2. wait until both replicas are up and the webhook is registered (solobot: one active, one passive);
+3. queue the whole burst at once (N updates over C chats, one call into the fake);
+4. measure from the first delivery to the last reply the fake recorded: updates/s, reply latency
+   (queued -> reply recorded) p50/p99, deliveries that were not answered 2xx (retried by the fake);
+5. SIGTERM both replicas and wait for their exits (nothing more can come), then check that every
+   update was answered exactly once. CPU: both replicas together, per update.
+
+The aiogram baseline logs at WARNING (no line per update); solobot at INFO, as it ships.
+
+    .venv/bin/python bench/webhook_throughput.py [--updates 3000] [--chats 50] [--rounds 3]
+        [--postgres postgresql://postgres@127.0.0.1:5432/test | --no-postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import (
+    DEFAULT_POSTGRES,
+    ROOT,
+    BotProc,
+    ProcessGroups,
+    base_env,
+    markdown_table,
+    percentile,
+    scratch_database,
+    solobot_argv,
+    solobot_env,
+    token_for,
+    unique_bot_id,
+    wait_until,
+)
+from tests.balancer import Nginx, free_port
+from tests.fake_bot_api import FakeBotAPI
+from utils.config import derive_webhook_secret
+
+AIOGRAM = "aiogram SimpleRequestHandler (background), 2 replicas"
+#: The same with one replica: what one process does (solobot handles on the leader only).
+AIOGRAM_ONE = "aiogram SimpleRequestHandler (background), 1 replica"
+SOLOBOT_FILE = "solobot webhook, file+SQLite, 2 replicas"
+SOLOBOT_PG = "solobot webhook, PostgreSQL, 2 replicas"
+HOOK_PATH = "/tg/hook"
+#: First chat (and user) id of a burst; chats are CHAT_BASE .. CHAT_BASE + C - 1.
+CHAT_BASE = 30_000
+#: Replies must all be in within this many seconds per 100 updates (plus a fixed allowance).
+SECONDS_PER_100 = 5.0
+ALLOWANCE = 30.0
+#: Replicas start (aiogram's imports take seconds) and stop within these.
+START_TIMEOUT = 60.0
+EXIT_TIMEOUT = 60.0
+
+
+@dataclass
+class Result:
+    rate: float  # updates per second
+    p50_ms: float
+    p99_ms: float
+    refused: int  # deliveries not answered 2xx (the fake retried them)
+    lost: int
+    doubled: int
+    exit_codes: tuple[int | None, ...]
+    cpu_ms_per_update: float  # both replicas together
+    fake_cpu_share: float  # this process (the fake Bot API, mostly) over the wall time
+    nginx_cpu_share: float
+
+
+@dataclass
+class Row:
+    candidate: str
+    results: list[Result] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+
+def cpu_seconds(procs: list[BotProc]) -> float:
+    """CPU seconds used so far by the replicas (their main processes)."""
+    found = []
+    for proc in procs:
+        try:
+            found.append(psutil.Process(proc.pid))
+        except psutil.Error:
+            continue
+    return process_cpu(found)
+
+
+def process_cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def start_replicas(groups: ProcessGroups, candidate: str, fake: FakeBotAPI, bot_id: int, work: Path, tag: str,
+                   nginx: Nginx, ports: list[int], postgres: str | None, log_level: str) -> list[BotProc]:
+    procs = []
+    for n, port in enumerate(ports):
+        name = f"{tag}-{n}"
+        if candidate in (AIOGRAM, AIOGRAM_ONE):
+            env = base_env()
+            env.update({"BOT_TOKEN": token_for(bot_id), "TELEGRAM_API_URL": fake.url(name),
+                        "WEBHOOK_URL": nginx.url, "WEBHOOK_SECRET": derive_webhook_secret(token_for(bot_id)),
+                        "PORT": str(port), "LOG_LEVEL": "WARNING"})
+            procs.append(groups.start(name, [sys.executable, str(ROOT / "bench" / "aiogram_webhook.py")], env))
+        else:
+            env = solobot_env(fake, name, bot_id, work, postgres if candidate == SOLOBOT_PG else None,
+                              BOT_MODE="webhook", WEBHOOK_URL=nginx.url, HEALTH_PORT=str(port), LOG_LEVEL=log_level)
+            procs.append(groups.start(name, solobot_argv(), env))
+    if candidate in (AIOGRAM, AIOGRAM_ONE):
+        wait_until(lambda: all(listening(p) for p in ports), START_TIMEOUT, f"{tag}: both replicas listen")
+    else:
+        wait_until(lambda: sorted(str(p.mode()) for p in procs) == ["active", "passive"], START_TIMEOUT,
+                   f"{tag}: one replica active, one passive")
+    wait_until(lambda: fake.webhook(bot_id) == nginx.url, START_TIMEOUT, f"{tag}: the webhook registered")
+    return procs
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres: str | None, tag: str,
+             work_root: Path, log_level: str = "INFO") -> Result:
+    fake = FakeBotAPI(deliver_webhooks=True).start_in_thread()
+    bot_id = unique_bot_id()
+    try:
+        with tempfile.TemporaryDirectory(prefix="solobot-webhook-bench-", dir=work_root) as tmp:
+            work = Path(tmp)
+            ports = [free_port()] if candidate == AIOGRAM_ONE else [free_port(), free_port()]
+            nginx = Nginx(work, ports, HOOK_PATH, access_log=False)
+            procs: list[BotProc] = []
+            try:
+                procs = start_replicas(groups, candidate, fake, bot_id, work, tag, nginx, ports, postgres, log_level)
+                items = [("/ping", CHAT_BASE + i % chats, CHAT_BASE + i % chats) for i in range(n)]
+                cpu0 = cpu_seconds(procs)
+                me = psutil.Process()
+                balancer = [psutil.Process(nginx.proc.pid), *psutil.Process(nginx.proc.pid).children()]
+                me0, nginx0 = process_cpu([me]), process_cpu(balancer)
+                queued_at = time.time()
+                message_ids = fake.send_burst(bot_id, items)
+                wanted = set(message_ids)
+
+                def all_answered() -> bool:
+                    sent = fake.snapshot_sent()
+                    return len(sent) >= n and wanted <= {s.reply_to for s in sent}
+
+                try:
+                    wait_until(all_answered, ALLOWANCE + SECONDS_PER_100 * n / 100, f"{n} replies ({tag})", 0.02)
+                except TimeoutError as exc:
+                    print(f"{candidate}: {exc}; counting what came", file=sys.stderr)
+                cpu = cpu_seconds(procs) - cpu0
+                wall = time.time() - queued_at
+                fake_share = (process_cpu([me]) - me0) / wall
+                nginx_share = (process_cpu(balancer) - nginx0) / wall
+                for proc in procs:
+                    proc.signal(signal.SIGTERM)
+                exit_codes: list[int | None] = []
+                for proc in procs:
+                    try:
+                        exit_codes.append(proc.wait_exit(EXIT_TIMEOUT))
+                    except Exception:  # noqa: BLE001 - a hung stop is a result too; killed below
+                        exit_codes.append(None)
+            finally:
+                for proc in procs:
+                    proc.kill_group()
+                nginx.stop()
+        replies = [s for s in fake.snapshot_sent() if s.reply_to in wanted]
+        per_message = Counter(s.reply_to for s in replies)
+        deliveries = [d for d in fake.snapshot_deliveries() if d.started >= queued_at or d.at >= queued_at]
+        first = min((d.started or d.at for d in deliveries), default=queued_at)
+        last_reply = max((s.at for s in replies), default=first)
+        latencies = [(s.at - queued_at) * 1000 for s in replies]
+        return Result(
+            rate=len(per_message) / max(last_reply - first, 1e-6),
+            p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
+            refused=sum(1 for d in deliveries if not 200 <= d.status < 300),
+            lost=sum(1 for m in message_ids if per_message[m] == 0),
+            doubled=sum(1 for m in message_ids if per_message[m] > 1),
+            exit_codes=tuple(exit_codes),
+            cpu_ms_per_update=cpu * 1000 / n,
+            fake_cpu_share=fake_share, nginx_cpu_share=nginx_share,
+        )
+    finally:
+        fake.stop_thread()
+
+
+def render(rows: list[Row]) -> str:
+    headers = ["case (behind nginx)", "updates/s (median, min-max)", "x aiogram (2 replicas)", "p50 ms", "p99 ms",
+               "deliveries retried", "CPU ms/update (both replicas)", "fake CPU share", "nginx CPU share",
+               "each answered once"]
+    lines = []
+    for row in rows:
+        rs = row.results
+        if not rs:
+            continue
+        rates = [r.rate for r in rs]
+        ratio = f"{statistics.median(row.ratios):.2f}x" if row.ratios else "-"
+        if row.candidate not in (AIOGRAM, AIOGRAM_ONE) and row.ratios:
+            ratio += f" ({min(row.ratios):.2f}-{max(row.ratios):.2f})"
+        lost, doubled = sum(r.lost for r in rs), sum(r.doubled for r in rs)
+        once = "yes" if lost == doubled == 0 else f"NO: {lost} lost, {doubled} doubled"
+        exits = {code for r in rs for code in r.exit_codes}
+        if exits != {0}:
+            once += f"; exit codes {sorted(exits, key=str)}"
+        lines.append([
+            row.candidate,
+            f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})",
+            ratio,
+            f"{statistics.median(r.p50_ms for r in rs):.0f}",
+            f"{statistics.median(r.p99_ms for r in rs):.0f}",
+            f"{sum(r.refused for r in rs)}",
+            f"{statistics.median(r.cpu_ms_per_update for r in rs):.2f}",
+            f"{statistics.median(r.fake_cpu_share for r in rs):.0%}",
+            f"{statistics.median(r.nginx_cpu_share for r in rs):.0%}",
+            once,
+        ])
+    return markdown_table(headers, lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--updates", type=int, default=3000, help="updates per burst (N)")
+    parser.add_argument("--chats", type=int, default=50, help="chats the burst is spread over (C)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server for the PostgreSQL case")
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--only", choices=["aiogram", "aiogram-one", "file", "postgres"], action="append",
+                        help="run only these candidates (repeatable)")
+    parser.add_argument("--log-level", default="INFO", help="solobot's LOG_LEVEL (DEBUG: where the time goes)")
+    parser.add_argument("--keep-logs", type=Path, help="keep every bot's log in this directory")
+    args = parser.parse_args()
+    candidates = [AIOGRAM, AIOGRAM_ONE, SOLOBOT_FILE] + ([] if args.no_postgres else [SOLOBOT_PG])
+    if args.only:
+        names = {"aiogram": AIOGRAM, "aiogram-one": AIOGRAM_ONE, "file": SOLOBOT_FILE, "postgres": SOLOBOT_PG}
+        candidates = [c for c in candidates if any(names[o] == c for o in args.only)]
+    rows = {c: Row(c) for c in candidates}
+    started = time.strftime("%Y-%m-%d %H:%M")
+    if args.keep_logs:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="solobot-webhook-bench-") as tmp, \
+            ProcessGroups(args.keep_logs or Path(tmp)) as groups, scratch_database(args.postgres) as postgres:
+        run = 0
+        for round_no in range(args.rounds):
+            shift = round_no % len(candidates)
+            order = candidates[shift:] + candidates[:shift]  # rotate: no case always runs first or last
+            this_round: dict[str, Result] = {}
+            for candidate in order:
+                run += 1
+                result = run_once(groups, candidate, args.updates, args.chats, postgres, f"w{run}", Path(tmp),
+                                  args.log_level)
+                this_round[candidate] = result
+                rows[candidate].results.append(result)
+                print(f"round {round_no + 1}/{args.rounds} {candidate}: {result.rate:.0f} updates/s, "
+                      f"p99 {result.p99_ms:.0f} ms, retried {result.refused}, lost {result.lost}, "
+                      f"doubled {result.doubled}", file=sys.stderr, flush=True)
+            base = this_round.get(AIOGRAM)
+            for candidate, result in this_round.items():
+                if base is not None and base.rate > 0:
+                    rows[candidate].ratios.append(result.rate / base.rate)
+    print(f"\n{args.updates} x /ping queued at once, delivered as webhooks through nginx; "
+          f"{args.chats} chats; {args.rounds} rounds, alternating; started {started}\n")
+    print(render(list(rows.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

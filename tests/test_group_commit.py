@@ -1,0 +1,83 @@
+"""Group commit of webhook deliveries, in-process: concurrent deliveries share one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from utils.updates.group_commit import GroupCommit
+
+
+class Writer:
+    """Records each batch; a batch waits for *gate* so that deliveries pile up behind it."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.stored: set[int] = set()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail: Exception | None = None
+
+    async def write(self, items: Sequence[int]) -> list[bool]:
+        self.batches.append(list(items))
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        new = []
+        for item in items:
+            new.append(item not in self.stored)
+            self.stored.add(item)
+        return new
+
+
+async def test_a_lone_delivery_is_written_at_once() -> None:
+    writer = Writer()
+    commits = GroupCommit(writer.write)
+    assert await commits.submit(1) is True
+    assert await commits.submit(1) is False, "already stored: a re-delivery"
+    assert writer.batches == [[1], [1]]
+
+
+async def test_deliveries_arriving_during_a_write_share_the_next_transaction() -> None:
+    writer = Writer()
+    commits = GroupCommit(writer.write, max_batch=3)
+    writer.gate.clear()
+    first = asyncio.create_task(commits.submit(0))
+    await asyncio.sleep(0)  # the writer starts the first batch and waits on the gate
+    rest = [asyncio.create_task(commits.submit(i)) for i in range(1, 6)]
+    await asyncio.sleep(0)
+    writer.gate.set()
+    assert await asyncio.gather(first, *rest) == [True] * 6
+    assert writer.batches == [[0], [1, 2, 3], [4, 5]], "in arrival order, at most max_batch each"
+    assert commits.batches == 3
+
+
+async def test_a_failed_transaction_fails_every_delivery_of_it_and_the_next_batch_runs() -> None:
+    writer = Writer()
+    commits = GroupCommit(writer.write)
+    writer.gate.clear()
+    writer.fail = OSError("database is locked")
+    batch = [asyncio.create_task(commits.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    writer.gate.set()
+    results = await asyncio.gather(*batch, return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results), results
+    writer.fail = None
+    assert await commits.submit(7) is True, "the writer recovers for the next delivery"
+
+
+async def test_a_delivery_that_gives_up_does_not_stop_its_batch() -> None:
+    writer = Writer()
+    commits = GroupCommit(writer.write)
+    writer.gate.clear()
+    impatient = asyncio.create_task(commits.submit(1))
+    patient = asyncio.create_task(commits.submit(2))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    writer.gate.set()
+    assert await patient is True
+    assert writer.stored == {1, 2}, "the given-up delivery is stored anyway (Telegram's retry is then a duplicate)"
