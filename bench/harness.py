@@ -7,20 +7,21 @@ Every process is started in a new session (its own process group) and registered
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import json
+import functools
 import math
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,12 @@ if str(ROOT) not in sys.path:
 import psutil  # noqa: E402
 
 from tests.fake_bot_api import FakeBotAPI, Poll  # noqa: E402
+from tests.waiting import get_health  # noqa: E402
+from tests.waiting import wait_until as shared_wait_until  # noqa: E402
 
 #: The secret half of every bench token (the fake accepts any of 30+ characters).
 TOKEN_SECRET = "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-#: How often the waiting helpers look again (the fake and /health are cheap to ask).
-POLL_INTERVAL = 0.01
 #: How often a process's RSS is sampled (its kernel high-water mark is read at the end too).
 RSS_SAMPLE_INTERVAL = 0.05
 
@@ -56,16 +57,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, message: str,
-               interval: float = POLL_INTERVAL) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {message}")
-        time.sleep(interval)
+#: The shared wait, raising TimeoutError (a bench reports a timeout, it is not a test failure).
+wait_until = functools.partial(shared_wait_until, error=TimeoutError)
 
 
 def first_good_poll_after(fake: FakeBotAPI, tag: str, t0: float) -> Poll | None:
@@ -85,6 +78,63 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+#: A burst's replies must all be in within this many seconds per 100 updates (plus a fixed allowance).
+SECONDS_PER_100 = 5.0
+REPLY_ALLOWANCE = 30.0
+
+
+def burst_items(n: int, chats: int, first_chat: int) -> list[tuple[str, int, int]]:
+    """N ``/ping`` as ``(text, user_id, chat_id)``, round-robin over *chats* chats (user = chat)."""
+    return [("/ping", first_chat + i % chats, first_chat + i % chats) for i in range(n)]
+
+
+def wait_all_answered(fake: FakeBotAPI, message_ids: Sequence[int], label: str) -> None:
+    """Wait until the fake recorded a reply to each of *message_ids*; on timeout say so and go on
+    (the caller counts what came: lost ones show in its table)."""
+    wanted = set(message_ids)
+    n = len(wanted)
+
+    def all_answered() -> bool:
+        sent = fake.snapshot_sent()
+        return len(sent) >= n and wanted <= {s.reply_to for s in sent}
+
+    try:
+        wait_until(all_answered, REPLY_ALLOWANCE + SECONDS_PER_100 * n / 100, f"{n} replies ({label})", 0.02)
+    except TimeoutError as exc:
+        print(f"{label}: {exc}; counting what came", file=sys.stderr)
+
+
+def rate_cell(rates: Sequence[float]) -> str:
+    """``median (min-max)`` of per-round rates."""
+    return f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})"
+
+
+def ratio_cell(ratios: Sequence[float], *, anchor: bool) -> str:
+    """The median ratio to the anchor of the same rounds, with its range (``-`` for none)."""
+    if not ratios:
+        return "-"
+    text = f"{statistics.median(ratios):.2f}x"
+    return text if anchor else f"{text} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def once_cell(lost: int, doubled: int, exit_codes: Iterable[int | None]) -> str:
+    """``yes`` when every update was answered exactly once and every process exited 0."""
+    text = "yes" if lost == doubled == 0 else f"NO: {lost} lost, {doubled} doubled"
+    exits = set(exit_codes)
+    if exits != {0}:
+        text += f"; exit codes {sorted(exits, key=str)}"
+    return text
+
+
+def add_burst_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every throughput bench takes: the burst, the rounds, the PostgreSQL server."""
+    parser.add_argument("--updates", type=int, default=3000, help="updates per burst (N)")
+    parser.add_argument("--chats", type=int, default=50, help="chats the burst is spread over (C)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server for the PostgreSQL case")
+    parser.add_argument("--no-postgres", action="store_true")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -134,13 +184,7 @@ class BotProc:
                     self.peak_rss = max(self.peak_rss, int(line.split()[1]) * 1024)
 
     def health(self) -> dict[str, Any] | None:
-        if not self.health_port:
-            return None
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/health", timeout=2) as r:
-                return dict(json.loads(r.read()))
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-            return None
+        return get_health(self.health_port)
 
     def mode(self) -> str | None:
         h = self.health()

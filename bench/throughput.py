@@ -40,20 +40,25 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (
-    DEFAULT_POSTGRES,
     ROOT,
     RSS_SAMPLE_INTERVAL,
     BotProc,
     ProcessGroups,
+    add_burst_arguments,
     base_env,
+    burst_items,
     markdown_table,
+    once_cell,
     pending_poll,
     percentile,
+    rate_cell,
+    ratio_cell,
     scratch_database,
     solobot_argv,
     solobot_env,
     token_for,
     unique_bot_id,
+    wait_all_answered,
     wait_until,
 )
 from tests.fake_bot_api import FakeBotAPI
@@ -63,9 +68,6 @@ SOLOBOT_FILE = "solobot file+SQLite"
 SOLOBOT_PG = "solobot PostgreSQL"
 #: First chat (and user) id of a burst; chats are CHAT_BASE .. CHAT_BASE + C - 1.
 CHAT_BASE = 10_000
-#: Replies must all be in within this many seconds per 100 updates (plus a fixed allowance).
-SECONDS_PER_100 = 5.0
-ALLOWANCE = 30.0
 #: A stopping bot drains and exits within this.
 EXIT_TIMEOUT = 60.0
 
@@ -161,20 +163,12 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
             sampler = RssSampler(proc)
             try:
                 wait_until(lambda: pending_poll(fake, tag), 60, f"{tag} idle in a long poll")
-                items = [("/ping", CHAT_BASE + i % case.chats, CHAT_BASE + i % case.chats) for i in range(n)]
+                items = burst_items(n, case.chats, CHAT_BASE)
                 cpu = CpuMeter(proc)
                 queued_at = time.time()
                 message_ids = fake.send_burst(bot_id, items)
                 wanted = set(message_ids)
-
-                def all_answered() -> bool:
-                    sent = fake.snapshot_sent()
-                    return len(sent) >= n and wanted <= {s.reply_to for s in sent}
-
-                try:
-                    wait_until(all_answered, ALLOWANCE + SECONDS_PER_100 * n / 100, f"{n} replies from {tag}", 0.02)
-                except TimeoutError as exc:
-                    print(f"{case.label}: {exc}; counting what came", file=sys.stderr)
+                wait_all_answered(fake, message_ids, case.label)
                 bot_cpu, fake_cpu = cpu.used()
             finally:
                 sampler.stop()
@@ -214,37 +208,24 @@ def render(rows: list[Row], n: int) -> str:
         rs = row.results
         if not rs:
             continue
-        rates = [r.rate for r in rs]
-        ratio = f"{statistics.median(row.ratios):.2f}x" if row.ratios else "1.00x"
-        if row.case.candidate != AIOGRAM and row.ratios:
-            ratio += f" ({min(row.ratios):.2f}-{max(row.ratios):.2f})"
-        lost, doubled = sum(r.lost for r in rs), sum(r.doubled for r in rs)
-        once = "yes" if lost == doubled == 0 else f"NO: {lost} lost, {doubled} doubled"
-        exits = {r.exit_code for r in rs}
-        if exits != {0}:
-            once += f"; exit codes {sorted(exits, key=str)}"
         lines.append([
             row.case.label,
-            f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})",
-            ratio,
+            rate_cell([r.rate for r in rs]),
+            ratio_cell(row.ratios, anchor=row.case.candidate == AIOGRAM),
             f"{statistics.median(r.polls for r in rs):.0f}",
             f"{statistics.median(r.p50_ms for r in rs):.0f}",
             f"{statistics.median(r.p99_ms for r in rs):.0f}",
             f"{max(r.rss_mb for r in rs):.0f}",
             f"{statistics.median(r.bot_cpu * 1000 / n for r in rs):.2f}",
             f"{statistics.median(r.fake_cpu / r.seconds for r in rs):.0%}",
-            once,
+            once_cell(sum(r.lost for r in rs), sum(r.doubled for r in rs), (r.exit_code for r in rs)),
         ])
     return markdown_table(headers, lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=3000, help="updates per burst (N)")
-    parser.add_argument("--chats", type=int, default=50, help="chats the burst is spread over (C)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server for the PostgreSQL case")
-    parser.add_argument("--no-postgres", action="store_true")
+    add_burst_arguments(parser)
     parser.add_argument("--no-single-chat", action="store_true", help="skip the one-chat rows")
     parser.add_argument("--only", choices=["aiogram", "file", "postgres"], action="append",
                         help="run only these candidates (repeatable)")

@@ -42,18 +42,23 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (
-    DEFAULT_POSTGRES,
     ROOT,
     BotProc,
     ProcessGroups,
+    add_burst_arguments,
     base_env,
+    burst_items,
     markdown_table,
+    once_cell,
     percentile,
+    rate_cell,
+    ratio_cell,
     scratch_database,
     solobot_argv,
     solobot_env,
     token_for,
     unique_bot_id,
+    wait_all_answered,
     wait_until,
 )
 from tests.balancer import Nginx, free_port
@@ -68,9 +73,6 @@ SOLOBOT_PG = "solobot webhook, PostgreSQL, 2 replicas"
 HOOK_PATH = "/tg/hook"
 #: First chat (and user) id of a burst; chats are CHAT_BASE .. CHAT_BASE + C - 1.
 CHAT_BASE = 30_000
-#: Replies must all be in within this many seconds per 100 updates (plus a fixed allowance).
-SECONDS_PER_100 = 5.0
-ALLOWANCE = 30.0
 #: Replicas start (aiogram's imports take seconds) and stop within these.
 START_TIMEOUT = 60.0
 EXIT_TIMEOUT = 60.0
@@ -160,7 +162,7 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
             procs: list[BotProc] = []
             try:
                 procs = start_replicas(groups, candidate, fake, bot_id, work, tag, nginx, ports, postgres, log_level)
-                items = [("/ping", CHAT_BASE + i % chats, CHAT_BASE + i % chats) for i in range(n)]
+                items = burst_items(n, chats, CHAT_BASE)
                 cpu0 = cpu_seconds(procs)
                 me = psutil.Process()
                 balancer = [psutil.Process(nginx.proc.pid), *psutil.Process(nginx.proc.pid).children()]
@@ -168,15 +170,7 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
                 queued_at = time.time()
                 message_ids = fake.send_burst(bot_id, items)
                 wanted = set(message_ids)
-
-                def all_answered() -> bool:
-                    sent = fake.snapshot_sent()
-                    return len(sent) >= n and wanted <= {s.reply_to for s in sent}
-
-                try:
-                    wait_until(all_answered, ALLOWANCE + SECONDS_PER_100 * n / 100, f"{n} replies ({tag})", 0.02)
-                except TimeoutError as exc:
-                    print(f"{candidate}: {exc}; counting what came", file=sys.stderr)
+                wait_all_answered(fake, message_ids, candidate)
                 cpu = cpu_seconds(procs) - cpu0
                 wall = time.time() - queued_at
                 fake_share = (process_cpu([me]) - me0) / wall
@@ -222,37 +216,25 @@ def render(rows: list[Row]) -> str:
         rs = row.results
         if not rs:
             continue
-        rates = [r.rate for r in rs]
-        ratio = f"{statistics.median(row.ratios):.2f}x" if row.ratios else "-"
-        if row.candidate not in (AIOGRAM, AIOGRAM_ONE) and row.ratios:
-            ratio += f" ({min(row.ratios):.2f}-{max(row.ratios):.2f})"
-        lost, doubled = sum(r.lost for r in rs), sum(r.doubled for r in rs)
-        once = "yes" if lost == doubled == 0 else f"NO: {lost} lost, {doubled} doubled"
-        exits = {code for r in rs for code in r.exit_codes}
-        if exits != {0}:
-            once += f"; exit codes {sorted(exits, key=str)}"
         lines.append([
             row.candidate,
-            f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})",
-            ratio,
+            rate_cell([r.rate for r in rs]),
+            ratio_cell(row.ratios, anchor=row.candidate == AIOGRAM),
             f"{statistics.median(r.p50_ms for r in rs):.0f}",
             f"{statistics.median(r.p99_ms for r in rs):.0f}",
             f"{sum(r.refused for r in rs)}",
             f"{statistics.median(r.cpu_ms_per_update for r in rs):.2f}",
             f"{statistics.median(r.fake_cpu_share for r in rs):.0%}",
             f"{statistics.median(r.nginx_cpu_share for r in rs):.0%}",
-            once,
+            once_cell(sum(r.lost for r in rs), sum(r.doubled for r in rs),
+                      (code for r in rs for code in r.exit_codes)),
         ])
     return markdown_table(headers, lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=3000, help="updates per burst (N)")
-    parser.add_argument("--chats", type=int, default=50, help="chats the burst is spread over (C)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server for the PostgreSQL case")
-    parser.add_argument("--no-postgres", action="store_true")
+    add_burst_arguments(parser)
     parser.add_argument("--only", choices=["aiogram", "aiogram-one", "file", "postgres"], action="append",
                         help="run only these candidates (repeatable)")
     parser.add_argument("--log-level", default="INFO", help="solobot's LOG_LEVEL (DEBUG: where the time goes)")

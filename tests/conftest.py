@@ -14,7 +14,6 @@ Two promises the harness keeps for every test:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -33,6 +32,9 @@ import psutil
 import pytest
 
 from tests.fake_bot_api import FakeBotAPI
+from tests.waiting import get_health, wait_until
+
+__all__ = ["get_health", "wait_until"]  # the tests import both from here
 
 ROOT = Path(__file__).resolve().parent.parent
 BOT_ID = 123456
@@ -173,19 +175,6 @@ def no_process_left_behind() -> Iterator[None]:
     pytest.fail("processes started by the tests outlived them:\n" + "\n".join(described), pytrace=False)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
-               message: str = "condition") -> Any:
-    """Poll *predicate* until it returns something truthy; fail with *message* after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
-
-
 def first_poll_after(fake: FakeBotAPI, tag: str, t0: float) -> float | None:
     """When the server got *tag*'s first (non-failing) getUpdates at or after *t0*."""
     for poll in fake.snapshot_polls():
@@ -246,11 +235,7 @@ class BotProcess:
         return self.proc.pid
 
     def health(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                return dict(json.loads(r.read()))
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-            return None
+        return get_health(self.port)
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
@@ -264,7 +249,7 @@ class BotProcess:
         return None if h is None else str(h["mode"])
 
     def wait_mode(self, mode: str, timeout: float = START_WAIT) -> None:
-        wait_until(lambda: self.mode() == mode, timeout, 0.02, f"{self.name} to be {mode}\n{self.log()}")
+        wait_until(lambda: self.mode() == mode, timeout, f"{self.name} to be {mode}\n{self.log()}", 0.02)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

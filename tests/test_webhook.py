@@ -173,8 +173,8 @@ def leader_and_standby(spawn: Spawn, nginx_ports: list[int], url: str, **env: st
             return a, b
         return (b, a) if modes == ("passive", "active") else None
 
-    pair: tuple[BotProcess, BotProcess] = wait_until(settled, STARTUP_TIMEOUT, 0.02,
-                                                     message="one replica active, the other passive")
+    pair: tuple[BotProcess, BotProcess] = wait_until(settled, STARTUP_TIMEOUT,
+                                                     "one replica active, the other passive", 0.02)
     return pair
 
 
@@ -321,7 +321,7 @@ def test_kill9_of_the_leader_mid_stream_behind_nginx(fake: FakeBotAPI, spawn: Sp
     takeover = time.time() - t_kill
     assert stream.done.wait(STREAM_SECONDS + 10)
     pings = stream.all_ids()
-    wait_until(lambda: all(fake.replies_to(m) for m in pings), 40, 0.05, message="every /ping answered")
+    wait_until(lambda: all(fake.replies_to(m) for m in pings), 40, message="every /ping answered", interval=0.05)
     wait_until(lambda: idle(b), 10, message="b idle")
 
     counts = pongs(fake)
@@ -372,7 +372,7 @@ def test_kill9_of_a_passive_then_sigterm_of_the_leader(fake: FakeBotAPI, spawn: 
             return None
         return replicas[modes.index("active")]
 
-    leader = wait_until(settled, STARTUP_TIMEOUT, 0.02, message="one replica active, two passive")
+    leader = wait_until(settled, STARTUP_TIMEOUT, message="one replica active, two passive", interval=0.02)
     victim, heir = (r for r in replicas if r is not leader)
     wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, START_WAIT, message="the leader registers the webhook")
     fake.send_delay = 0.05
@@ -386,7 +386,7 @@ def test_kill9_of_a_passive_then_sigterm_of_the_leader(fake: FakeBotAPI, spawn: 
     heir.wait_mode("active", STARTUP_TIMEOUT)
     assert stream.done.wait(10)
     pings = stream.all_ids()
-    wait_until(lambda: all(fake.replies_to(m) for m in pings), 30, 0.05, message="every /ping answered")
+    wait_until(lambda: all(fake.replies_to(m) for m in pings), 30, message="every /ping answered", interval=0.05)
     wait_until(lambda: idle(heir), 10, message="the new leader idle")
     counts = pongs(fake)
     assert [m for m in pings if counts[m] != 1] == [], "answered exactly once (no kill -9 of a leader)"
@@ -425,7 +425,7 @@ def test_database_outage_answers_503_then_loses_nothing(fake: FakeBotAPI, spawn:
         proxy.restore()
         assert stream.done.wait(15)
         pings = stream.all_ids()
-        wait_until(lambda: all(fake.replies_to(m) for m in pings), 40, 0.05, message="every /ping answered")
+        wait_until(lambda: all(fake.replies_to(m) for m in pings), 40, message="every /ping answered", interval=0.05)
         wait_until(lambda: idle(a, b), 15, message="the replicas idle")
         counts = pongs(fake)
         statuses = Counter(d.status for d in fake.snapshot_deliveries())

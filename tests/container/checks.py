@@ -30,6 +30,7 @@ first. Waits are on positive markers (a mode, an exit, a log line), with generou
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -41,15 +42,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
 from tests.fake_bot_api import FakeBotAPI
+from tests.waiting import get_health
+from tests.waiting import wait_until as shared_wait_until
 
 T = TypeVar("T")
 
@@ -93,15 +94,8 @@ class CheckFailed(AssertionError):
     pass
 
 
-def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise CheckFailed(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+#: The shared wait, raising CheckFailed (one check fails, the others still run).
+wait_until = functools.partial(shared_wait_until, error=CheckFailed)
 
 
 def podman(*args: str, timeout: float = PODMAN_TIMEOUT, check: bool = True,
@@ -179,13 +173,7 @@ class Container:
         self.health_port = health_port
 
     def health(self) -> dict[str, Any] | None:
-        if not self.health_port:
-            return None
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/health", timeout=2) as r:
-                return dict(json.loads(r.read()))
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-            return None
+        return get_health(self.health_port)
 
     def mode(self) -> str | None:
         health = self.health()
@@ -197,7 +185,7 @@ class Container:
             return health if health is not None and health["mode"] == mode else None
 
         try:
-            return wait_until(reached, timeout, f"{self.name} to be {mode}", interval)
+            return wait_until(reached, timeout, f"{self.name} to be {mode}", interval=interval)
         except CheckFailed as exc:
             raise CheckFailed(f"{exc}\n--- {self.name} log:\n{self.logs()[-3000:]}") from None
 
@@ -222,7 +210,7 @@ class Container:
         return match.group(1) if match else "not logged"
 
     def wait_log(self, marker: str, timeout: float = START_TIMEOUT) -> None:
-        wait_until(lambda: marker in self.logs(), timeout, f"{marker!r} in {self.name}'s log", 0.2)
+        wait_until(lambda: marker in self.logs(), timeout, f"{marker!r} in {self.name}'s log", interval=0.2)
 
     def stop(self, grace: int = STOP_GRACE) -> float:
         t0 = time.monotonic()
