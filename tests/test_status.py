@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import DATABASE_URL, ROOT, TOKEN
 from utils.ops.status import ANSWER_WITHIN, MIN_QUERY_TIMEOUT, query_timeout
+from utils.state.database import DatabaseTarget
 from utils.state.errors import database_location, describe_database_error
 
 PASSWORD = "s3cret-Pa55"
@@ -185,3 +186,14 @@ def test_status_no_holder_is_3(tmp_path: Path) -> None:
     done, _ = run_status(tmp_path, DATABASE_URL)
     assert done.returncode == 3, done.stdout + done.stderr
     assert done.stdout.strip() == "no active holder (backend postgres)"
+
+
+def test_the_target_carries_its_location_and_redactor_parsed_once() -> None:
+    """The store's error lines use the target's location (parsed with the URL, once) and mask
+    its password, in the URL form and bare."""
+    target = DatabaseTarget.parse(f"postgresql://solobot:{PASSWORD}@db.example:6432/app", Path("/nonexistent"))
+    assert target.location == "PostgreSQL db.example:6432/app (user solobot)"
+    store_line = describe_database_error(OSError(111, f"refused for {PASSWORD}"), location=target.location,
+                                         redactor=target.redactor)
+    assert store_line == "PostgreSQL db.example:6432/app (user solobot): refused for ***"
+    assert DatabaseTarget.parse(None, Path("/nonexistent")).location == "SQLite state database"

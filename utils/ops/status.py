@@ -4,7 +4,7 @@ Exit codes (scripts and health checks branch on them): 0 an active holder exists
 stdout), 3 no active holder, 4 cannot tell (the database is unreachable, refuses us or does not
 answer in time), 78 a configuration error. A status check must answer quickly and in one line
 whatever state the database is in, so the query ends by :data:`ANSWER_WITHIN` after the start and a
-failure becomes :func:`~utils.state.errors.describe_database_error`'s line, never a traceback.
+failure becomes one line (:meth:`StateStore.describe_error`: where and why), never a traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from utils.config import Settings
 from utils.locking.backend import HolderInfo, LockBackend
 from utils.locking.factory import make_backend
 from utils.state.database import DatabaseTarget
-from utils.state.errors import describe_database_error
 from utils.state.store import StateStore
 
 log = logging.getLogger("solobot")
@@ -72,11 +71,10 @@ async def query_holder(settings: Settings, started: float) -> tuple[str, HolderI
     try:
         holder, live = await asyncio.wait_for(_ask(backend), timeout)
     except (OSError, TimeoutError) as exc:
-        raise CannotTell(describe_database_error(exc, settings.database_url,
-                                                 waited=round(timeout, 1))) from exc
+        raise CannotTell(store.describe_error(exc, waited=round(timeout, 1))) from exc
     except Exception as exc:  # psycopg/SQLAlchemy errors (and bugs): named in the one line
         log.debug("status query failed", exc_info=True)
-        raise CannotTell(describe_database_error(exc, settings.database_url)) from exc
+        raise CannotTell(store.describe_error(exc)) from exc
     finally:
         await _close_quietly("lock backend", backend.close)
         await _close_quietly("state store", store.close)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,9 @@ from psycopg.conninfo import make_conninfo
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from utils.ops.redact import Redactor
+from utils.state.errors import SQLITE_LOCATION, database_location
 
 log = logging.getLogger("solobot.state")
 
@@ -58,6 +61,10 @@ class DatabaseTarget:
     port: int | None = None
     database: str | None = None
     sqlite_path: Path | None = None
+    #: Where, for error lines: ``PostgreSQL host:port/database (user u)``; never the password.
+    location: str = SQLITE_LOCATION
+    #: Masks this target's password (and any other) in a text; made once with the target.
+    redactor: Redactor = field(default_factory=Redactor, compare=False, repr=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -84,6 +91,8 @@ class DatabaseTarget:
             host=url.host or "localhost",
             port=url.port or 5432,
             database=url.database,
+            location=database_location(database_url),
+            redactor=Redactor(database_url=database_url),
         )
 
     def where(self) -> str:

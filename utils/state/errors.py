@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from utils.ops.redact import Redactor
 
 DEFAULT_PG_PORT = 5432
+#: The location of the default state database (SQLite in STATE_DIR) in error lines.
+SQLITE_LOCATION = "SQLite state database"
 #: libpq prefixes a server's refusal with its severity: ``FATAL:  database "x" does not exist``.
 SEVERITY_PREFIX = re.compile(r"^(?:FATAL|ERROR|PANIC):\s+")
 #: One failed attempt in libpq's text: ``connection to server at "h" (addr), port 5432 failed: REASON``.
@@ -34,7 +36,7 @@ NOISE_LINE = re.compile(
 def database_location(database_url: str | None) -> str:
     """``PostgreSQL host:port/database (user u)`` from a database URL, without its password."""
     if not database_url:
-        return "SQLite state database"
+        return SQLITE_LOCATION
     parts = urlsplit(database_url)
     query = parse_qs(parts.query)
     hosts = parts.netloc.rpartition("@")[2]
@@ -97,12 +99,16 @@ def database_error_reason(exc: BaseException, *, waited: float | None = None) ->
     return reason or name
 
 
-def describe_database_error(exc: BaseException, database_url: str | None, *,
+def describe_database_error(exc: BaseException, database_url: str | None = None, *,
+                            location: str | None = None, redactor: Redactor | None = None,
                             waited: float | None = None) -> str:
     """One line: where the database is (no password) and why it failed.
 
+    A caller that holds a parsed target passes its *location* and *redactor* (made once from
+    the URL: nothing is parsed again per error); otherwise both come from *database_url*.
     *waited* is the time limit a caller's own timeout enforced, for a :class:`TimeoutError`.
     """
-    line = f"{database_location(database_url)}: {database_error_reason(exc, waited=waited)}"
+    where = location if location is not None else database_location(database_url)
+    line = f"{where}: {database_error_reason(exc, waited=waited)}"
     line = " ".join(line.split())  # one line, whatever the server sent
-    return Redactor(database_url=database_url)(line)
+    return (redactor or Redactor(database_url=database_url))(line)

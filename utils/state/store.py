@@ -66,8 +66,10 @@ class StateStore:
 
     def describe_error(self, exc: BaseException, *, waited: float | None = None) -> str:
         """A database error as one line: where (host, port, database; never the password), why."""
-        url = self.target.display if self.target is not None and self.target.is_postgres else None
-        return describe_database_error(exc, url, waited=waited)
+        if self.target is None:
+            return describe_database_error(exc, waited=waited)
+        return describe_database_error(exc, location=self.target.location, redactor=self.target.redactor,
+                                       waited=waited)
 
     async def migrate(self) -> None:
         """Apply the schema once per process (idempotent; cheap when already current)."""
