@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
-from tests.fake_bot_api import FakeBotAPI, Poll  # noqa: E402
+from tests.fake_bot_api import FakeBotAPI, Poll, Sent  # noqa: E402
 from tests.waiting import get_health  # noqa: E402
 from tests.waiting import wait_until as shared_wait_until  # noqa: E402
 
@@ -104,6 +106,25 @@ def wait_all_answered(fake: FakeBotAPI, message_ids: Sequence[int], label: str) 
         wait_until(all_answered, REPLY_ALLOWANCE + SECONDS_PER_100 * n / 100, f"{n} replies ({label})", 0.02)
     except TimeoutError as exc:
         print(f"{label}: {exc}; counting what came", file=sys.stderr)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplyCount:
+    """The replies to a burst: what came, how many messages got one, none, more than one."""
+
+    replies: list[Sent]
+    answered: int
+    lost: int
+    doubled: int
+
+
+def count_replies(fake: FakeBotAPI, message_ids: Sequence[int]) -> ReplyCount:
+    wanted = set(message_ids)
+    replies = [s for s in fake.snapshot_sent() if s.reply_to in wanted]
+    per_message = Counter(s.reply_to for s in replies)
+    return ReplyCount(replies=replies, answered=len(per_message),
+                      lost=sum(1 for m in message_ids if per_message[m] == 0),
+                      doubled=sum(1 for m in message_ids if per_message[m] > 1))
 
 
 def rate_cell(rates: Sequence[float]) -> str:

@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from bench.harness import (
     add_burst_arguments,
     base_env,
     burst_items,
+    count_replies,
     markdown_table,
     once_cell,
     pending_poll,
@@ -167,7 +167,6 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
                 cpu = CpuMeter(proc)
                 queued_at = time.time()
                 message_ids = fake.send_burst(bot_id, items)
-                wanted = set(message_ids)
                 wait_all_answered(fake, message_ids, case.label)
                 bot_cpu, fake_cpu = cpu.used()
             finally:
@@ -178,21 +177,20 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
             except Exception:  # noqa: BLE001 - a hung stop is a result too; the group is killed below
                 exit_code = None
             proc.kill_group()
-        replies = [s for s in fake.snapshot_sent() if s.reply_to in wanted]
-        per_message = Counter(s.reply_to for s in replies)
+        count = count_replies(fake, message_ids)
+        replies = count.replies
         polls = [p for p in fake.snapshot_polls() if p.tag == tag and p.ended is not None and p.ended >= queued_at]
         first_answer = min((p.ended for p in polls if p.count > 0 and p.ended is not None), default=queued_at)
         last_reply = max((s.at for s in replies), default=first_answer)
         seconds = max(last_reply - first_answer, 1e-6)
-        answered = len(per_message)
+        answered = count.answered
         latencies = [(s.at - queued_at) * 1000 for s in replies]
         return Result(
             rate=answered / seconds, seconds=seconds,
             polls=sum(1 for p in polls if p.started <= last_reply),
             p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
             rss_mb=proc.peak_rss / 2**20,
-            lost=sum(1 for m in message_ids if per_message[m] == 0),
-            doubled=sum(1 for m in message_ids if per_message[m] > 1),
+            lost=count.lost, doubled=count.doubled,
             exit_code=exit_code,
             bot_cpu=bot_cpu, fake_cpu=fake_cpu,
         )

@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from bench.harness import (
     add_burst_arguments,
     base_env,
     burst_items,
+    count_replies,
     markdown_table,
     once_cell,
     percentile,
@@ -169,7 +169,6 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
                 me0, nginx0 = process_cpu([me]), process_cpu(balancer)
                 queued_at = time.time()
                 message_ids = fake.send_burst(bot_id, items)
-                wanted = set(message_ids)
                 wait_all_answered(fake, message_ids, candidate)
                 cpu = cpu_seconds(procs) - cpu0
                 wall = time.time() - queued_at
@@ -187,18 +186,17 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
                 for proc in procs:
                     proc.kill_group()
                 nginx.stop()
-        replies = [s for s in fake.snapshot_sent() if s.reply_to in wanted]
-        per_message = Counter(s.reply_to for s in replies)
+        count = count_replies(fake, message_ids)
+        replies = count.replies
         deliveries = [d for d in fake.snapshot_deliveries() if d.started >= queued_at or d.at >= queued_at]
         first = min((d.started or d.at for d in deliveries), default=queued_at)
         last_reply = max((s.at for s in replies), default=first)
         latencies = [(s.at - queued_at) * 1000 for s in replies]
         return Result(
-            rate=len(per_message) / max(last_reply - first, 1e-6),
+            rate=count.answered / max(last_reply - first, 1e-6),
             p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
             refused=sum(1 for d in deliveries if not 200 <= d.status < 300),
-            lost=sum(1 for m in message_ids if per_message[m] == 0),
-            doubled=sum(1 for m in message_ids if per_message[m] > 1),
+            lost=count.lost, doubled=count.doubled,
             exit_codes=tuple(exit_codes),
             cpu_ms_per_update=cpu * 1000 / n,
             fake_cpu_share=fake_share, nginx_cpu_share=nginx_share,
