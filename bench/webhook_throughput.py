@@ -84,6 +84,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     refused: int  # deliveries not answered 2xx (the fake retried them)
+    answer_p50_ms: float  # a delivery's round trip: the fake's POST to the replica's answer
+    answer_p99_ms: float
     lost: int
     doubled: int
     exit_codes: tuple[int | None, ...]
@@ -192,10 +194,12 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
         first = min((d.started or d.at for d in deliveries), default=queued_at)
         last_reply = max((s.at for s in replies), default=first)
         latencies = [(s.at - queued_at) * 1000 for s in replies]
+        answers = [(d.at - d.started) * 1000 for d in deliveries if d.started]
         return Result(
             rate=count.answered / max(last_reply - first, 1e-6),
             p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
             refused=sum(1 for d in deliveries if not 200 <= d.status < 300),
+            answer_p50_ms=percentile(answers, 50), answer_p99_ms=percentile(answers, 99),
             lost=count.lost, doubled=count.doubled,
             exit_codes=tuple(exit_codes),
             cpu_ms_per_update=cpu * 1000 / n,
@@ -207,8 +211,8 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
 
 def render(rows: list[Row]) -> str:
     headers = ["case (behind nginx)", "updates/s (median, min-max)", "x aiogram (2 replicas)", "p50 ms", "p99 ms",
-               "deliveries retried", "CPU ms/update (both replicas)", "fake CPU share", "nginx CPU share",
-               "each answered once"]
+               "delivery answered p50/p99 ms", "deliveries retried", "CPU ms/update (both replicas)",
+               "fake CPU share", "nginx CPU share", "each answered once"]
     lines = []
     for row in rows:
         rs = row.results
@@ -220,6 +224,8 @@ def render(rows: list[Row]) -> str:
             ratio_cell(row.ratios, anchor=row.candidate == AIOGRAM),
             f"{statistics.median(r.p50_ms for r in rs):.0f}",
             f"{statistics.median(r.p99_ms for r in rs):.0f}",
+            f"{statistics.median(r.answer_p50_ms for r in rs):.0f} / "
+            f"{statistics.median(r.answer_p99_ms for r in rs):.0f}",
             f"{sum(r.refused for r in rs)}",
             f"{statistics.median(r.cpu_ms_per_update for r in rs):.2f}",
             f"{statistics.median(r.fake_cpu_share for r in rs):.0%}",
