@@ -122,7 +122,7 @@ class App:
             )
             self.receiver = WebhookReceiver(
                 self.store, path=webhook_path(settings.webhook_url), secret=settings.webhook_secret,
-                on_stored=self.webhook.wake, accept_as_leader=self.webhook.accept_deliveries,
+                on_stored=self.webhook.wake,
                 notice=PassiveNotice(settings.passive_notice) if settings.passive_notice else None,
             )
         self.autoposter: Autoposter | None = None

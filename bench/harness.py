@@ -127,6 +127,24 @@ def count_replies(fake: FakeBotAPI, message_ids: Sequence[int]) -> ReplyCount:
                       doubled=sum(1 for m in message_ids if per_message[m] > 1))
 
 
+def chats_out_of_order(replies: Sequence[Sent], items: Sequence[tuple[str, int, int]],
+                       message_ids: Sequence[int]) -> int:
+    """How many chats got their first replies in another order than their messages were sent."""
+    sent_order: dict[int, list[int]] = {}
+    for (_, _, chat), message_id in zip(items, message_ids, strict=True):
+        sent_order.setdefault(chat, []).append(message_id)
+    first_reply: dict[int, float] = {}
+    for reply in replies:
+        if reply.reply_to is not None:
+            first_reply[reply.reply_to] = min(reply.at, first_reply.get(reply.reply_to, reply.at))
+    out = 0
+    for ids in sent_order.values():
+        answered = [m for m in ids if m in first_reply]
+        if sorted(answered, key=lambda m: first_reply[m]) != answered:
+            out += 1
+    return out
+
+
 def rate_cell(rates: Sequence[float]) -> str:
     """``median (min-max)`` of per-round rates."""
     return f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})"

@@ -46,6 +46,7 @@ from bench.harness import (
     add_burst_arguments,
     base_env,
     burst_items,
+    chats_out_of_order,
     count_replies,
     markdown_table,
     once_cell,
@@ -92,6 +93,7 @@ class Result:
     rss_mb: float
     lost: int
     doubled: int
+    out_of_order: int  # chats whose replies came in another order than their messages
     exit_code: int | None
     bot_cpu: float  # CPU seconds the bot used from the burst to its last reply
     fake_cpu: float  # and this process (the fake Bot API, mostly): near the wall time = the fake is the limit
@@ -191,6 +193,7 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
             p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
             rss_mb=proc.peak_rss / 2**20,
             lost=count.lost, doubled=count.doubled,
+            out_of_order=chats_out_of_order(replies, items, message_ids),
             exit_code=exit_code,
             bot_cpu=bot_cpu, fake_cpu=fake_cpu,
         )
@@ -200,7 +203,7 @@ def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, ta
 
 def render(rows: list[Row], n: int) -> str:
     headers = ["case", "updates/s (median, min-max)", "x aiogram", "getUpdates calls", "p50 ms", "p99 ms",
-               "peak RSS MB", "bot CPU ms/update", "fake CPU share", "each answered once"]
+               "peak RSS MB", "bot CPU ms/update", "fake CPU share", "chats out of order", "each answered once"]
     lines = []
     for row in rows:
         rs = row.results
@@ -216,6 +219,7 @@ def render(rows: list[Row], n: int) -> str:
             f"{max(r.rss_mb for r in rs):.0f}",
             f"{statistics.median(r.bot_cpu * 1000 / n for r in rs):.2f}",
             f"{statistics.median(r.fake_cpu / r.seconds for r in rs):.0%}",
+            f"{max(r.out_of_order for r in rs)} of {row.case.chats}",
             once_cell(sum(r.lost for r in rs), sum(r.doubled for r in rs), (r.exit_code for r in rs)),
         ])
     return markdown_table(headers, lines)

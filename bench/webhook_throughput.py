@@ -47,6 +47,7 @@ from bench.harness import (
     add_burst_arguments,
     base_env,
     burst_items,
+    chats_out_of_order,
     count_replies,
     markdown_table,
     once_cell,
@@ -88,6 +89,7 @@ class Result:
     answer_p99_ms: float
     lost: int
     doubled: int
+    out_of_order: int  # chats whose replies came in another order than their messages
     exit_codes: tuple[int | None, ...]
     cpu_ms_per_update: float  # both replicas together
     fake_cpu_share: float  # this process (the fake Bot API, mostly) over the wall time
@@ -201,6 +203,7 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
             refused=sum(1 for d in deliveries if not 200 <= d.status < 300),
             answer_p50_ms=percentile(answers, 50), answer_p99_ms=percentile(answers, 99),
             lost=count.lost, doubled=count.doubled,
+            out_of_order=chats_out_of_order(replies, items, message_ids),
             exit_codes=tuple(exit_codes),
             cpu_ms_per_update=cpu * 1000 / n,
             fake_cpu_share=fake_share, nginx_cpu_share=nginx_share,
@@ -212,7 +215,7 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
 def render(rows: list[Row]) -> str:
     headers = ["case (behind nginx)", "updates/s (median, min-max)", "x aiogram (2 replicas)", "p50 ms", "p99 ms",
                "delivery answered p50/p99 ms", "deliveries retried", "CPU ms/update (both replicas)",
-               "fake CPU share", "nginx CPU share", "each answered once"]
+               "fake CPU share", "nginx CPU share", "chats out of order", "each answered once"]
     lines = []
     for row in rows:
         rs = row.results
@@ -230,6 +233,7 @@ def render(rows: list[Row]) -> str:
             f"{statistics.median(r.cpu_ms_per_update for r in rs):.2f}",
             f"{statistics.median(r.fake_cpu_share for r in rs):.0%}",
             f"{statistics.median(r.nginx_cpu_share for r in rs):.0%}",
+            f"{max(r.out_of_order for r in rs)}",
             once_cell(sum(r.lost for r in rs), sum(r.doubled for r in rs),
                       (code for r in rs for code in r.exit_codes)),
         ])

@@ -27,7 +27,7 @@ from aiogram.types import Update
 
 from utils.locking.lease import Lease, LeaseLost
 from utils.state.fencing import FencedError
-from utils.state.inbox import InboxEntry, NewUpdate, StoredBatch
+from utils.state.inbox import InboxEntry, NewUpdate
 from utils.state.store import StateStore
 from utils.updates.ledger import ChatQueues, DoneMarks, QueuedUpdate
 from utils.updates.stats import UpdateStats
@@ -169,29 +169,21 @@ class UpdatePipeline:
             await self._room.wait()
         log.info("inbox has room again (%d waiting); fetching resumes", self._queues.held)
 
-    def has_room(self) -> bool:
-        """Fewer than ``INBOX_MAX`` unfinished updates held by this leader."""
-        return self._lease is not None and not self._stopping and self._queues.held < self.inbox_max
+    async def accept(self, updates: Sequence[Update], *, next_offset: int | None) -> None:
+        """Store a fetched batch durably (with the offset that confirms it), then queue it.
 
-    async def accept(self, updates: Sequence[Update], *, next_offset: int | None = None,
-                     rows: Sequence[NewUpdate] | None = None) -> StoredBatch:
-        """Store a batch durably, claimed by this leader (polling: with the offset that confirms
-        it; webhook: deliveries this leader received itself), then queue it.
-
-        *rows*: ``to_new_update`` of each update, if the caller has them already.
         Raises :class:`FencedError` if a newer leader exists (nothing was stored).
         """
         lease = self._lease
         if lease is None:
             raise LeaseLost("the pipeline is not running")
         await lease.ensure()
-        if rows is None:
-            rows = [to_new_update(u) for u in updates]
+        rows = [to_new_update(u) for u in updates]
         batch = await self.store.inbox.store_batch(rows, epoch=lease.epoch, next_offset=next_offset)
         self.stats.fetched += len(rows)
         self.stats.duplicates += batch.duplicates
         if self._stopping:
-            return batch  # stored: the next leader runs them
+            return  # stored: the next leader runs them
         parsed = {(r.update_id, r.fingerprint): u for r, u in zip(rows, updates, strict=True)}
         fingerprints = {r.update_id: r.fingerprint for r in rows}
         items = [self._from_entry(e, parsed.get((e.update_id, fingerprints.get(e.update_id, ""))))
@@ -202,7 +194,6 @@ class UpdatePipeline:
         if batch.duplicates:
             log.debug("%d update(s) already in the inbox; skipped", batch.duplicates)
         self._push(items)
-        return batch
 
     async def adopt_unclaimed(self) -> int:
         """Take the rows other processes stored (webhook replicas); return how many.

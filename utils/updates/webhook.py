@@ -34,7 +34,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,7 +48,6 @@ from pydantic import ValidationError
 from utils.locking.lease import Lease, LeaseLost
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
-from utils.state.inbox import NewUpdate, StoredBatch
 from utils.state.notify import has_unclaimed, inbox_listener, notify_inbox, oldest_unclaimed_age
 from utils.state.store import StateStore
 from utils.updates.group_commit import GroupCommit
@@ -57,9 +56,6 @@ from utils.updates.pipeline import UpdatePipeline, to_new_update
 
 log = logging.getLogger("solobot.webhook")
 
-#: The leader's pipeline taking deliveries its own process received: the stored batch, or None
-#: when this process does not lead (or its queues are full): then they are stored unclaimed.
-AcceptAsLeader = Callable[[Sequence[Update], Sequence[NewUpdate]], Awaitable[StoredBatch | None]]
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 #: A delivery larger than this is refused (an Update is a few KB; this bounds memory per request).
@@ -160,18 +156,14 @@ class WebhookReceiver:
 
     def __init__(self, store: StateStore, *, path: str, secret: str,
                  on_stored: Callable[[], bool] = lambda: False,
-                 accept_as_leader: AcceptAsLeader | None = None,
                  notice: PassiveNotice | None = None) -> None:
         """*on_stored* is called after new rows committed; it returns True when this process
-        leads and was woken directly (then no NOTIFY is needed). *accept_as_leader*: the
-        leader's pipeline takes a batch directly (None when this process does not lead).
-        *notice*: PASSIVE_NOTICE."""
+        leads and was woken directly (then no NOTIFY is needed). *notice*: PASSIVE_NOTICE."""
         self.store = store
         self.notice = notice
         self.path = path or "/"
         self._secret = secret.encode()
         self._on_stored = on_stored
-        self._accept_as_leader = accept_as_leader
         self.stats = ReceiverStats()
         self._throttle = _Throttle(REFUSAL_LOG_INTERVAL)
         self._commits: GroupCommit[Update] = GroupCommit(self._write)
@@ -179,19 +171,19 @@ class WebhookReceiver:
     async def _write(self, updates: Sequence[Update]) -> list[bool]:
         """One transaction for a batch of deliveries; which of them were new.
 
-        On the leader the pipeline takes them directly: stored claimed and queued at once (no
-        second write to claim them, no second parse). Elsewhere (or with the leader's queues
-        full) they are stored unclaimed and the leader is woken.
+        Stored unclaimed, on the leader too: the leader takes every row through one path (its
+        adoption, oldest first), so a chat's updates reach its queue in inbox order whichever
+        replica received them. (A leader that queued its own deliveries directly could run a
+        chat's update before the one a passive replica stored just before it and the leader
+        has not adopted yet; it measured no faster either.)
         """
         rows = [to_new_update(u) for u in updates]
-        batch = await self._accept_as_leader(updates, rows) if self._accept_as_leader else None
-        if batch is None:
-            batch = await asyncio.wait_for(self.store.inbox.store_batch(rows, epoch=None), timeout=STORE_TIMEOUT)
-            if batch.new and not self._on_stored():
-                try:
-                    await notify_inbox(self.store.engine, self.store.bot_id)
-                except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
-                    log.debug("webhook: NOTIFY after storing %d update(s) failed: %s", len(batch.new), exc)
+        batch = await asyncio.wait_for(self.store.inbox.store_batch(rows, epoch=None), timeout=STORE_TIMEOUT)
+        if batch.new and not self._on_stored():
+            try:
+                await notify_inbox(self.store.engine, self.store.bot_id)
+            except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
+                log.debug("webhook: NOTIFY after storing %d update(s) failed: %s", len(batch.new), exc)
         new = {(entry.update_id, entry.payload) for entry in batch.new}
         return [(row.update_id, row.payload) in new for row in rows]
 
@@ -359,20 +351,6 @@ class WebhookRole:
         self._lease = None
         self.info = None
         self.info_checked_at = None
-
-    async def accept_deliveries(self, updates: Sequence[Update], rows: Sequence[NewUpdate]) -> StoredBatch | None:
-        """Deliveries this process received, while it leads: into the pipeline directly (one
-        transaction, claimed and queued). None when not leading or the queues are full (the
-        receiver then stores them unclaimed, for the adoption loop)."""
-        if self._lease is None or not self.pipeline.has_room():
-            return None
-        try:
-            return await self.pipeline.accept(updates, rows=rows)
-        except LeaseLost:
-            return None
-        except FencedError as exc:
-            self.step_down(f"fenced while storing webhook deliveries: {exc}")
-            return None
 
     def wake(self) -> bool:
         """A row was stored by this process: adopt it now. False when not leading."""
