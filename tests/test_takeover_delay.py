@@ -96,3 +96,11 @@ async def test_leftover_sessions_in_a_transaction_are_ended_the_rest_counted(
                 break
             await conn.execute("SELECT pg_sleep(0.01)")
         assert await sql.end_leftover_sessions(conn, pattern) == (0, 0)
+
+
+def test_time_spent_waiting_for_leftovers_counts_against_the_delay() -> None:
+    mechanism = Mechanism(predecessor_gone=False)
+    mechanism.predecessor_waited = 0.3
+    assert mechanism.takeover_delay(takeover()) == pytest.approx(0.2)
+    mechanism.predecessor_waited = 0.7
+    assert mechanism.takeover_delay(takeover()) == 0.0

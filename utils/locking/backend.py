@@ -91,6 +91,9 @@ class LockBackend(abc.ABC):
         self.state_id: str | None = None
         #: What a standby currently waits on, beyond the lock itself (for /health); None if nothing.
         self.note: str | None = None
+        #: How long the last takeover already waited for a vanished predecessor's leftovers to go
+        #: (counted against :attr:`unclean_takeover_delay`).
+        self.predecessor_waited = 0.0
 
     # -- policy ------------------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class LockBackend(abc.ABC):
             return 0.0  # its lease ran out before we got here: it cannot act any more
         if not self._predecessor_may_act():
             return 0.0  # the mechanism saw it gone (no session left): nothing of it can act
-        return self.unclean_takeover_delay
+        return max(0.0, self.unclean_takeover_delay - self.predecessor_waited)
 
     async def heartbeat(self) -> bool:
         """Is the lock still ours and our epoch current? Refreshes the heartbeat if so.

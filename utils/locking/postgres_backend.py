@@ -44,6 +44,11 @@ CONNECT_ARGS: dict[str, Any] = {
     "tcp_user_timeout": 10_000,
 }
 UNLOCK_TIMEOUT = 2.0
+#: A vanished predecessor's last sessions get this long to end on their own (a killed process's
+#: backends exit one by one, slower on a loaded server) before the takeover delay applies;
+#: looked at every PREDECESSOR_EXIT_POLL. Time spent here counts against that delay.
+PREDECESSOR_EXIT_WAIT = 0.3
+PREDECESSOR_EXIT_POLL = 0.01
 
 
 def advisory_key(bot_id: int) -> int:
@@ -90,16 +95,31 @@ class PostgresLockBackend(LockBackend):
         """An unclean predecessor may still have sessions inside a transaction, holding row locks
         the epoch write needs (a paused process): end those. Its other sessions are left alone: it
         may be alive as a standby by now. Whether it has any session left decides the takeover
-        delay: none means the process is gone (kill -9, crash), so nothing of it can still poll."""
+        delay: none means the process is gone (kill -9, crash), so nothing of it can still poll.
+
+        A killed process's sessions end one by one as their backends notice (slower on a loaded
+        server); the lock session's went first, which is why we hold the lock. So the leftovers
+        get :data:`PREDECESSOR_EXIT_WAIT` to go; the time spent counts against the delay.
+        """
         self._predecessor_gone = False
+        self.predecessor_waited = 0.0
         row = await self._query(sql.holder_row, self.bot_id)
         if row is None or row[6] or row[1] in (None, self.instance_id):
             return
-        ended, others = await self._query(sql.end_leftover_sessions, instance_tag_pattern(self.bot_id, row[1]))
+        pattern = instance_tag_pattern(self.bot_id, row[1])
+        ended, others = await self._query(sql.end_leftover_sessions, pattern)
         if ended:
             log.info("ended %d leftover session(s) of the previous holder (instance %s)", ended, row[1])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while (ended or others) and loop.time() - started < PREDECESSOR_EXIT_WAIT:
+            await asyncio.sleep(PREDECESSOR_EXIT_POLL)
+            ended, others = await self._query(sql.end_leftover_sessions, pattern)
+        self.predecessor_waited = loop.time() - started
         self._predecessor_gone = not ended and not others
-        log.debug("previous holder %s: %d session(s) ended, %d still open", row[1], ended, others)
+        log.debug("previous holder %s: %s after %.0f ms", row[1],
+                  "no session left" if self._predecessor_gone else f"{ended + others} session(s) left",
+                  self.predecessor_waited * 1000)
 
     def _predecessor_may_act(self) -> bool:
         return not self._predecessor_gone
