@@ -45,9 +45,11 @@ async def test_deliveries_arriving_during_a_write_share_the_next_transaction() -
     commits = GroupCommit(writer.write, max_batch=3)
     writer.gate.clear()
     first = asyncio.create_task(commits.submit(0))
-    await asyncio.sleep(0)  # the writer starts the first batch and waits on the gate
+    while writer.batches != [[0]]:  # the writer took the first batch and waits on the gate
+        await asyncio.sleep(0)
     rest = [asyncio.create_task(commits.submit(i)) for i in range(1, 6)]
-    await asyncio.sleep(0)
+    while commits.queued < 5:  # every later delivery queued behind it
+        await asyncio.sleep(0)
     writer.gate.set()
     assert await asyncio.gather(first, *rest) == [True] * 6
     assert writer.batches == [[0], [1, 2, 3], [4, 5]], "in arrival order, at most max_batch each"
@@ -60,7 +62,8 @@ async def test_a_failed_transaction_fails_every_delivery_of_it_and_the_next_batc
     writer.gate.clear()
     writer.fail = OSError("database is locked")
     batch = [asyncio.create_task(commits.submit(i)) for i in range(3)]
-    await asyncio.sleep(0)
+    while not writer.batches:
+        await asyncio.sleep(0)
     writer.gate.set()
     results = await asyncio.gather(*batch, return_exceptions=True)
     assert all(isinstance(r, OSError) for r in results), results
@@ -74,7 +77,8 @@ async def test_a_delivery_that_gives_up_does_not_stop_its_batch() -> None:
     writer.gate.clear()
     impatient = asyncio.create_task(commits.submit(1))
     patient = asyncio.create_task(commits.submit(2))
-    await asyncio.sleep(0)
+    while not writer.batches:  # both in the batch being written
+        await asyncio.sleep(0)
     impatient.cancel()
     with pytest.raises(asyncio.CancelledError):
         await impatient

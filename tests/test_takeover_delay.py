@@ -85,17 +85,28 @@ async def test_leftover_sessions_in_a_transaction_are_ended_the_rest_counted(
     idle.autocommit = True
     in_transaction = open_session("state")
     in_transaction.execute("SELECT 1")  # psycopg opened a transaction; it stays open (idle in transaction)
-    open_session("other-bot").close()  # closed: not counted
     async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
         pattern = instance_tag_pattern(bot_id, old)
         assert await sql.end_leftover_sessions(conn, pattern) == (1, 1)
         idle.close()
         # The terminated backend and the closed one leave pg_stat_activity within moments.
-        for _ in range(200):
-            if await sql.end_leftover_sessions(conn, pattern) == (0, 0):
+        for _ in range(500):
+            if await sql.open_sessions(conn, pattern) == 0:
                 break
             await conn.execute("SELECT pg_sleep(0.01)")
+        assert await sql.open_sessions(conn, pattern) == 0
         assert await sql.end_leftover_sessions(conn, pattern) == (0, 0)
+
+
+async def test_a_server_restart_after_the_last_heartbeat_is_recognised() -> None:
+    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+        # A temporary table shadows the real one for this session only.
+        await conn.execute("CREATE TEMP TABLE solobot_leader (bot_id bigint, heartbeat timestamptz)")
+        await conn.execute("INSERT INTO solobot_leader VALUES (1, now()), "
+                           "(2, pg_postmaster_start_time() - interval '1 second')")
+        assert await sql.restarted_since_heartbeat(conn, 1) is False
+        assert await sql.restarted_since_heartbeat(conn, 2) is True
+        assert await sql.restarted_since_heartbeat(conn, 3) is False, "no leader row: nothing to say"
 
 
 def test_time_spent_waiting_for_leftovers_counts_against_the_delay() -> None:

@@ -490,10 +490,16 @@ def test_refused_deliveries_then_switch_to_polling_and_back(fake: FakeBotAPI, sp
     assert secret not in log
     webhook = (hook.health() or {})["updates"]["webhook"]
     assert webhook["unauthorized"] == 6 and webhook["malformed"] == 4 and webhook["accepted"] == 1
-    status, body = hook.get("/metrics")
-    assert status == 200
-    samples = {(s.name, s.labels.get("outcome")): s.value
-               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+    def scrape() -> dict[tuple[str, str | None], float] | None:
+        """/metrics' samples once its inbox lookup (bounded: 0.25 s) made it into the scrape."""
+        status, body = hook.get("/metrics")
+        assert status == 200
+        found = {(s.name, s.labels.get("outcome")): s.value
+                 for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+        return found if ("solobot_inbox_pending_updates", None) in found else None
+
+    samples = wait_until(scrape, message="a /metrics scrape with the inbox depth")
     assert samples[("solobot_webhook_deliveries_total", "unauthorized")] == 6
     assert samples[("solobot_webhook_deliveries_total", "malformed")] == 4
     assert samples[("solobot_webhook_deliveries_total", "accepted")] == 1

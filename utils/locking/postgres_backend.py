@@ -94,12 +94,18 @@ class PostgresLockBackend(LockBackend):
     async def _before_new_epoch(self) -> None:
         """An unclean predecessor may still have sessions inside a transaction, holding row locks
         the epoch write needs (a paused process): end those. Its other sessions are left alone: it
-        may be alive as a standby by now. Whether it has any session left decides the takeover
-        delay: none means the process is gone (kill -9, crash), so nothing of it can still poll.
+        may be alive as a standby by now.
 
-        A killed process's sessions end one by one as their backends notice (slower on a loaded
-        server); the lock session's went first, which is why we hold the lock. So the leftovers
-        get :data:`PREDECESSOR_EXIT_WAIT` to go; the time spent counts against the delay.
+        Whether it has any session left decides the takeover delay: none means the process is
+        gone (kill -9, a crash: the kernel closed all its sockets), so nothing of it can still
+        poll. Its sessions end one by one as their backends notice (slower on a loaded server);
+        the lock session's went first, which is why we hold the lock. So the rest get
+        :data:`PREDECESSOR_EXIT_WAIT` to go, and the time spent counts against the delay. A
+        server restart since its last heartbeat ended every session whether the process lives or
+        not: then the delay applies in full. (A live holder whose sessions were all ended
+        otherwise, by an administrator or a proxy, sees its lock connection close within
+        milliseconds and stops; the worst it can do is one stray 409, which the new leader
+        retries at once.)
         """
         self._predecessor_gone = False
         self.predecessor_waited = 0.0
@@ -110,15 +116,19 @@ class PostgresLockBackend(LockBackend):
         ended, others = await self._query(sql.end_leftover_sessions, pattern)
         if ended:
             log.info("ended %d leftover session(s) of the previous holder (instance %s)", ended, row[1])
+        if await self._query(sql.restarted_since_heartbeat, self.bot_id):
+            log.debug("the database server restarted since the previous holder's last heartbeat")
+            return
         loop = asyncio.get_running_loop()
         started = loop.time()
-        while (ended or others) and loop.time() - started < PREDECESSOR_EXIT_WAIT:
+        left = ended + others
+        while left and loop.time() - started < PREDECESSOR_EXIT_WAIT:
             await asyncio.sleep(PREDECESSOR_EXIT_POLL)
-            ended, others = await self._query(sql.end_leftover_sessions, pattern)
+            left = await self._query(sql.open_sessions, pattern)
         self.predecessor_waited = loop.time() - started
-        self._predecessor_gone = not ended and not others
+        self._predecessor_gone = not ended and not left
         log.debug("previous holder %s: %s after %.0f ms", row[1],
-                  "no session left" if self._predecessor_gone else f"{ended + others} session(s) left",
+                  "no session left" if self._predecessor_gone else f"{left} session(s) left",
                   self.predecessor_waited * 1000)
 
     def _predecessor_may_act(self) -> bool:

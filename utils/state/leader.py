@@ -149,12 +149,10 @@ async def end_leftover_sessions(conn: PgConn, pattern: str) -> tuple[int, int]:
     """Of one instance's sessions (``application_name`` matching *pattern*): end those inside a
     transaction (they may hold row locks a new leader needs; not one that merely waits for the
     advisory lock, a live standby's), count the rest. Returns (ended, others still open).
-
-    None of either means the instance has no session left on the server: it is gone (killed,
-    crashed, or cut off long enough for the server to drop every connection of it).
     """
     cur = await conn.execute(
-        "SELECT count(*) FILTER (WHERE in_transaction AND pg_terminate_backend(pid)), "
+        # CASE, not AND: SQL does not promise to evaluate AND's operands left to right.
+        "SELECT count(*) FILTER (WHERE CASE WHEN in_transaction THEN pg_terminate_backend(pid) END), "
         "count(*) FILTER (WHERE NOT in_transaction) "
         "FROM (SELECT pid, xact_start IS NOT NULL AND coalesce(wait_event, '') <> 'advisory' AS in_transaction "
         "FROM pg_stat_activity WHERE application_name LIKE %s AND pid <> pg_backend_pid()) AS sessions",
@@ -162,6 +160,27 @@ async def end_leftover_sessions(conn: PgConn, pattern: str) -> tuple[int, int]:
     )
     row = await cur.fetchone()
     return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+
+
+async def open_sessions(conn: PgConn, pattern: str) -> int:
+    """How many sessions of one instance (``application_name`` matching *pattern*) the server
+    still lists (an ending one is listed until its backend has exited)."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
+        (pattern,),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+async def restarted_since_heartbeat(conn: PgConn, bot_id: int) -> bool:
+    """Did the server start after the leader row's last heartbeat? Then every session ended
+    with the restart, whether or not its process is alive."""
+    cur = await conn.execute(
+        "SELECT pg_postmaster_start_time() > heartbeat FROM solobot_leader WHERE bot_id = %s", (bot_id,)
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def blockers_of(conn: PgConn, pattern: str) -> list[str]:

@@ -38,6 +38,11 @@ class GroupCommit(Generic[T]):
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0  # transactions written (for tests and the curious)
 
+    @property
+    def queued(self) -> int:
+        """Deliveries waiting for the next transaction (not the one being written)."""
+        return len(self._waiting)
+
     async def submit(self, item: T) -> bool:
         """Write *item* durably; True if it is new, False if the inbox had it. Raises what the
         transaction raised (every delivery of a failed batch fails: Telegram delivers it again)."""

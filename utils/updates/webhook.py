@@ -48,6 +48,7 @@ from pydantic import ValidationError
 from utils.locking.lease import Lease, LeaseLost
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
+from utils.state.inbox import NewUpdate
 from utils.state.notify import has_unclaimed, inbox_listener, notify_inbox, oldest_unclaimed_age
 from utils.state.store import StateStore
 from utils.updates.group_commit import GroupCommit
@@ -62,6 +63,8 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 MAX_BODY_BYTES = 1 << 20
 #: A delivery waits at most this long for the inbox write; then 503 and Telegram retries.
 STORE_TIMEOUT = 5.0
+#: A NOTIFY to wake the leader gives up after this (the leader's sweep finds the rows anyway).
+NOTIFY_TIMEOUT = 1.0
 #: ``Retry-After`` on a 503: Telegram waits this long before delivering again.
 RETRY_AFTER_SECONDS = 1
 #: The PASSIVE_NOTICE lookup (one indexed query) gives up after this; the delivery is answered anyway.
@@ -166,9 +169,11 @@ class WebhookReceiver:
         self._on_stored = on_stored
         self.stats = ReceiverStats()
         self._throttle = _Throttle(REFUSAL_LOG_INTERVAL)
-        self._commits: GroupCommit[Update] = GroupCommit(self._write)
+        self._commits: GroupCommit[NewUpdate] = GroupCommit(self._write)
+        self._notifier: asyncio.Task[None] | None = None
+        self._notify_again = False
 
-    async def _write(self, updates: Sequence[Update]) -> list[bool]:
+    async def _write(self, rows: Sequence[NewUpdate]) -> list[bool]:
         """One transaction for a batch of deliveries; which of them were new.
 
         Stored unclaimed, on the leader too: the leader takes every row through one path (its
@@ -177,15 +182,28 @@ class WebhookReceiver:
         chat's update before the one a passive replica stored just before it and the leader
         has not adopted yet; it measured no faster either.)
         """
-        rows = [to_new_update(u) for u in updates]
         batch = await asyncio.wait_for(self.store.inbox.store_batch(rows, epoch=None), timeout=STORE_TIMEOUT)
         if batch.new and not self._on_stored():
-            try:
-                await notify_inbox(self.store.engine, self.store.bot_id)
-            except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
-                log.debug("webhook: NOTIFY after storing %d update(s) failed: %s", len(batch.new), exc)
+            self._notify_leader()
         new = {(entry.update_id, entry.payload) for entry in batch.new}
         return [(row.update_id, row.payload) in new for row in rows]
+
+    def _notify_leader(self) -> None:
+        """NOTIFY the leader in the background: a slow NOTIFY must not hold up the next batch.
+        Coalesced: while one is on its way, later commits ask for one more after it."""
+        if self._notifier is not None and not self._notifier.done():
+            self._notify_again = True
+            return
+        self._notifier = asyncio.create_task(self._notify_loop(), name="solobot-webhook-notify")
+
+    async def _notify_loop(self) -> None:
+        self._notify_again = True
+        while self._notify_again:
+            self._notify_again = False
+            try:
+                await asyncio.wait_for(notify_inbox(self.store.engine, self.store.bot_id), timeout=NOTIFY_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
+                log.debug("webhook: NOTIFY after storing updates failed: %s", exc)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(self.path, self.handle)]
@@ -211,7 +229,7 @@ class WebhookReceiver:
             log.warning("webhook delivery from %s refused (400): %s", peer, what)
             return web.Response(status=400, text="bad request")
         try:
-            new = await asyncio.wait_for(self._commits.submit(update), timeout=STORE_TIMEOUT)
+            new = await asyncio.wait_for(self._commits.submit(to_new_update(update)), timeout=STORE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure to store: Telegram must deliver again
             self.stats.unavailable += 1
             reason = self.store.describe_error(exc, waited=STORE_TIMEOUT)
