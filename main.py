@@ -46,7 +46,8 @@ from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
 from utils.locking.instance_lock import LockSetupError  # noqa: E402
 from utils.locking.lease import LeaseGate  # noqa: E402
 from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
-from utils.ops.metrics import Metrics  # noqa: E402
+from utils.ops.lookup import BoundedLookup  # noqa: E402
+from utils.ops.metrics import INBOX_LOOKUP_TIMEOUT, Metrics  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
@@ -68,6 +69,10 @@ READY_MARGIN = 5.0
 HEALTH_LOOKUP_TIMEOUT = 0.25
 #: Releasing the lock after the roles stopped (a database round trip or two).
 RELEASE_ALLOWANCE = 1.0
+
+
+async def _nothing_paused() -> bool:
+    return False
 
 
 def make_bot(settings: Settings, gate: LeaseGate) -> Bot:
@@ -143,7 +148,9 @@ class App:
             role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
         )
         self.metrics = Metrics(controller=self.controller, stats=self.stats, autoposter=self.autoposter,
-                               backend=self.backend, inbox=self.store.inbox,
+                               backend=self.backend,
+                               inbox_depth=BoundedLookup(self.store.inbox.depth, INBOX_LOOKUP_TIMEOUT,
+                                                         name="inbox depth (metrics)"),
                                deliveries=self.receiver.stats if self.receiver else None,
                                webhook=self.webhook)
         self.notifier = SystemdNotifier.from_environment()
@@ -151,6 +158,11 @@ class App:
         self.dp["admin_ids"] = settings.admin_ids
         self.dp["status"] = self.status
         self.dp["autoposter"] = self.autoposter
+        # /health's database lookups: each answers within HEALTH_LOOKUP_TIMEOUT or says it could not,
+        # and a stuck one is never started twice (utils/ops/lookup.py).
+        self._inbox_lookup = BoundedLookup(self.store.inbox.depth, HEALTH_LOOKUP_TIMEOUT, name="inbox depth")
+        self._paused_lookup = BoundedLookup(self.autoposter.is_paused if self.autoposter else _nothing_paused,
+                                            HEALTH_LOOKUP_TIMEOUT, name="pause flag")
         self.health: HealthServer | None = None
         if settings.health_port:
             self.health = HealthServer(
@@ -221,7 +233,7 @@ class App:
     async def _inbox_depth(self) -> tuple[int, float | None] | str:
         """Waiting rows in the shared inbox and the oldest one's age, or why unknown (bounded)."""
         try:
-            return await asyncio.wait_for(self.store.inbox.depth(), timeout=HEALTH_LOOKUP_TIMEOUT)
+            return await self._inbox_lookup()
         except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
             return type(exc).__name__
 
@@ -243,7 +255,7 @@ class App:
         if self.autoposter is None:
             return None
         try:
-            return await asyncio.wait_for(self.autoposter.is_paused(), timeout=HEALTH_LOOKUP_TIMEOUT)
+            return await self._paused_lookup()
         except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
             return type(exc).__name__
 

@@ -14,6 +14,7 @@ from prometheus_client.samples import Sample
 from tests.conftest import free_port
 from utils.locking.controller import Mode
 from utils.ops.health import HealthServer
+from utils.ops.lookup import BoundedLookup
 from utils.ops.metrics import INBOX_LOOKUP_TIMEOUT, Metrics
 from utils.updates.stats import HANDLER_BUCKETS, UpdateStats
 from utils.updates.webhook import ReceiverStats
@@ -211,7 +212,8 @@ async def test_webhook_deliveries_inbox_depth_and_telegrams_view() -> None:
     deliveries = ReceiverStats(accepted=40, duplicates=2, unauthorized=3, malformed=1, unavailable=5)
     role = FakeWebhookRole()
     metrics = Metrics(controller=FakeController(Mode.ACTIVE, 2, 1), stats=UpdateStats(),
-                      deliveries=deliveries, webhook=role, inbox=FakeInbox((12, 3.5)))
+                      deliveries=deliveries, webhook=role,
+                      inbox_depth=BoundedLookup(FakeInbox((12, 3.5)).depth, INBOX_LOOKUP_TIMEOUT))
     families = await scrape_families(metrics)
     for outcome, count in (("accepted", 40), ("duplicate", 2), ("unauthorized", 3), ("malformed", 1),
                            ("unavailable", 5)):
@@ -233,7 +235,8 @@ async def test_webhook_deliveries_inbox_depth_and_telegrams_view() -> None:
 
 
 async def test_a_silent_database_costs_a_scrape_only_the_inbox_series() -> None:
-    metrics = Metrics(controller=FakeController(), stats=UpdateStats(), inbox=FakeInbox(None))
+    metrics = Metrics(controller=FakeController(), stats=UpdateStats(),
+                      inbox_depth=BoundedLookup(FakeInbox(None).depth, INBOX_LOOKUP_TIMEOUT))
     loop = asyncio.get_running_loop()
     started = loop.time()
     families = await scrape_families(metrics)

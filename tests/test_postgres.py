@@ -173,12 +173,14 @@ class PingStream:
 
 
 class TcpProxy:
-    """A TCP proxy to PostgreSQL that a test can cut (every connection closed, new ones refused)."""
+    """A TCP proxy to PostgreSQL that a test can cut (every connection closed, new ones refused)
+    or freeze (a silent server: connections stay open, nothing passes, new ones hang)."""
 
     def __init__(self, target_port: int = 5432) -> None:
         self.target_port = target_port
         self.port = free_port()
         self.cut_now = False
+        self.frozen = asyncio.Event()  # set: nothing passes
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._started = threading.Event()
@@ -196,12 +198,17 @@ class TcpProxy:
         if self.cut_now:
             writer.close()
             return
+        self._writers.add(writer)
+        if self.frozen.is_set():
+            await asyncio.Event().wait()  # accepted, never answered (closed at stop())
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers.update({writer, up_writer})
+        self._writers.add(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if self.frozen.is_set():
+                        await asyncio.Event().wait()  # swallowed: a silent server
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -225,6 +232,9 @@ class TcpProxy:
                 transport.abort()
 
         self._loop.call_soon_threadsafe(do)
+
+    def freeze(self) -> None:
+        self._loop.call_soon_threadsafe(self.frozen.set)
 
     def restore(self) -> None:
         self.cut_now = False
@@ -327,6 +337,28 @@ def test_health_answers_quickly_while_the_database_is_unreachable(fake: FakeBotA
             timings.append(time.monotonic() - started)
         print(f"\n/health with the database unreachable: max {max(timings) * 1000:.0f} ms")
         assert max(timings) < 0.5, timings
+    finally:
+        proxy.stop()
+
+
+def test_health_answers_quickly_while_the_database_is_silent(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
+    """A silent server (a frozen VM, a black-holed network) is worse than a refusing one: a query
+    cancelled on it waits seconds for the server to confirm. /health still answers within 0.5 s,
+    and the leader steps down once its lease cannot be verified."""
+    proxy = TcpProxy()
+    try:
+        a = spawn("a", **pg_env(pg.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")))
+        a.wait_mode("active")
+        proxy.freeze()
+        timings = []
+        for _ in range(5):
+            started = time.monotonic()
+            assert a.health() is not None
+            timings.append(time.monotonic() - started)
+        wait_until(lambda: a.mode() == "passive", START_WAIT, message="a steps down")
+        print(f"\n/health with the database silent: max {max(timings) * 1000:.0f} ms")
+        assert max(timings) < 0.5, timings
+        assert "lease verification: no answer within 2 s" in a.log()
     finally:
         proxy.stop()
 

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from utils.locking.lease import RENEW_FRACTION, Lease
+from utils.ops.lookup import within
 from utils.state.leader import Takeover
 from utils.state.store import StateStore
 
@@ -136,9 +137,10 @@ class LockBackend(abc.ABC):
     async def heartbeat(self) -> bool:
         """Is the lock still ours and our epoch current? Refreshes the heartbeat if so.
 
-        This is the lease's verification: one round trip, bounded by :data:`VERIFY_TIMEOUT`.
+        This is the lease's verification: one round trip, bounded by :data:`VERIFY_TIMEOUT` (a hard
+        bound: a call to a silent server is abandoned, not waited for while it cancels).
         """
-        return await asyncio.wait_for(self._lock_heartbeat(), timeout=VERIFY_TIMEOUT)
+        return await within(self._lock_heartbeat(), VERIFY_TIMEOUT, "lease verification")
 
     async def hold(self, lease: Lease) -> str:
         """Renew *lease* every heartbeat while active; return why it was lost."""

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from utils.locking.backend import HolderInfo, LockBackend
 from utils.locking.lease import Lease, LeaseGate
+from utils.ops.lookup import BoundedLookup
 from utils.state.leader import Takeover
 
 log = logging.getLogger("solobot.leadership")
@@ -89,6 +90,7 @@ class LeadershipController:
         self._step_down: asyncio.Event = asyncio.Event()
         self._step_down_reason = ""
         self._holder_cache: HolderInfo | None = None
+        self._holder_lookup = BoundedLookup(backend.holder, HOLDER_LOOKUP_TIMEOUT, name="holder lookup")
         self._warned_state: str | None = None
 
     # -- reading -----------------------------------------------------------------------------
@@ -103,8 +105,7 @@ class LeadershipController:
     async def holder(self) -> HolderInfo | None:
         """The current holder as the backend sees it (cached if the backend cannot answer)."""
         try:
-            self._holder_cache = await asyncio.wait_for(self.backend.holder(),
-                                                        timeout=HOLDER_LOOKUP_TIMEOUT)
+            self._holder_cache = await self._holder_lookup()
         except Exception:
             log.debug("holder lookup failed", exc_info=True)
         return self._holder_cache

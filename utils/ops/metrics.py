@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -143,14 +143,13 @@ class WebhookInfoSource(Protocol):
     def info(self) -> Mapping[str, Any] | None: ...
 
 
-class InboxSource(Protocol):
-    """The shared inbox (every replica's rows): waiting rows and the oldest one's age."""
+#: The shared inbox (every replica's rows): waiting rows and the oldest one's age; raises when
+#: it cannot tell in time (``utils.ops.lookup.BoundedLookup`` over ``InboxRepository.depth``).
+InboxDepth = Callable[[], Awaitable[tuple[int, float | None]]]
 
-    async def depth(self) -> tuple[int, float | None]: ...
 
-
-#: The inbox lookup of a scrape gives up after this (the database may be down); the scrape
-#: is answered without those two series.
+#: The inbox lookup of a scrape gives up after this (the database may be down or silent); the
+#: scrape is answered without those two series.
 INBOX_LOOKUP_TIMEOUT = 0.25
 
 
@@ -331,7 +330,7 @@ class Metrics:
         backend: FencingSource | None = None,
         deliveries: DeliverySource | None = None,
         webhook: WebhookInfoSource | None = None,
-        inbox: InboxSource | None = None,
+        inbox_depth: InboxDepth | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SolobotCollector(
@@ -339,7 +338,7 @@ class Metrics:
             deliveries=deliveries, webhook=webhook,
         )
         self.registry.register(self.collector)
-        self.inbox = inbox
+        self.inbox_depth = inbox_depth
         self._scraping = asyncio.Lock()
 
     def render(self) -> tuple[bytes, str]:
@@ -347,14 +346,13 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     async def scrape(self) -> tuple[bytes, str]:
-        """:meth:`render`, with the shared inbox's depth looked up first (bounded: a database
-        that does not answer costs a scrape at most :data:`INBOX_LOOKUP_TIMEOUT`, and only the
+        """:meth:`render`, with the shared inbox's depth looked up first (*inbox_depth* is
+        bounded: a database that does not answer costs a scrape at most its limit, and only the
         inbox series are missing)."""
         async with self._scraping:
-            if self.inbox is not None:
+            if self.inbox_depth is not None:
                 try:
-                    self.collector.inbox_depth = await asyncio.wait_for(self.inbox.depth(),
-                                                                        timeout=INBOX_LOOKUP_TIMEOUT)
+                    self.collector.inbox_depth = await self.inbox_depth()
                 except Exception:  # noqa: BLE001 - the rest of the scrape stands on its own
                     self.collector.inbox_depth = None
             try:
