@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from utils.updates.group_commit import GroupCommit
+
+#: A wait for a marker below fails after this instead of hanging.
+MARKER_TIMEOUT = 5.0
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Yield to the loop until *predicate* holds (fails after MARKER_TIMEOUT)."""
+
+    async def spin() -> None:
+        while not predicate():
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(spin(), MARKER_TIMEOUT)
 
 
 class Writer:
@@ -45,11 +58,9 @@ async def test_deliveries_arriving_during_a_write_share_the_next_transaction() -
     commits = GroupCommit(writer.write, max_batch=3)
     writer.gate.clear()
     first = asyncio.create_task(commits.submit(0))
-    while writer.batches != [[0]]:  # the writer took the first batch and waits on the gate
-        await asyncio.sleep(0)
+    await until(lambda: writer.batches == [[0]])  # the writer took the first batch, waits on the gate
     rest = [asyncio.create_task(commits.submit(i)) for i in range(1, 6)]
-    while commits.queued < 5:  # every later delivery queued behind it
-        await asyncio.sleep(0)
+    await until(lambda: commits.queued == 5)  # every later delivery queued behind it
     writer.gate.set()
     assert await asyncio.gather(first, *rest) == [True] * 6
     assert writer.batches == [[0], [1, 2, 3], [4, 5]], "in arrival order, at most max_batch each"
@@ -62,8 +73,7 @@ async def test_a_failed_transaction_fails_every_delivery_of_it_and_the_next_batc
     writer.gate.clear()
     writer.fail = OSError("database is locked")
     batch = [asyncio.create_task(commits.submit(i)) for i in range(3)]
-    while not writer.batches:
-        await asyncio.sleep(0)
+    await until(lambda: bool(writer.batches))
     writer.gate.set()
     results = await asyncio.gather(*batch, return_exceptions=True)
     assert all(isinstance(r, OSError) for r in results), results
@@ -77,8 +87,7 @@ async def test_a_delivery_that_gives_up_does_not_stop_its_batch() -> None:
     writer.gate.clear()
     impatient = asyncio.create_task(commits.submit(1))
     patient = asyncio.create_task(commits.submit(2))
-    while not writer.batches:  # both in the batch being written
-        await asyncio.sleep(0)
+    await until(lambda: bool(writer.batches))  # both in the batch being written
     impatient.cancel()
     with pytest.raises(asyncio.CancelledError):
         await impatient

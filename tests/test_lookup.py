@@ -1,5 +1,5 @@
-"""BoundedLookup in-process: the caller's wait is bounded even when the call cannot be cancelled
-quickly (psycopg asking a silent server to cancel), and a stuck call is never started twice."""
+"""BoundedLookup in-process: the caller's wait is bounded however long the call hangs (a silent
+server), and a stuck call is never started twice."""
 
 from __future__ import annotations
 
@@ -12,27 +12,21 @@ from utils.ops.lookup import BoundedLookup
 LIMIT = 0.05
 
 
-class SlowToCancel:
-    """A call that hangs, and once cancelled still takes *cancel_takes* to give up (as psycopg's
-    cancel request to a silent server does)."""
+class Stuck:
+    """A call that hangs until released (a query to a silent server)."""
 
-    def __init__(self, cancel_takes: float) -> None:
-        self.cancel_takes = cancel_takes
+    def __init__(self) -> None:
         self.calls = 0
         self.release = asyncio.Event()
 
     async def fetch(self) -> str:
         self.calls += 1
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            await asyncio.sleep(self.cancel_takes)
-            raise
+        await self.release.wait()
         return f"answer {self.calls}"
 
 
 async def test_the_wait_is_bounded_and_a_stuck_call_runs_once() -> None:
-    slow = SlowToCancel(cancel_takes=30.0)
+    slow = Stuck()
     lookup = BoundedLookup(slow.fetch, LIMIT)
     loop = asyncio.get_running_loop()
     for _ in range(3):

@@ -252,6 +252,8 @@ class TcpProxy:
 
         asyncio.run_coroutine_threadsafe(close_all(), self._loop)
         self._thread.join(5)
+        assert not self._thread.is_alive(), "the proxy's thread did not stop"
+        self._loop.close()
 
 
 def test_partition_from_database_never_two_pollers(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:

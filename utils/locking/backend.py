@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from utils.locking.lease import RENEW_FRACTION, Lease
-from utils.ops.lookup import within
+from utils.ops.lookup import retrieve_quietly
 from utils.state.leader import Takeover
 from utils.state.store import StateStore
 
@@ -95,6 +95,8 @@ class LockBackend(abc.ABC):
         #: How long the last takeover already waited for a vanished predecessor's leftovers to go
         #: (counted against :attr:`unclean_takeover_delay`).
         self.predecessor_waited = 0.0
+        #: The last lease verification; still running after an overrun (see :meth:`heartbeat`).
+        self.verification: asyncio.Task[bool] | None = None
 
     # -- policy ------------------------------------------------------------------------------
 
@@ -137,10 +139,21 @@ class LockBackend(abc.ABC):
     async def heartbeat(self) -> bool:
         """Is the lock still ours and our epoch current? Refreshes the heartbeat if so.
 
-        This is the lease's verification: one round trip, bounded by :data:`VERIFY_TIMEOUT` (a hard
-        bound: a call to a silent server is abandoned, not waited for while it cancels).
+        This is the lease's verification: one round trip, bounded by :data:`VERIFY_TIMEOUT`, a hard
+        bound. A call that overruns (a silent server) is not cancelled, because psycopg would wait
+        seconds for the server to confirm the cancellation; it is left to end on its own (the lock
+        connection's TCP timeouts end it), and until it has, every further verification fails at
+        once: a late answer never vouches for a later moment.
         """
-        return await within(self._lock_heartbeat(), VERIFY_TIMEOUT, "lease verification")
+        running = self.verification
+        if running is not None and not running.done():
+            raise TimeoutError("the previous lease verification has not answered yet")
+        task = self.verification = asyncio.ensure_future(self._lock_heartbeat())
+        task.add_done_callback(retrieve_quietly)
+        done, _ = await asyncio.wait({task}, timeout=VERIFY_TIMEOUT)
+        if not done:
+            raise TimeoutError(f"lease verification: no answer within {VERIFY_TIMEOUT:g} s")
+        return task.result()
 
     async def hold(self, lease: Lease) -> str:
         """Renew *lease* every heartbeat while active; return why it was lost."""

@@ -29,20 +29,12 @@ import psycopg
 
 from utils.locking.backend import HEARTBEAT_INTERVAL, HolderInfo, LockBackend
 from utils.state import leader as sql
-from utils.state.database import DatabaseTarget, instance_tag_pattern, session_tag
+from utils.state.database import PG_TCP_TIMEOUTS, DatabaseTarget, instance_tag_pattern, session_tag
 from utils.state.store import StateStore
 
 log = logging.getLogger("solobot.lock")
 
-CONNECT_ARGS: dict[str, Any] = {
-    "autocommit": True,
-    "connect_timeout": 5,
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,
-}
+CONNECT_ARGS: dict[str, Any] = {"autocommit": True, "connect_timeout": 5, **PG_TCP_TIMEOUTS}
 UNLOCK_TIMEOUT = 2.0
 #: A vanished predecessor's last sessions get this long to end on their own (a killed process's
 #: backends exit one by one, slower on a loaded server) before the takeover delay applies;
@@ -172,6 +164,15 @@ class PostgresLockBackend(LockBackend):
         conn, self._conn, self._pid = self._conn, None, None
         if conn is None:
             return
+        pending = self.verification
+        if pending is not None and not pending.done():
+            # The connection is busy with a verification the server has not answered (a silent
+            # server). Closing it under psycopg's feet could hand its descriptor to the next
+            # socket; close it once that call has ended (its TCP timeouts end it within ~10 s).
+            # The server drops the session, and with it the lock, when it sees the close.
+            log.debug("lock connection busy with an unanswered verification; closing it when that ends")
+            pending.add_done_callback(lambda _done: asyncio.ensure_future(self._close_quietly(conn)))
+            return
         try:
             await asyncio.wait_for(sql.advisory_unlock(conn, self.key), timeout=UNLOCK_TIMEOUT)
         except Exception:  # closing the session releases it anyway
@@ -189,11 +190,15 @@ class PostgresLockBackend(LockBackend):
         """Run one of :mod:`utils.state.leader`'s queries on the monitor connection."""
         if self._monitor is None or self._monitor.closed or self._monitor.broken:
             self._monitor = await self._connect("monitor")
+        conn = self._monitor
         try:
-            return await query(self._monitor, *args, **kwargs)
+            return await query(conn, *args, **kwargs)
         except psycopg.OperationalError:
-            await self._close_quietly(self._monitor)
-            self._monitor = None
+            # This call's connection, which may not be the current one any more (a bounded lookup
+            # can end long after its caller gave up and a new monitor connection was opened).
+            await self._close_quietly(conn)
+            if self._monitor is conn:
+                self._monitor = None
             raise
 
     async def holder(self) -> HolderInfo | None:

@@ -5,7 +5,8 @@ to finish*. psycopg answers a cancellation by asking the server to cancel the ru
 a server that went silent (a frozen VM, a black-holed network) lets that wait for seconds: the
 first /health after PostgreSQL went silent took 10 s. Here the caller waits at most the limit;
 a call that overruns goes on in the background, alone (a stuck lookup is never started twice),
-and its outcome is simply not awaited by anyone.
+until the connection's TCP timeouts end it (keepalives and ``tcp_user_timeout`` on every
+PostgreSQL connection); its outcome is simply not awaited by anyone.
 """
 
 from __future__ import annotations
@@ -33,30 +34,14 @@ class BoundedLookup(Generic[T]):
         task = self._running
         if task is None or task.done():
             task = self._running = asyncio.ensure_future(self._fetch())
-            task.add_done_callback(_retrieve)
+            task.add_done_callback(retrieve_quietly)
         done, _ = await asyncio.wait({task}, timeout=self.timeout)
         if not done:
             raise TimeoutError(f"{self.name}: no answer within {self.timeout:g} s")
         return task.result()
 
 
-async def within(call: Awaitable[T], timeout: float, what: str) -> T:
-    """Await *call* for at most *timeout* seconds, else raise :class:`TimeoutError`.
-
-    Unlike ``asyncio.wait_for``, an overrun call is cancelled *without waiting for the
-    cancellation* (psycopg's cancel request to a silent server takes seconds): it ends in the
-    background.
-    """
-    task = asyncio.ensure_future(call)
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    if not done:
-        task.add_done_callback(_retrieve)
-        task.cancel()
-        raise TimeoutError(f"{what}: no answer within {timeout:g} s")
-    return task.result()
-
-
-def _retrieve(task: asyncio.Task[T]) -> None:
-    """Nobody may await an overrun call: mark its exception as seen."""
+def retrieve_quietly(task: asyncio.Future[T]) -> None:
+    """A done-callback for a call nobody may await (it overran): mark its exception as seen."""
     if not task.cancelled():
         task.exception()

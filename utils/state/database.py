@@ -114,6 +114,10 @@ class DatabaseTarget:
             "application_name": session_tag(bot_id, instance_id, "state"),
             "connect_timeout": PG_CONNECT_TIMEOUT_S,
             "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+            # A silent server or a half-open connection (a failover, a dropped NAT entry) ends a
+            # call within seconds, not the kernel's default of up to two hours: a lookup that
+            # /health stopped waiting for must not keep a pooled connection that long.
+            **PG_TCP_TIMEOUTS,
         }
         # The URL object, not its text: SQLAlchemy passes the parts to psycopg unmangled.
         url = make_url(self.sqlalchemy_url)
@@ -122,6 +126,17 @@ class DatabaseTarget:
         # batch or its done marks until they are written).
         return create_async_engine(url, pool_size=PG_POOL_SIZE, max_overflow=PG_POOL_OVERFLOW,
                                    connect_args=connect_args)
+
+
+#: libpq's TCP settings for every PostgreSQL connection (the state store's and the lock
+#: backend's): a dead peer is noticed within seconds.
+PG_TCP_TIMEOUTS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
 
 
 def prepare_private_dir(path: Path) -> None:
