@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ if str(ROOT) not in sys.path:
 import psutil  # noqa: E402
 
 from tests.fake_bot_api import FakeBotAPI, Poll, Sent  # noqa: E402
-from tests.waiting import get_health  # noqa: E402
+from tests.waiting import free_port, get_health  # noqa: E402
 from tests.waiting import wait_until as shared_wait_until  # noqa: E402
 
 #: The secret half of every bench token (the fake accepts any of 30+ characters).
@@ -51,12 +50,6 @@ def token_for(bot_id: int) -> str:
 def unique_bot_id() -> int:
     """A bot id no other run used: state and locks are per bot, so runs never see each other's."""
     return 500_000_000 + uuid.uuid4().int % 400_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 #: The shared wait, raising TimeoutError (a bench reports a timeout, it is not a test failure).

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -62,8 +61,9 @@ from bench.harness import (
     wait_all_answered,
     wait_until,
 )
-from tests.balancer import Nginx, free_port
+from tests.balancer import Nginx
 from tests.fake_bot_api import FakeBotAPI
+from tests.waiting import free_port, listening
 from utils.config import derive_webhook_secret
 
 AIOGRAM = "aiogram SimpleRequestHandler (background), 2 replicas"
@@ -147,11 +147,6 @@ def start_replicas(groups: ProcessGroups, candidate: str, fake: FakeBotAPI, bot_
                    f"{tag}: one replica active, one passive")
     wait_until(lambda: fake.webhook(bot_id) == nginx.url, START_TIMEOUT, f"{tag}: the webhook registered")
     return procs
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres: str | None, tag: str,

@@ -14,10 +14,11 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from tests.waiting import free_port, listening
 
 #: How long nginx may take to listen.
 LISTEN_TIMEOUT = 10.0
@@ -58,12 +59,6 @@ http {{
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Nginx:
     """Debian's nginx in front of the replicas' ports (``HEALTH_PORT``), routing *path*."""
 
@@ -92,8 +87,7 @@ class Nginx:
     def _listening(self) -> bool:
         if self.proc.poll() is not None:  # failed to start (bad config, port taken)
             raise RuntimeError(f"nginx exited {self.proc.returncode}: {self.error_log()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        return listening(self.port)
 
     def error_log(self) -> str:
         path = self.dir / "nginx-error.log"

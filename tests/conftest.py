@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,9 +31,9 @@ import psutil
 import pytest
 
 from tests.fake_bot_api import FakeBotAPI
-from tests.waiting import get_health, wait_until
+from tests.waiting import free_port, get_health, wait_until
 
-__all__ = ["get_health", "wait_until"]  # the tests import both from here
+__all__ = ["free_port", "get_health", "wait_until"]  # the tests import them from here
 
 ROOT = Path(__file__).resolve().parent.parent
 BOT_ID = 123456
@@ -204,12 +203,6 @@ def start_pair(spawn: Callable[..., BotProcess], **env: str) -> tuple[BotProcess
     b.wait_mode("passive")
     wait_until(lambda: "standby: lock held by pid" in b.log(), message="b announces its standby")
     return a, b
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class BotProcess:

@@ -1,9 +1,11 @@
-"""Waiting for a positive marker, and reading a bot's /health: shared by the tests, the container
-checks (tests/container/checks.py) and the benchmarks (bench/harness.py). No pytest here."""
+"""Waiting for a positive marker, reading a bot's /health, free and listening ports: shared by the
+tests, the container checks (tests/container/checks.py), the load balancer (tests/balancer.py)
+and the benchmarks (bench/harness.py). No pytest here."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -39,3 +41,16 @@ def get_health(port: int, host: str = "127.0.0.1") -> dict[str, Any] | None:
             return dict(json.loads(r.read()))
     except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
         return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Does something accept connections on *port*?"""
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0

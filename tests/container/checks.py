@@ -37,7 +37,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from tests.fake_bot_api import FakeBotAPI
-from tests.waiting import get_health
+from tests.waiting import free_port, get_health
 from tests.waiting import wait_until as shared_wait_until
 
 T = TypeVar("T")
@@ -104,12 +103,6 @@ def podman(*args: str, timeout: float = PODMAN_TIMEOUT, check: bool = True,
     if check and done.returncode != 0:
         raise CheckFailed(f"podman {' '.join(args[:3])}... exited {done.returncode}: {done.stderr.strip()[-800:]}")
     return done
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def go_time(text: str) -> datetime:
