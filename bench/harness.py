@@ -138,6 +138,18 @@ def chats_out_of_order(replies: Sequence[Sent], items: Sequence[tuple[str, int, 
     return out
 
 
+def cpu_seconds(procs: Iterable[psutil.Process]) -> float:
+    """User + system CPU seconds used so far by *procs* (one that has gone counts nothing)."""
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def rate_cell(rates: Sequence[float]) -> str:
     """``median (min-max)`` of per-round rates."""
     return f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})"

@@ -48,6 +48,7 @@ from bench.harness import (
     burst_items,
     chats_out_of_order,
     count_replies,
+    cpu_seconds,
     markdown_table,
     once_cell,
     pending_poll,
@@ -131,16 +132,11 @@ class CpuMeter:
     def __init__(self, proc: BotProc) -> None:
         self._bot = psutil.Process(proc.pid)
         self._me = psutil.Process()
-        self._bot0 = self._total(self._bot)
-        self._me0 = self._total(self._me)
-
-    @staticmethod
-    def _total(p: psutil.Process) -> float:
-        times = p.cpu_times()
-        return float(times.user + times.system)
+        self._bot0 = cpu_seconds([self._bot])
+        self._me0 = cpu_seconds([self._me])
 
     def used(self) -> tuple[float, float]:
-        return self._total(self._bot) - self._bot0, self._total(self._me) - self._me0
+        return cpu_seconds([self._bot]) - self._bot0, cpu_seconds([self._me]) - self._me0
 
 
 def start_bot(groups: ProcessGroups, case: Case, fake: FakeBotAPI, bot_id: int, work: Path, tag: str,

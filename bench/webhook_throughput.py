@@ -48,6 +48,7 @@ from bench.harness import (
     burst_items,
     chats_out_of_order,
     count_replies,
+    cpu_seconds,
     markdown_table,
     once_cell,
     percentile,
@@ -103,28 +104,6 @@ class Row:
     ratios: list[float] = field(default_factory=list)
 
 
-def cpu_seconds(procs: list[BotProc]) -> float:
-    """CPU seconds used so far by the replicas (their main processes)."""
-    found = []
-    for proc in procs:
-        try:
-            found.append(psutil.Process(proc.pid))
-        except psutil.Error:
-            continue
-    return process_cpu(found)
-
-
-def process_cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
 def start_replicas(groups: ProcessGroups, candidate: str, fake: FakeBotAPI, bot_id: int, work: Path, tag: str,
                    nginx: Nginx, ports: list[int], postgres: str | None, log_level: str) -> list[BotProc]:
     procs = []
@@ -162,17 +141,18 @@ def run_once(groups: ProcessGroups, candidate: str, n: int, chats: int, postgres
             try:
                 procs = start_replicas(groups, candidate, fake, bot_id, work, tag, nginx, ports, postgres, log_level)
                 items = burst_items(n, chats, CHAT_BASE)
-                cpu0 = cpu_seconds(procs)
+                replicas = [psutil.Process(proc.pid) for proc in procs]
+                cpu0 = cpu_seconds(replicas)
                 me = psutil.Process()
                 balancer = [psutil.Process(nginx.proc.pid), *psutil.Process(nginx.proc.pid).children()]
-                me0, nginx0 = process_cpu([me]), process_cpu(balancer)
+                me0, nginx0 = cpu_seconds([me]), cpu_seconds(balancer)
                 queued_at = time.time()
                 message_ids = fake.send_burst(bot_id, items)
                 wait_all_answered(fake, message_ids, candidate)
-                cpu = cpu_seconds(procs) - cpu0
+                cpu = cpu_seconds(replicas) - cpu0
                 wall = time.time() - queued_at
-                fake_share = (process_cpu([me]) - me0) / wall
-                nginx_share = (process_cpu(balancer) - nginx0) / wall
+                fake_share = (cpu_seconds([me]) - me0) / wall
+                nginx_share = (cpu_seconds(balancer) - nginx0) / wall
                 for proc in procs:
                     proc.signal(signal.SIGTERM)
                 exit_codes: list[int | None] = []
