@@ -47,7 +47,7 @@ from utils.locking.instance_lock import LockSetupError  # noqa: E402
 from utils.locking.lease import LeaseGate  # noqa: E402
 from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
 from utils.ops.lookup import BoundedLookup  # noqa: E402
-from utils.ops.metrics import INBOX_LOOKUP_TIMEOUT, Metrics  # noqa: E402
+from utils.ops.metrics import Metrics  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
@@ -69,10 +69,6 @@ READY_MARGIN = 5.0
 HEALTH_LOOKUP_TIMEOUT = 0.25
 #: Releasing the lock after the roles stopped (a database round trip or two).
 RELEASE_ALLOWANCE = 1.0
-
-
-async def _nothing_paused() -> bool:
-    return False
 
 
 def make_bot(settings: Settings, gate: LeaseGate) -> Bot:
@@ -147,10 +143,14 @@ class App:
             self.backend, roles, instance_id=self.instance_id,
             role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
         )
+        # The database lookups of /health and /metrics: each answers within HEALTH_LOOKUP_TIMEOUT or
+        # says it could not, and a stuck one is never started twice (utils/ops/lookup.py). One inbox
+        # lookup serves both endpoints.
+        self._inbox_lookup = BoundedLookup(self.store.inbox.depth, HEALTH_LOOKUP_TIMEOUT, name="inbox depth")
+        self._paused_lookup = (BoundedLookup(self.autoposter.is_paused, HEALTH_LOOKUP_TIMEOUT, name="pause flag")
+                               if self.autoposter else None)
         self.metrics = Metrics(controller=self.controller, stats=self.stats, autoposter=self.autoposter,
-                               backend=self.backend,
-                               inbox_depth=BoundedLookup(self.store.inbox.depth, INBOX_LOOKUP_TIMEOUT,
-                                                         name="inbox depth (metrics)"),
+                               backend=self.backend, inbox_depth=self._inbox_lookup,
                                deliveries=self.receiver.stats if self.receiver else None,
                                webhook=self.webhook)
         self.notifier = SystemdNotifier.from_environment()
@@ -158,11 +158,6 @@ class App:
         self.dp["admin_ids"] = settings.admin_ids
         self.dp["status"] = self.status
         self.dp["autoposter"] = self.autoposter
-        # /health's database lookups: each answers within HEALTH_LOOKUP_TIMEOUT or says it could not,
-        # and a stuck one is never started twice (utils/ops/lookup.py).
-        self._inbox_lookup = BoundedLookup(self.store.inbox.depth, HEALTH_LOOKUP_TIMEOUT, name="inbox depth")
-        self._paused_lookup = BoundedLookup(self.autoposter.is_paused if self.autoposter else _nothing_paused,
-                                            HEALTH_LOOKUP_TIMEOUT, name="pause flag")
         self.health: HealthServer | None = None
         if settings.health_port:
             self.health = HealthServer(
@@ -252,7 +247,7 @@ class App:
         }
 
     async def _paused_or_error(self) -> bool | str | None:
-        if self.autoposter is None:
+        if self._paused_lookup is None:  # no autoposter
             return None
         try:
             return await self._paused_lookup()

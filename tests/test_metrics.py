@@ -15,7 +15,7 @@ from tests.conftest import free_port
 from utils.locking.controller import Mode
 from utils.ops.health import HealthServer
 from utils.ops.lookup import BoundedLookup
-from utils.ops.metrics import INBOX_LOOKUP_TIMEOUT, Metrics
+from utils.ops.metrics import Metrics
 from utils.updates.stats import HANDLER_BUCKETS, UpdateStats
 from utils.updates.webhook import ReceiverStats
 
@@ -35,6 +35,10 @@ class FakeAutoposter:
 @dataclass
 class FakeBackend:
     fenced_holders: int = 0
+
+
+#: The bound of the inbox lookup in these tests (main.py uses HEALTH_LOOKUP_TIMEOUT, 0.25 s).
+INBOX_LOOKUP_TIMEOUT = 0.25
 
 
 def parse(metrics: Metrics) -> dict[str, tuple[str, list[Sample]]]:

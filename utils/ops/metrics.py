@@ -148,11 +148,6 @@ class WebhookInfoSource(Protocol):
 InboxDepth = Callable[[], Awaitable[tuple[int, float | None]]]
 
 
-#: The inbox lookup of a scrape gives up after this (the database may be down or silent); the
-#: scrape is answered without those two series.
-INBOX_LOOKUP_TIMEOUT = 0.25
-
-
 def _name(suffix: str) -> str:
     return f"{PREFIX}_{suffix}"
 
