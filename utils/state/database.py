@@ -130,7 +130,7 @@ class DatabaseTarget:
 
 #: libpq's TCP settings for every PostgreSQL connection (the state store's and the lock
 #: backend's): a dead peer is noticed within seconds.
-PG_TCP_TIMEOUTS: dict[str, int] = {
+PG_TCP_TIMEOUTS: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 5,
     "keepalives_interval": 2,

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from utils.state.fencing import epoch_is_current, hold_epoch, raise_if_fenced
-from utils.state.schema import inbox_table, offset_table, utcnow
+from utils.state.schema import aware, inbox_table, offset_table, utcnow
 
 #: Done rows are kept this long for de-duplication: Telegram keeps (and may re-deliver) an
 #: update for up to 24 hours.
@@ -69,6 +69,12 @@ class StoredBatch:
     new: list[InboxEntry]  # in the order given
     duplicates: int  # already in the inbox (handled or waiting)
     waiting_duplicates: list[InboxEntry]  # of those, the ones still waiting (a caller may not know them)
+
+
+def age_of(stored_at: dt.datetime | None) -> float | None:
+    """Seconds since *stored_at* (a UTC time from the database), None for none."""
+    when = aware(stored_at)
+    return (utcnow() - when).total_seconds() if when is not None else None
 
 
 class InboxRepository:
@@ -256,8 +262,24 @@ class InboxRepository:
                 sa.select(sa.func.count(), sa.func.min(inbox_table.c.received_at))
                 .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None))
             )).one()
-        oldest = row[1]
-        if oldest is not None and oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=dt.UTC)
-        age = (utcnow() - oldest).total_seconds() if oldest is not None else None
-        return int(row[0]), age
+        return int(row[0]), age_of(row[1])
+
+    def _unclaimed(self) -> Any:
+        """Rows stored by a process that is not the leader (webhook replicas), not taken yet."""
+        return sa.and_(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None),
+                       inbox_table.c.claimed_epoch.is_(None))
+
+    async def has_unclaimed(self) -> bool:
+        """True if a row another process stored waits for the leader (cheap: stops at one row)."""
+        async with self.engine.connect() as conn:
+            found = await conn.scalar(sa.select(inbox_table.c.seq).where(self._unclaimed()).limit(1))
+        return found is not None
+
+    async def oldest_unclaimed_age(self) -> float | None:
+        """Seconds since the oldest row no leader has taken was stored (None: there is none).
+
+        A leader takes rows within milliseconds of their commit, so an old one means nobody leads.
+        """
+        async with self.engine.connect() as conn:
+            oldest = await conn.scalar(sa.select(sa.func.min(inbox_table.c.received_at)).where(self._unclaimed()))
+        return age_of(oldest)

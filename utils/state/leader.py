@@ -15,7 +15,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from utils.state.schema import leader_table, utcnow
+from utils.state.schema import aware, leader_table, utcnow
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,7 @@ class LeaderRepository:
                 sa.update(leader_table).where(leader_table.c.bot_id == self.bot_id)
                 .values(epoch=epoch, **values)
             )
-        heartbeat = row.heartbeat
-        if heartbeat is not None and heartbeat.tzinfo is None:
-            heartbeat = heartbeat.replace(tzinfo=now.tzinfo)
+        heartbeat = aware(row.heartbeat)
         age = (now - heartbeat).total_seconds() if heartbeat is not None else None
         return Takeover(epoch, bool(row.released), row.instance_id, age)
 

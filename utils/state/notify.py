@@ -8,7 +8,8 @@ update that a balancer sent to a passive replica.
   committed; the leader keeps one ``LISTEN`` connection (tagged like every session of the
   instance, so fencing ends it too) and adopts at once.
 * SQLite: the replicas share one host and one file; there is no notification between
-  processes, so the leader asks :func:`has_unclaimed` on a short timer (a one-row index read).
+  processes, so the leader asks ``InboxRepository.has_unclaimed`` on a short timer (a one-row
+  index read).
 
 The notification carries nothing: the inbox is the truth and a lost notification only delays
 (the leader also sweeps on a timer).
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 
@@ -27,8 +27,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from utils.state.database import DatabaseTarget, session_tag
-from utils.state.schema import inbox_table, utcnow
+from utils.state.database import PG_TCP_TIMEOUTS, DatabaseTarget, session_tag
 
 log = logging.getLogger("solobot.state")
 
@@ -49,36 +48,6 @@ async def notify_inbox(engine: AsyncEngine, bot_id: int) -> None:
         await conn.execute(sa.select(sa.func.pg_notify(inbox_channel(bot_id), "")))
 
 
-async def has_unclaimed(engine: AsyncEngine, bot_id: int) -> bool:
-    """True if a row stored by another process waits for the leader (cheap: stops at one row)."""
-    async with engine.connect() as conn:
-        found = await conn.scalar(
-            sa.select(inbox_table.c.seq)
-            .where(inbox_table.c.bot_id == bot_id, inbox_table.c.done_at.is_(None),
-                   inbox_table.c.claimed_epoch.is_(None))
-            .limit(1)
-        )
-    return found is not None
-
-
-async def oldest_unclaimed_age(engine: AsyncEngine, bot_id: int) -> float | None:
-    """Seconds since the oldest row that no leader has taken was stored (None: there is none).
-
-    A leader takes rows within milliseconds of their commit, so an old one means nobody leads.
-    """
-    async with engine.connect() as conn:
-        oldest = await conn.scalar(
-            sa.select(sa.func.min(inbox_table.c.received_at))
-            .where(inbox_table.c.bot_id == bot_id, inbox_table.c.done_at.is_(None),
-                   inbox_table.c.claimed_epoch.is_(None))
-        )
-    if not isinstance(oldest, dt.datetime):
-        return None
-    if oldest.tzinfo is None:  # SQLite keeps them naive (UTC)
-        oldest = oldest.replace(tzinfo=dt.UTC)
-    return (utcnow() - oldest).total_seconds()
-
-
 @contextlib.asynccontextmanager
 async def inbox_listener(target: DatabaseTarget, bot_id: int,
                          instance_id: str) -> AsyncIterator[AsyncIterator[None]]:
@@ -87,7 +56,7 @@ async def inbox_listener(target: DatabaseTarget, bot_id: int,
     with the driver's error (the caller reconnects)."""
     conn = await psycopg.AsyncConnection.connect(
         target.libpq_dsn, autocommit=True, connect_timeout=LISTEN_CONNECT_TIMEOUT_S,
-        application_name=session_tag(bot_id, instance_id, "listen"),
+        application_name=session_tag(bot_id, instance_id, "listen"), **PG_TCP_TIMEOUTS,
     )
     try:
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(inbox_channel(bot_id))))

@@ -49,7 +49,7 @@ from utils.locking.lease import Lease, LeaseLost
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
 from utils.state.inbox import NewUpdate
-from utils.state.notify import has_unclaimed, inbox_listener, notify_inbox, oldest_unclaimed_age
+from utils.state.notify import inbox_listener, notify_inbox
 from utils.state.store import StateStore
 from utils.updates.group_commit import GroupCommit
 from utils.updates.passive_notice import PassiveNotice
@@ -261,7 +261,7 @@ class WebhookReceiver:
         if chat_id is None or not notice.may_send(chat_id):
             return None
         try:
-            age = await asyncio.wait_for(oldest_unclaimed_age(self.store.engine, self.store.bot_id),
+            age = await asyncio.wait_for(self.store.inbox.oldest_unclaimed_age(),
                                          timeout=NOTICE_LOOKUP_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - no notice rather than a late or failed answer
             log.debug("webhook: PASSIVE_NOTICE lookup failed: %s", exc)
@@ -389,7 +389,7 @@ class WebhookRole:
             woken = self._wake.is_set()
             self._wake.clear()
             try:
-                if not woken and not await has_unclaimed(self.store.engine, self.store.bot_id):
+                if not woken and not await self.store.inbox.has_unclaimed():
                     continue
                 taken = await self.pipeline.adopt_unclaimed()
             except LeaseLost:
