@@ -46,6 +46,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from utils.locking.lease import Lease, LeaseLost
+from utils.ops.lookup import BoundedLookup
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
 from utils.state.inbox import NewUpdate
@@ -170,6 +171,8 @@ class WebhookReceiver:
         self.stats = ReceiverStats()
         self._throttle = _Throttle(REFUSAL_LOG_INTERVAL)
         self._commits: GroupCommit[NewUpdate] = GroupCommit(self._write)
+        self._oldest_unclaimed = BoundedLookup(store.inbox.oldest_unclaimed_age, NOTICE_LOOKUP_TIMEOUT,
+                                               name="PASSIVE_NOTICE lookup")
         self._notifier: asyncio.Task[None] | None = None
         self._notify_again = False
 
@@ -261,8 +264,7 @@ class WebhookReceiver:
         if chat_id is None or not notice.may_send(chat_id):
             return None
         try:
-            age = await asyncio.wait_for(self.store.inbox.oldest_unclaimed_age(),
-                                         timeout=NOTICE_LOOKUP_TIMEOUT)
+            age = await self._oldest_unclaimed()
         except Exception as exc:  # noqa: BLE001 - no notice rather than a late or failed answer
             log.debug("webhook: PASSIVE_NOTICE lookup failed: %s", exc)
             return None
