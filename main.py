@@ -4,6 +4,7 @@
     python main.py status     print who is active for the configured backend; exit 0 if an
                               active holder exists, 3 if none, 4 if it cannot tell (the
                               database is unreachable or does not answer; one line says why)
+    python main.py --help     this text
 
 Exit codes: 0 clean stop, 1 runtime failure (e.g. health port in use), 2 usage, 3 status: no
 active holder, 4 status: cannot tell (database unreachable), 78 configuration error (also an

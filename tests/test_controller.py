@@ -174,3 +174,22 @@ async def test_lost_lease_stops_roles_involuntarily_and_closes_the_gate(store: S
     controller.request_stop()
     await asyncio.wait_for(task, 5)
     assert backend.releases[0] is False
+
+
+async def test_handovers_count_takeovers_not_the_first_term(store: StateStore) -> None:
+    """A bot's very first activation hands nothing over (/health "handovers": 0); the next does."""
+    events: list[str] = []
+    first, first_backend = make(store, Role("polling", events))
+    first_backend.free.set()
+    task = asyncio.create_task(first.run())
+    await wait_for(lambda: first.is_active)
+    assert first.snapshot()["handovers"] == 0 and first.epoch == 1
+    first.request_stop()
+    await asyncio.wait_for(task, 5)
+    second, second_backend = make(store, Role("polling", events))
+    second_backend.free.set()
+    task = asyncio.create_task(second.run())
+    await wait_for(lambda: second.is_active)
+    assert second.snapshot()["handovers"] == 1 and second.epoch == 2
+    second.request_stop()
+    await asyncio.wait_for(task, 5)

@@ -15,7 +15,11 @@ if TYPE_CHECKING:
     from utils.ops.shutdown import ShutdownManager
     from utils.updates.polling import PollingManager
 
-__all__ = ["InstanceLock", "PollingManager", "ShutdownManager"]
+#: The release, as in pyproject.toml (tests/test_first_contact.py checks they agree); the first
+#: log line of a start names it.
+__version__ = "0.1.0"
+
+__all__ = ["InstanceLock", "PollingManager", "ShutdownManager", "__version__"]
 
 _HOMES = {
     "InstanceLock": "utils.locking.instance_lock",

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -113,6 +113,9 @@ class Settings:
     webhook_insecure: bool = False
     #: Webhook mode: text sent (throttled) to a chat while no replica leads.
     passive_notice: str | None = None
+    #: The ``.env`` file the settings were read with (None: the environment alone), for the
+    #: start-up line that says where the configuration came from.
+    env_file: Path | None = None
 
     @property
     def masked_token(self) -> str:
@@ -431,4 +434,4 @@ def load_configuration(environ: MutableMapping[str, str], cwd: Path) -> Settings
         raise ConfigError(file_problems + kept, hints) from None
     if file_problems:
         raise ConfigError(file_problems)
-    return settings
+    return replace(settings, env_file=env_file.path)

@@ -83,7 +83,7 @@ class LeadershipController:
         self.mode = Mode.PASSIVE
         self.mode_since = time.time()
         self.epoch = 0
-        self.handovers = 0  # times this instance became active
+        self.handovers = 0  # times this instance took over from an earlier leader (not a bot's first term)
         self.passive_reason = "starting"
         self._listeners: list[Listener] = []
         self._stop = asyncio.Event()
@@ -256,7 +256,8 @@ class LeadershipController:
                 for role in self.roles:
                     await role.start(lease)
                     started.append(role)
-                self.handovers += 1
+                if takeover.previous_instance is not None:  # a bot's very first term hands nothing over
+                    self.handovers += 1
                 self._set_mode(Mode.ACTIVE, f"leading with epoch {takeover.epoch}")
                 stop = asyncio.create_task(self._stop.wait())
                 step = asyncio.create_task(self._step_down.wait())

@@ -7,24 +7,51 @@ and a stop that arrives during the imports ends the process at once with exit 0 
 acquired yet). Once the event loop runs,
 :class:`utils.ops.shutdown.ShutdownManager` takes the signals over and is told about any that
 arrived in between. The configuration is validated here too, so exit 78 costs no heavy import.
+
+Those imports are also seconds of silence: a start that says nothing looks hung, in a terminal and
+in the journal alike. So the first log line (version, where the configuration came from, "loading
+the bot") goes out here, before them, and systemd's ``STATUS=`` says "starting" meanwhile.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+from utils import __version__
 from utils.config import EX_CONFIG, ConfigError, Settings, load_configuration
 from utils.ops.early_stop import EarlyStop
 from utils.ops.logging_setup import configure_logging
+from utils.ops.sd_notify import SystemdNotifier
 
 #: When the process started, near enough: main.py imports this module first. ``status`` answers
 #: within a bound counted from here, so a slow start-up shortens its database query.
 STARTED = time.monotonic()
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+COMMANDS = ("run", "status")
+HELP_FLAGS = ("-h", "--help", "help")
+#: systemd's status line while the heavy imports run (App replaces it on the first mode change).
+STARTING_STATUS = "STATUS=starting: loading the bot"
+
+log = logging.getLogger("solobot")
+
+
+def configuration_source(settings: Settings) -> str:
+    """Where the settings came from, for the first log line: the environment, and which file."""
+    if settings.env_file is None or str(settings.env_file) == os.devnull:
+        return "the environment"
+    return f"the environment and {settings.env_file}"
+
+
+def announce_start(settings: Settings) -> None:
+    """The first line of a start, before the seconds of imports: which release, which configuration."""
+    log.info("solobot %s (pid %d): configuration from %s; loading the bot",
+             __version__, os.getpid(), configuration_source(settings))
+    SystemdNotifier.from_environment().notify(STARTING_STATUS)
 
 
 def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
@@ -34,7 +61,10 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
     a bad configuration, or the outcome of ``status`` (which needs nothing heavy).
     """
     command = argv[1] if len(argv) > 1 else "run"
-    if command not in ("run", "status") or len(argv) > 2:
+    if command in HELP_FLAGS and len(argv) == 2:  # asked for: on stdout (``main.py --help | less``)
+        print(usage)
+        return EXIT_OK
+    if command not in COMMANDS or len(argv) > 2:
         print(usage, file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -49,6 +79,7 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
         from utils.ops.status import run_status  # no aiogram: a status check stays quick
 
         return run_status(settings, started=STARTED)
+    announce_start(settings)
     return command, settings
 
 

@@ -48,7 +48,7 @@ class LeadershipSource(Protocol):
     def epoch(self) -> int: ...
 
     @property
-    def handovers(self) -> int: ...  # times this instance became active
+    def handovers(self) -> int: ...  # times this instance took over from an earlier leader
 
 
 class DurationSource(Protocol):
@@ -173,7 +173,7 @@ def leadership_metrics(controller: LeadershipSource) -> Iterator[Metric]:
         _name("epoch"), "Fencing epoch held while active (0 when not active)", value=controller.epoch
     )
     yield CounterMetricFamily(
-        _name("handovers_total"), "Times this instance became active", value=controller.handovers
+        _name("handovers_total"), "Times this instance took over from an earlier leader", value=controller.handovers
     )
 
 
