@@ -215,6 +215,7 @@ class BotProcess:
     def __init__(self, name: str, env: dict[str, str], log_dir: Path, *,
                  prefix: list[str] | None = None) -> None:
         self.name = name
+        self.env = env
         self.port = int(env.get("HEALTH_PORT", "0"))
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -17,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import ROOT, BotProcess, have_unshare, wait_until
+from tests.conftest import BOT_ID, OWNER_VARIABLE, ROOT, BotProcess, have_unshare, wait_until
 
 Spawn = Callable[..., BotProcess]
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
@@ -150,7 +152,8 @@ def test_sd_notify_ready_status_watchdog_stopping(spawn: Spawn, tmp_path: Path) 
     messages = notify.drain()
     assert "STOPPING=1" in messages
     statuses = [m for m in messages if m.startswith("STATUS=")]
-    assert statuses[0].startswith("STATUS=passive") and any(s.startswith("STATUS=stopping") for s in statuses)
+    assert statuses[0] == "STATUS=starting: loading the bot", "said before the seconds of imports"
+    assert statuses[1].startswith("STATUS=passive") and any(s.startswith("STATUS=stopping") for s in statuses)
     assert messages.index("READY=1") < messages.index("STOPPING=1")
 
 
@@ -174,6 +177,61 @@ def test_pid1_in_new_namespace_stops_cleanly(spawn: Spawn) -> None:
     psutil.Process(a.pid).children()[0].send_signal(signal.SIGTERM)
     assert a.wait_exit() == 0
     assert "shutdown complete" in a.log()
+
+
+def readme_status_command() -> list[str]:
+    """The ``main.py status`` command deploy/systemd/README.md tells an operator to run, as argv."""
+    readme = (SYSTEMD / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    command = next(b for b in blocks if "main.py status" in b).replace("\\\n", " ")
+    return shlex.split(command)
+
+
+def systemd_environment_file(path: Path) -> dict[str, str]:
+    """What systemd's ``EnvironmentFile=`` sets from *path* (the documented subset: NAME=value lines,
+    comments on lines of their own)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith(("#", ";")):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def test_status_as_the_systemd_readme_says_finds_the_running_unit(spawn: Spawn, tmp_path: Path) -> None:
+    """The unit's lock directory comes from RUNTIME_DIRECTORY and its settings from the environment
+    file; ``status`` run the README's way must find that holder (exit 0), not "no active holder"."""
+    runtime, state, etc = tmp_path / "run-solobot", tmp_path / "var-lib-solobot", tmp_path / "etc-solobot"
+    for directory in (runtime, state, etc):
+        directory.mkdir(mode=0o700)
+    a = spawn("a", LOCK_DIR="", STATE_DIR="", RUNTIME_DIRECTORY=str(runtime), STATE_DIRECTORY=str(state))
+    env_file = etc / "solobot.env"
+    # What the installed unit's environment file would hold for this bot.
+    bot_env = {k: v for k, v in a.env.items() if k in ("BOT_TOKEN", "TELEGRAM_API_URL", "HEALTH_PORT", "ADMIN_IDS")}
+    env_file.write_text("# /etc/solobot/solobot.env\n" + "".join(f"{k}={v}\n" for k, v in bot_env.items()))
+    assert systemd_environment_file(env_file) == bot_env
+    a.wait_mode("active")
+
+    argv = readme_status_command()
+    assert argv[:3] == ["sudo", "-u", "solobot"], "as the unit's user"
+    paths = {"/etc/solobot/solobot.env": str(env_file), "/run/solobot": str(runtime),
+             "/var/lib/solobot": str(state), "/opt/solobot/.venv/bin/python": sys.executable,
+             "/opt/solobot/main.py": str(ROOT / "main.py")}
+    for old, new in paths.items():
+        argv = [arg.replace(old, new) for arg in argv]
+    # A login shell's environment: none of the unit's variables (the test runs as root, so no sudo).
+    shell = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), OWNER_VARIABLE: str(os.getpid())}
+    done = subprocess.run(argv[3:], env=shell, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    holder = json.loads(done.stdout)
+    assert holder["pid"] == a.pid and holder["backend"] == "file"
+    assert (runtime / f"solobot-{BOT_ID}.lock").exists() and any(state.iterdir())
+
+    # Without the unit's directories (a plain shell with the file only), it would look elsewhere.
+    plain = subprocess.run([sys.executable, str(ROOT / "main.py"), "status"],
+                           env={**shell, "ENV_FILE": str(env_file), "LOCK_DIR": str(tmp_path / "elsewhere")},
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 3, plain.stdout + plain.stderr
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
