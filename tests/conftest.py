@@ -306,6 +306,14 @@ def spawn(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> Iterator[Callable[.
         proc.stop()
 
 
+def import_cost(*modules: str) -> float:
+    """Seconds a fresh Python takes right now to start and import *modules* from this checkout: the
+    timing tests' measure of how busy the machine is (their bounds grow by the surplus over idle)."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", f"import {', '.join(modules)}"], cwd=ROOT, check=True, timeout=30)
+    return time.monotonic() - started
+
+
 def have_unshare() -> bool:
     if shutil.which("unshare") is None:
         return False

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.conftest import DATABASE_URL, ROOT, TOKEN
+from tests.conftest import DATABASE_URL, ROOT, TOKEN, import_cost
 from utils.ops.status import ANSWER_WITHIN, MIN_QUERY_TIMEOUT, query_timeout
 from utils.state.database import DatabaseTarget
 from utils.state.errors import database_location, describe_database_error
@@ -139,10 +139,7 @@ def run_status(tmp_path: Path, database_url: str) -> tuple[subprocess.CompletedP
 
 def start_cost() -> float:
     """How long Python takes right now to start and import what ``main.py status`` imports."""
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import utils.ops.bootstrap, utils.ops.status"], cwd=ROOT,
-                   check=True, timeout=30)
-    return time.monotonic() - started
+    return import_cost("utils.ops.bootstrap", "utils.ops.status")
 
 
 def status_bound() -> float:
