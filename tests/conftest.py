@@ -46,6 +46,10 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 #: Marks every process the tests start (inherited through the environment).
 OWNER_VARIABLE = "SOLOBOT_TEST_OWNER"
 os.environ[OWNER_VARIABLE] = str(os.getpid())
+#: Not passed on to the bots the tests start: the harness's DATABASE_URL is where the worker
+#: databases are made, not the bots' state (a test that wants PostgreSQL passes its worker's URL;
+#: inherited, every worker's bots would share one database and meet in its inbox and epochs).
+NOT_INHERITED = frozenset({"DATABASE_URL", "LOCK_BACKEND"})
 #: How long a killed process group may take to disappear.
 KILL_WAIT = 10.0
 #: How long a test waits for a bot to reach a mode. Not a claim about solobot: importing aiogram
@@ -283,7 +287,8 @@ def spawn(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> Iterator[Callable[.
     procs: list[BotProcess] = []
 
     def start(name: str, *, prefix: list[str] | None = None, **overrides: str) -> BotProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("NOTIFY_", "WATCHDOG_")) and k not in NOT_INHERITED}
         env.update({
             "ENV_FILE": os.devnull,  # a developer's ./.env must not change what a test runs
             "BOT_TOKEN": TOKEN,

@@ -54,7 +54,7 @@ def message_of(line: str) -> str:
 
 
 def test_sample_log_lines_are_what_a_real_pair_writes(spawn: Spawn) -> None:
-    a, b = start_pair(spawn, DATABASE_URL="")  # the README's case: the file lock, SQLite state
+    a, b = start_pair(spawn)  # the README's case: the file lock, SQLite state
     a.signal(signal.SIGTERM)
     b.wait_mode("active")
     assert a.wait_exit() == 0
