@@ -66,7 +66,7 @@ class Prometheus:
             raise RuntimeError(f"prometheus exited {self.proc.returncode}: {self.log()}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=API_TIMEOUT) as r:
-                return r.status == 200
+                return bool(r.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
