@@ -130,3 +130,14 @@ def metric_names(text: str) -> set[str]:
 
 def rule_metric_names(path: Path) -> set[str]:
     return set().union(*(metric_names(rule["expr"]) for rule in alert_rules(path)))
+
+
+def dashboard_targets(path: Path = DASHBOARD) -> list[dict[str, Any]]:
+    """Every query of the Grafana dashboard's panels (``expr``, ``legendFormat``, ...)."""
+    panels = json.loads(path.read_text())["panels"]
+    return [target for panel in panels for target in panel.get("targets", [])]
+
+
+def as_promql(grafana_expr: str, job: str, rate_interval: str = "1m") -> str:
+    """A dashboard expression as Grafana sends it, for job *job*."""
+    return grafana_expr.replace("$job", job).replace("$__rate_interval", rate_interval)

@@ -4,6 +4,7 @@ real Prometheus against real replicas is tests/test_alerts_live.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.prometheus import PENDING_RULES, RULES, alert_rules
+from tests.prometheus import DASHBOARD, PENDING_RULES, RULES, alert_rules, dashboard_targets
 
 OPERATIONS = ROOT / "docs" / "operations.md"
 #: promtool answers in well under a second; this only keeps a wedged one from hanging the run.
@@ -74,3 +75,16 @@ def test_the_shipped_no_leader_rule_waits_30_s_and_counts_across_replicas() -> N
     rule = next(r for r in alert_rules(RULES) if r["alert"] == "SolobotNoLeader")
     assert rule["for"] == NO_LEADER_FOR
     assert "sum by (job)" in rule["expr"] and "up{" in rule["expr"], "per job, and with every replica down"
+
+
+def test_the_dashboard_selects_one_bot_through_its_variables() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["job"]["type"] == "query"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    targets = dashboard_targets()
+    assert len(targets) >= 10
+    for target in targets:
+        assert target["datasource"]["uid"] == "${datasource}", target
+        assert 'job=~"$job"' in target["expr"], f"not filtered to the chosen bot: {target['expr']}"

@@ -25,7 +25,16 @@ import yaml
 
 from tests.conftest import START_WAIT, BotProcess, free_port, wait_until
 from tests.fake_bot_api import FakeBotAPI
-from tests.prometheus import DASHBOARD, PENDING_RULES, RULES, Prometheus, metric_names, rule_metric_names
+from tests.prometheus import (
+    DASHBOARD,
+    PENDING_RULES,
+    RULES,
+    Prometheus,
+    as_promql,
+    dashboard_targets,
+    metric_names,
+    rule_metric_names,
+)
 
 Spawn = Callable[..., BotProcess]
 ALERT = "SolobotNoLeader"
@@ -179,4 +188,6 @@ def test_no_leader_alert_fires_when_the_last_instance_dies_and_resolves(
         f"{sorted(AWAITING.keys() & exported)} exported now: move their rules from {PENDING_RULES.name} "
         f"into {RULES.name} (and their unit tests), and drop them from AWAITING")
     assert rule_metric_names(PENDING_RULES) <= AWAITING.keys()
+    for target in dashboard_targets():  # each a query Prometheus accepts (a 400 raises)
+        prom.query(as_promql(target["expr"], job="solobot"))
     assert AWAITING.keys() <= named | rule_metric_names(PENDING_RULES), "AWAITING lists only names in use"
