@@ -83,9 +83,10 @@ class Prometheus:
             raise RuntimeError(f"prometheus /api/v1/{path}: {answer}")
         return answer["data"]
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """An instant query's result vector."""
-        return list(self.api("query", query=expr)["result"])
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query's result vector (now, or at Unix time *at*)."""
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        return list(self.api("query", **params)["result"])
 
     def alerts(self, name: str) -> list[dict[str, Any]]:
         """The pending and firing alerts called *name* (``labels``, ``state``, ``activeAt``...)."""
@@ -94,10 +95,6 @@ class Prometheus:
     def rules(self) -> list[dict[str, Any]]:
         """Every loaded rule, as the rules API describes it (``name``, ``query``, ``duration``...)."""
         return [rule for group in self.api("rules")["groups"] for rule in group["rules"]]
-
-    def last_evaluation(self) -> str:
-        """When the (only) rule group was last evaluated (RFC 3339, as Prometheus writes it)."""
-        return str(self.api("rules")["groups"][0]["lastEvaluation"])
 
     def stop(self) -> None:
         """Kill Prometheus' process group and reap it."""
