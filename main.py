@@ -43,11 +43,11 @@ from utils.config import EX_CONFIG, Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
-from utils.locking.instance_lock import LockSetupError  # noqa: E402
 from utils.locking.lease import LeaseGate  # noqa: E402
 from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
 from utils.ops.lookup import BoundedLookup  # noqa: E402
 from utils.ops.metrics import Metrics  # noqa: E402
+from utils.ops.private_path import UnsafePathError  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
@@ -335,7 +335,7 @@ def run(command: str, settings: Settings) -> int:
         gc.freeze()
         EARLY_STOP.hand_over()
         return asyncio.run(app.serve(early_signal=lambda: EARLY_STOP.received))
-    except LockSetupError as exc:
+    except UnsafePathError as exc:  # the lock or state directory (or a file in it) is not ours alone
         log.error("%s", exc)
         return EX_CONFIG
     except HealthPortError as exc:

@@ -97,15 +97,15 @@ async def status_command(settings: Settings, started: float) -> int:
 
 
 def run_status(settings: Settings, started: float | None = None) -> int:
-    """Entry for ``main.py status``; a lock directory problem is a configuration error.
+    """Entry for ``main.py status``; a lock or state directory problem is a configuration error.
 
     *started*: when the process started (:func:`time.monotonic`); default now.
     """
     from utils.config import EX_CONFIG
-    from utils.locking.instance_lock import LockSetupError
+    from utils.ops.private_path import UnsafePathError
 
     try:
         return asyncio.run(status_command(settings, time.monotonic() if started is None else started))
-    except LockSetupError as exc:
+    except UnsafePathError as exc:
         log.error("%s", exc)
         return EX_CONFIG
