@@ -17,11 +17,12 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from utils.ops.private_path import check_private_file, create_private_file, ensure_private_dir
 from utils.ops.redact import Redactor
+from utils.state.dsn import parse_database_url
 from utils.state.errors import SQLITE_LOCATION, database_location
 
 log = logging.getLogger("solobot.state")
@@ -34,6 +35,11 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 5_000
 PG_POOL_SIZE = 4
 PG_POOL_OVERFLOW = 4
 PG_CONNECT_TIMEOUT_S = 5
+
+
+def _has_port(hosts: str) -> bool:
+    """Whether one ``host[:port]`` (``[v6]:port`` too) names a port."""
+    return "]:" in hosts if hosts.startswith("[") else ":" in hosts
 
 
 def session_tag(bot_id: int, instance_id: str, purpose: str) -> str:
@@ -73,16 +79,30 @@ class DatabaseTarget:
             path = (state_dir / SQLITE_FILE).absolute()  # not resolve(): a symlink is refused, not followed
             return cls(kind="sqlite", sqlalchemy_url=f"sqlite+aiosqlite:///{path}", display=str(path),
                        sqlite_path=path)
-        url = make_url(database_url)
-        # libpq's key/value form, built from the parsed parts: a password with spaces or other
-        # specials survives (a re-rendered URL would not quote them all).
-        dsn = make_conninfo(
-            "", host=url.host, port=url.port, dbname=url.database, user=url.username,
-            password=url.password, **{k: str(v) for k, v in url.query.items()},
+        parts = parse_database_url(database_url)
+        if parts is None:  # configuration refuses it first; never echo it
+            raise ValueError("DATABASE_URL is not a postgresql:// URL")
+        # Built from the parts (utils/state/dsn.py: the one rule for where a password ends), not
+        # re-parsed by SQLAlchemy's own rule, which splits a password with "@" differently.
+        query = {k: v for k, v in parts.query.items() if k != "password"}
+        single_host, _, port_text = parts.hosts.rpartition(":") if _has_port(parts.hosts) else (parts.hosts, "", "")
+        if "," in parts.hosts:  # several hosts: libpq's own syntax, through the query
+            query["host"], single_host, port_text = parts.hosts, "", ""
+        url = URL.create(
+            "postgresql+psycopg", username=parts.user,
+            password=parts.password if parts.password is not None else parts.query.get("password"),
+            host=single_host.strip("[]") or None, port=int(port_text) if port_text.isdigit() else None,
+            database=parts.database or None, query=query,
         )
+        # libpq's key/value form, built from the parts: a password with spaces or other
+        # specials survives (a re-rendered URL would not quote them all).
+        dsn = make_conninfo("", **{
+            "host": url.host, "port": url.port, "dbname": url.database, "user": url.username,
+            "password": url.password, **{k: str(v) for k, v in url.query.items()},
+        })
         return cls(
             kind="postgres",
-            sqlalchemy_url=url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False),
+            sqlalchemy_url=url.render_as_string(hide_password=False),
             libpq_dsn=dsn,
             display=url.set(drivername="postgresql").render_as_string(hide_password=True),
             host=url.host or "localhost",
