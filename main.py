@@ -44,7 +44,8 @@ from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
 from utils.locking.lease import LeaseGate  # noqa: E402
-from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
+from utils.ops.health import OPS_HTTP_CONNECTIONS, HealthServer, RouteServer, scrubber  # noqa: E402
+from utils.ops.http_listener import ListenError  # noqa: E402
 from utils.ops.lookup import BoundedLookup  # noqa: E402
 from utils.ops.metrics import Metrics  # noqa: E402
 from utils.ops.private_path import UnsafePathError  # noqa: E402
@@ -56,7 +57,13 @@ from utils.updates.passive_notice import PassiveNotice  # noqa: E402
 from utils.updates.pipeline import UpdatePipeline  # noqa: E402
 from utils.updates.polling import PollingManager  # noqa: E402
 from utils.updates.stats import UpdateStats  # noqa: E402
-from utils.updates.webhook import Registration, WebhookReceiver, WebhookRole, webhook_path  # noqa: E402
+from utils.updates.webhook import (  # noqa: E402
+    WEBHOOK_HTTP_CONNECTIONS,
+    Registration,
+    WebhookReceiver,
+    WebhookRole,
+    webhook_path,
+)
 
 log = logging.getLogger("solobot")
 
@@ -159,11 +166,19 @@ class App:
         self.dp["status"] = self.status
         self.dp["autoposter"] = self.autoposter
         self.health: HealthServer | None = None
+        # The webhook on a port of its own (WEBHOOK_PORT), else on HEALTH_PORT, which is then public.
+        self.webhook_server: RouteServer | None = None
+        shared = self.receiver is not None and not settings.webhook_port
+        if self.receiver is not None and settings.webhook_port:
+            self.webhook_server = RouteServer("WEBHOOK_PORT", settings.webhook_host, settings.webhook_port,
+                                              self.receiver.routes(), max_connections=WEBHOOK_HTTP_CONNECTIONS)
         if settings.health_port:
             self.health = HealthServer(
                 settings.health_host, settings.health_port,
                 status=self.status, ready=self.ready, metrics=self.metrics.scrape,
-                routes=self.receiver.routes() if self.receiver else (),
+                routes=self.receiver.routes() if self.receiver and shared else (),
+                scrub=scrubber(settings.redactor, public=shared),
+                max_connections=WEBHOOK_HTTP_CONNECTIONS if shared else OPS_HTTP_CONNECTIONS,
             )
 
     def _step_down(self, reason: str) -> None:
@@ -290,6 +305,9 @@ class App:
         if self.health is not None:
             await self.health.start()
             sd.register("stop health endpoint", self.health.stop)
+        if self.webhook_server is not None:
+            await self.webhook_server.start()
+            sd.register("stop webhook endpoint", self.webhook_server.stop)
         if sd.requested:
             await sd.run()
             return EXIT_OK
@@ -338,7 +356,7 @@ def run(command: str, settings: Settings) -> int:
     except UnsafePathError as exc:  # the lock or state directory (or a file in it) is not ours alone
         log.error("%s", exc)
         return EX_CONFIG
-    except HealthPortError as exc:
+    except ListenError as exc:  # HEALTH_PORT or WEBHOOK_PORT
         log.error("%s", exc)
         return EXIT_FAILURE
 

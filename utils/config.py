@@ -119,6 +119,9 @@ class Settings:
     webhook_insecure: bool = False
     #: Webhook mode: text sent (throttled) to a chat while no replica leads.
     passive_notice: str | None = None
+    #: Webhook mode: the webhook's own (balancer-facing) listener; port 0 shares HEALTH_PORT.
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 0
 
     @property
     def masked_token(self) -> str:
@@ -320,6 +323,13 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append(f"PASSIVE_NOTICE: at most {TELEGRAM_TEXT_MAX} characters (a Telegram "
                           f"message), got {len(passive_notice)}")
 
+    # The webhook's own port (issue 21): Telegram's side apart from the operators' HEALTH_PORT.
+    webhook_host = r.text("WEBHOOK_HOST", "127.0.0.1") or "127.0.0.1"
+    webhook_port = r.whole("WEBHOOK_PORT", 0, low=0, high=65535)
+    if webhook_port and webhook_port == health_port:
+        r.problems.append(f"WEBHOOK_PORT: must differ from HEALTH_PORT ({webhook_port}); unset it to "
+                          "serve the webhook on HEALTH_PORT")
+
     if r.problems:
         raise ConfigError(r.problems, hints, Redactor(token=token, database_url=database_url))
     return Settings(
@@ -355,6 +365,8 @@ def load_settings(env: Mapping[str, str] | None = None,
         webhook_max_connections=webhook_max_connections,
         webhook_insecure=webhook_insecure,
         passive_notice=passive_notice,
+        webhook_host=webhook_host,
+        webhook_port=webhook_port,
     )
 
 
