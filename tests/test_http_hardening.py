@@ -158,6 +158,15 @@ def test_gzip_bombs_cost_nothing(spawn: Spawn, fake: FakeBotAPI, shared_dirs: di
     assert beats.max_gap() <= HEARTBEAT_INTERVAL + HEARTBEAT_LATE_BOUND, beats.beats
     assert bot.mode() == "active"
 
+    # 500 malformed requests (35 bytes each): aiohttp answers 400; the log gains a line or two.
+    lines_before = len(bot.log().splitlines())
+    for _ in range(500):
+        with socket.create_connection(("127.0.0.1", hook_port), timeout=10) as s:
+            s.sendall(b"\x16\x03\x01 NOT HTTP AT ALL \r\n\r\n" + b"x" * 10)
+            assert b" 400 Bad Request" in s.recv(100)
+    grown = bot.log().splitlines()[lines_before:]
+    assert len(grown) <= 3 and "Traceback" not in "\n".join(grown), "\n".join(grown)
+
 
 def test_idle_connections_against_1024_open_files(spawn: Spawn, fake: FakeBotAPI) -> None:
     """2000 idle connections to the webhook port of a leader limited to 1024 open files: it keeps
