@@ -343,3 +343,38 @@ async def test_out_of_range_rows_are_row_errors(tmp_path: Path, backend: str) ->
         assert not is_row_error(ConnectionRefusedError("database down"))
     finally:
         await store.close()
+
+
+def test_webhook_port_settings() -> None:
+    from utils.config import ConfigError, load_settings
+
+    base = {"BOT_TOKEN": TOKEN, "BOT_MODE": "webhook", "WEBHOOK_URL": "https://bot.example.com/hook"}
+    s = load_settings({**base, "WEBHOOK_HOST": "0.0.0.0", "WEBHOOK_PORT": "8443"})
+    assert (s.webhook_host, s.webhook_port, s.health_host, s.health_port) == ("0.0.0.0", 8443, "127.0.0.1", 8080)
+    assert load_settings(base).webhook_port == 0  # shares HEALTH_PORT
+    for bad, says in (({"WEBHOOK_PORT": "8080"}, "must differ from HEALTH_PORT"),
+                      ({"HEALTH_PORT": "0"}, "required when BOT_MODE=webhook and HEALTH_PORT=0")):
+        with pytest.raises(ConfigError, match=says):
+            load_settings({**base, **bad})
+
+
+def test_rate_limit_filter_passes_one_line_per_interval_without_traceback() -> None:
+    from utils.ops.logging_setup import RateLimitFilter
+
+    now = [0.0]
+    limit = RateLimitFilter(60.0, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        try:
+            raise ValueError("bad request line")
+        except ValueError as exc:
+            return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, msg, None,
+                                     (ValueError, exc, exc.__traceback__))
+
+    first = record("Error handling request")
+    assert limit.filter(first) and first.exc_info is None
+    assert first.getMessage() == "Error handling request: ValueError: bad request line"
+    assert [limit.filter(record("Error handling request")) for _ in range(99)] == [False] * 99
+    now[0] = 61.0
+    later = record("Error handling request")
+    assert limit.filter(later) and "(and 99 more like it in 60 s, not shown)" in later.getMessage()

@@ -329,6 +329,9 @@ def load_settings(env: Mapping[str, str] | None = None,
     if webhook_port and webhook_port == health_port:
         r.problems.append(f"WEBHOOK_PORT: must differ from HEALTH_PORT ({webhook_port}); unset it to "
                           "serve the webhook on HEALTH_PORT")
+    if bot_mode == "webhook" and not webhook_port and health_port == 0:
+        r.problems.append("WEBHOOK_PORT: required when BOT_MODE=webhook and HEALTH_PORT=0 (nothing "
+                          "would receive Telegram's deliveries)")
 
     if r.problems:
         raise ConfigError(r.problems, hints, Redactor(token=token, database_url=database_url))
