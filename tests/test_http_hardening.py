@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.balancer import Nginx
 from tests.conftest import BOT_ID, TOKEN, BotProcess, free_port, wait_until
 from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from utils.config import derive_webhook_secret
@@ -123,8 +124,9 @@ def webhook_leader(spawn: Spawn, fake: FakeBotAPI, name: str = "hook", *,
 @pytest.mark.xdist_group("timing")
 def test_gzip_bombs_cost_nothing(spawn: Spawn, fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> None:
     """Three 1 MB gzip bodies (1 GiB inflated each) at once, without the secret and then with a
-    wrong one: /ready on the operators' port and a valid delivery answer within 0.5 s meanwhile,
-    and the lock heartbeat is never more than 1 s late."""
+    wrong one, straight to the webhook port and then through nginx: /ready on the operators' port
+    and a valid delivery answer within 0.5 s meanwhile, and the lock heartbeat is never more than
+    1 s late."""
     bot, hook_port = webhook_leader(spawn, fake)
     bomb = gzip_bomb()
     assert len(bomb) < 1_100_000
@@ -132,17 +134,20 @@ def test_gzip_bombs_cost_nothing(spawn: Spawn, fake: FakeBotAPI, shared_dirs: di
     outcomes: list[int] = []
     answers: list[tuple[str, int, float]] = []
     next_id = iter(range(10_000, 20_000))
+    nginx = Nginx(shared_dirs["logs"], [hook_port], HOOK_PATH)  # the README's balancer in front
+    rounds = [(hook_port, None), (hook_port, "wrong-" + SECRET[6:]), (nginx.port, None),
+              (nginx.port, "wrong-" + SECRET[6:])]
     with HeartbeatWatch(pid_file) as beats:
-        for secret in (None, "wrong-" + SECRET[6:]):
+        for port, secret in rounds:
             headers = {"Content-Encoding": "gzip", **({SECRET_HEADER: secret} if secret else {})}
-            threads = [threading.Thread(target=lambda h=headers: outcomes.append(raw_post(hook_port, bomb, h)[0]))
+            threads = [threading.Thread(target=lambda p=port, h=headers: outcomes.append(raw_post(p, bomb, h)[0]))
                        for _ in range(BOMBS)]
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads) or len(answers) < 6:
                 status, took = timed_get(bot.port, "/ready")
                 answers.append(("/ready", status, took))
-                status, took, _ = raw_post(hook_port, update(next(next_id)), {SECRET_HEADER: SECRET})
+                status, took, _ = raw_post(port, update(next(next_id)), {SECRET_HEADER: SECRET})
                 answers.append(("delivery", status, took))
             for t in threads:
                 t.join()
@@ -152,7 +157,8 @@ def test_gzip_bombs_cost_nothing(spawn: Spawn, fake: FakeBotAPI, shared_dirs: di
         wait_until(lambda: len(beats.beats) >= 3, 10, message="heartbeats after the bombs")
     print(f"\nanswers during the bombs: {len(answers)}, slowest {max(a[2] for a in answers):.3f} s; "
           f"largest heartbeat gap {beats.max_gap():.2f} s")
-    assert outcomes == [401] * (2 * BOMBS)
+    nginx.stop()
+    assert outcomes == [401] * (len(rounds) * BOMBS)
     assert all(status == 200 for _, status, _ in answers), answers
     assert max(took for _, _, took in answers) <= ANSWER_BOUND, answers
     assert beats.max_gap() <= HEARTBEAT_INTERVAL + HEARTBEAT_LATE_BOUND, beats.beats
