@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -77,12 +78,14 @@ def test_status_shows_no_secret(form: str) -> None:
     assert leaks(done.stdout + done.stderr) == [], done
 
 
-def test_log_shows_no_secret(spawn: Spawn) -> None:
-    """A running bot at DEBUG whose database refuses: each form of the URL, and a token in WEBHOOK_URL."""
+def test_log_shows_no_secret(spawn: Spawn, tmp_path: Path) -> None:
+    """A running bot at DEBUG whose database refuses: each form of the URL, and a token in WEBHOOK_URL.
+    Each has a lock directory of its own: each must meet the database, none wait as a standby."""
     bots = []
     for form, url in database_urls(free_port()).items():
-        bots.append(spawn(form.replace(" ", "-"), DATABASE_URL=url, LOG_LEVEL="DEBUG", BOT_MODE="webhook",
-                          WEBHOOK_URL=f"http://127.0.0.1:1/hook/{TOKEN}"))
+        name = form.replace(" ", "-")
+        bots.append(spawn(name, DATABASE_URL=url, LOG_LEVEL="DEBUG", BOT_MODE="webhook",
+                          WEBHOOK_URL=f"http://127.0.0.1:1/hook/{TOKEN}", LOCK_DIR=str(tmp_path / f"lock-{name}")))
     for bot in bots:
         wait_until(lambda: "Connection refused" in bot.log(), 60,  # noqa: B023 - used at once
                    message=f"{bot.name} meets the refusal")

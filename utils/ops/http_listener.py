@@ -11,8 +11,8 @@ and names its version in a ``Server`` header. Here:
   refuses an encoded body (Telegram sends plain JSON), after checking the secret;
 * **a connection cap** (:func:`connection_cap`, below the process's open-file limit with room for
   the database and lock connections): one more connection is accepted and closed at once, without
-  an aiohttp handler; the first refusal of an episode is logged (WARNING), then nothing until the
-  count is below the cap again (one INFO line with how many were refused);
+  an aiohttp handler; the first refusal of an episode is logged (WARNING), then nothing until a
+  tenth of the slots is free again (one INFO line with how many were refused);
 * **time limits**: a connection whose first request's headers have not arrived within
   :data:`HEADER_TIMEOUT` is closed; an idle keep-alive connection after :data:`KEEPALIVE_TIMEOUT`;
   a handler bounds its own body read;
@@ -46,6 +46,9 @@ LINGERING_TIME = 2.0
 RESERVED_FILES = 256
 #: The fewest connections a listener allows, whatever the open-file limit says.
 MIN_CONNECTIONS = 16
+#: An episode at the cap ends when a tenth of the slots are free again (not at the first free
+#: slot: under a sustained flood that would log a pair of lines per closed connection).
+EPISODE_END_FRACTION = 10
 #: Instead of a version, what the ``Server`` header says.
 SERVER_HEADER = "solobot"
 
@@ -153,7 +156,7 @@ class ConnectionGuard:
     def closed(self, conn: _Counted) -> None:
         if conn.transport is not None:
             self.open.pop(conn.transport, None)
-        if self._episode_refused and len(self.open) < self.cap:
+        if self._episode_refused and len(self.open) <= self.cap - max(1, self.cap // EPISODE_END_FRACTION):
             log.info("%s: below the connection cap again; %d connection(s) refused meanwhile",
                      self.name, self._episode_refused)
             self._episode_refused = 0
