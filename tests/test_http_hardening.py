@@ -289,6 +289,12 @@ async def test_cap_refuses_cheaply_logs_once_and_idle_heads_time_out(caplog: pyt
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 5)
         assert answer.startswith(b"HTTP/1.1 200") and b"Server: solobot\r\n" in answer
+        # A request aiohttp answers itself (malformed): no version either.
+        bad_reader, bad_writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        bad_writer.write(b"\x16\x03\x01 NOT HTTP\r\n\r\n")
+        bad = await asyncio.wait_for(bad_reader.read(), 5)
+        assert b" 400 " in bad and b"Server: solobot\r\n" in bad and b"aiohttp" not in bad, bad
+        bad_writer.close()
         for _, w in [*conns, (reader, writer)]:
             w.close()
     finally:

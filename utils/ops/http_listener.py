@@ -25,6 +25,7 @@ The open-file limit is raised to its hard maximum at start (what systemd's ``Lim
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
 from collections.abc import Awaitable, Callable
@@ -170,6 +171,15 @@ class ConnectionGuard:
         return await handler(request)
 
 
+class _NoVersionRequest(web.Request):
+    """A request whose every response says ``Server: solobot``: also the 400s aiohttp writes
+    itself for malformed requests, which no application signal sees."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        response.headers["Server"] = SERVER_HEADER
+        await super()._prepare_hook(response)
+
+
 class _GuardedSite(web.TCPSite):
     """``TCPSite`` whose connections go through a :class:`ConnectionGuard`."""
 
@@ -180,17 +190,15 @@ class _GuardedSite(web.TCPSite):
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner
         server = self._runner.server
-        assert server is not None
+        assert server is not None and isinstance(self._runner, web.AppRunner)
+        # aiohttp's own hook for the request class (``_cls``): every response, errors included.
+        server.request_factory = functools.partial(self._runner.app._make_request, _cls=_NoVersionRequest)
         self._server = await asyncio.get_running_loop().create_server(
             self.guard.protocol_factory(server), self._host, self._port, backlog=self._backlog)
 
 
 class ListenError(Exception):
     """The port cannot be bound (in use, no permission)."""
-
-
-async def _no_version(_request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = SERVER_HEADER
 
 
 class GuardedListener:
@@ -205,10 +213,8 @@ class GuardedListener:
         self._runner: web.AppRunner | None = None
 
     def application(self, **kwargs: Any) -> web.Application:
-        """An application with the guard's middleware and no version header."""
-        app = web.Application(middlewares=[self.guard.middleware], **kwargs)
-        app.on_response_prepare.append(_no_version)
-        return app
+        """An application with the guard's middleware."""
+        return web.Application(middlewares=[self.guard.middleware], **kwargs)
 
     async def start(self, app: web.Application) -> None:
         runner = web.AppRunner(app, access_log=None, auto_decompress=False,
