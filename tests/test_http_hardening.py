@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.balancer import Nginx
-from tests.conftest import BOT_ID, TOKEN, BotProcess, free_port, wait_until
+from tests.conftest import BOT_ID, DATABASE_URL, TOKEN, BotProcess, free_port, wait_until
 from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from utils.config import derive_webhook_secret
 from utils.locking.backend import HEARTBEAT_INTERVAL
@@ -111,12 +111,13 @@ class HeartbeatWatch:
         return max((b - a for a, b in zip(self.beats, self.beats[1:], strict=False)), default=0.0)
 
 
-def webhook_leader(spawn: Spawn, fake: FakeBotAPI, name: str = "hook", *,
-                   prefix: list[str] | None = None) -> tuple[BotProcess, int]:
-    """A leader in webhook mode on SQLite, the webhook on WEBHOOK_PORT, /health on HEALTH_PORT."""
+def webhook_leader(spawn: Spawn, fake: FakeBotAPI, name: str = "hook", *, prefix: list[str] | None = None,
+                   **env: str) -> tuple[BotProcess, int]:
+    """A leader in webhook mode (SQLite unless *env* says otherwise), the webhook on WEBHOOK_PORT,
+    /health on HEALTH_PORT."""
     hook_port = free_port()
     bot = spawn(name, prefix=prefix, BOT_MODE="webhook", WEBHOOK_URL=f"http://127.0.0.1:{hook_port}{HOOK_PATH}",
-                WEBHOOK_PORT=str(hook_port), WEBHOOK_HOST="127.0.0.1", DATABASE_URL="")
+                WEBHOOK_PORT=str(hook_port), WEBHOOK_HOST="127.0.0.1", **{"DATABASE_URL": "", **env})
     bot.wait_mode("active")
     return bot, hook_port
 
@@ -174,43 +175,45 @@ def test_gzip_bombs_cost_nothing(spawn: Spawn, fake: FakeBotAPI, shared_dirs: di
     assert len(grown) <= 3 and "Traceback" not in "\n".join(grown), "\n".join(grown)
 
 
+@pytest.mark.parametrize("backend", ["file+sqlite", "postgres"])
 def test_idle_connections_against_1024_open_files(spawn: Spawn, fake: FakeBotAPI,
-                                                  shared_dirs: dict[str, Path]) -> None:
+                                                  shared_dirs: dict[str, Path], backend: str) -> None:
     """2000 idle connections to the webhook port of a leader limited to 1024 open files: it keeps
     its lease and its database and lock connections, a valid delivery is accepted within 10 s
     (retried as Telegram would), and the log grows by a few lines."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    bot, hook_port = webhook_leader(spawn, fake, prefix=["prlimit", "--nofile=1024:1024", "--"])
+    env = {"LOCK_BACKEND": "postgres", "DATABASE_URL": DATABASE_URL} if backend == "postgres" else {}
+    bot, hook_port = webhook_leader(spawn, fake, prefix=["prlimit", "--nofile=1024:1024", "--"], **env)
     epoch = (bot.health() or {})["epoch"]
     lines_before = len(bot.log().splitlines())
     idle: list[socket.socket] = []
-    beats = HeartbeatWatch(shared_dirs["lock"] / f"solobot-{BOT_ID}.pid").__enter__()
-    try:
-        for _ in range(2000):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", hook_port))
-            idle.append(s)
-        # The kernel's accept queue drops SYNs beyond its backlog (the clients retry them after 1 s,
-        # 3 s, ...): wait until the flood has filled the cap, then deliver.
-        wait_until(lambda: "the cap; refusing new ones" in bot.log(), 30, message="the cap reached")
-        t0 = time.monotonic()
 
-        def delivered() -> bool:
-            try:
-                return raw_post(hook_port, update(777), {SECRET_HEADER: SECRET}, timeout=2)[0] == 200
-            except OSError:
-                return False
+    def delivered() -> bool:
+        try:
+            return raw_post(hook_port, update(777), {SECRET_HEADER: SECRET}, timeout=2)[0] == 200
+        except OSError:
+            return False
 
-        wait_until(delivered, 10, message="a valid delivery accepted", interval=0.5)
-        took = time.monotonic() - t0
-        health = bot.health() or {}
-    finally:
-        for s in idle:
-            s.close()
-        beats.__exit__()
+    # The file lock's heartbeat is the PID file's (PostgreSQL's is in the database: no file here).
+    with HeartbeatWatch(shared_dirs["lock"] / f"solobot-{BOT_ID}.pid") as beats:
+        try:
+            for _ in range(2000):
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", hook_port))
+                idle.append(s)
+            # The kernel's accept queue drops SYNs beyond its backlog (the clients retry them after
+            # 1 s, 3 s, ...): wait until the flood has filled the cap, then deliver.
+            wait_until(lambda: "the cap; refusing new ones" in bot.log(), 30, message="the cap reached")
+            t0 = time.monotonic()
+            wait_until(delivered, 10, message="a valid delivery accepted", interval=0.5)
+            took = time.monotonic() - t0
+            health = bot.health() or {}
+        finally:
+            for s in idle:
+                s.close()
     log = bot.log()
     grown = log.splitlines()[lines_before:]
     print(f"\ndelivery accepted {took:.1f} s after 2000 idle connections; log grew by {len(grown)} lines; "
