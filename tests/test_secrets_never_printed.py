@@ -104,3 +104,21 @@ def test_redactor_masks_every_form_unconfigured_too(text: str) -> None:
     assert leaks(configured) == [], configured
     generic = Redactor()(text)
     assert TOKEN_SECRET not in generic and "Hunter2" not in generic, generic
+
+
+@pytest.mark.parametrize(("url", "user", "password", "hosts", "database"), [
+    ("postgresql://u:p@ss@db:5433/app", "u", "p@ss", "db:5433", "app"),
+    (f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/solobot", "postgres", PASSWORD, "127.0.0.1:1", "solobot"),
+    ("postgres://u:a#b?c@h/db", "u", "a#b?c", "h", "db"),
+    ("postgresql+psycopg://u:p%40ss%20w@h1:5432,h2/app?sslmode=require", "u", "p@ss w", "h1:5432,h2", "app"),
+    ("postgresql://u@h/db?password=q%26w@x", "u", None, "h", "db"),
+    ("postgresql:///app?host=/run/postgresql", None, None, "", "app"),
+])
+def test_one_rule_for_where_the_password_ends(url: str, user: str | None, password: str | None,
+                                              hosts: str, database: str) -> None:
+    from utils.state.dsn import parse_database_url
+
+    parts = parse_database_url(url)
+    assert parts is not None and (parts.user, parts.password, parts.hosts, parts.database) == \
+        (user, password, hosts, database)
+    assert parse_database_url(KEY_VALUE) is None
