@@ -44,11 +44,12 @@ from utils.config import EX_CONFIG, Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
-from utils.locking.instance_lock import LockSetupError  # noqa: E402
 from utils.locking.lease import LeaseGate  # noqa: E402
-from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
+from utils.ops.health import OPS_HTTP_CONNECTIONS, HealthServer, RouteServer, scrubber  # noqa: E402
+from utils.ops.http_listener import ListenError  # noqa: E402
 from utils.ops.lookup import BoundedLookup  # noqa: E402
 from utils.ops.metrics import Metrics  # noqa: E402
+from utils.ops.private_path import UnsafePathError  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
@@ -57,7 +58,13 @@ from utils.updates.passive_notice import PassiveNotice  # noqa: E402
 from utils.updates.pipeline import UpdatePipeline  # noqa: E402
 from utils.updates.polling import PollingManager  # noqa: E402
 from utils.updates.stats import UpdateStats  # noqa: E402
-from utils.updates.webhook import Registration, WebhookReceiver, WebhookRole, webhook_path  # noqa: E402
+from utils.updates.webhook import (  # noqa: E402
+    WEBHOOK_HTTP_CONNECTIONS,
+    Registration,
+    WebhookReceiver,
+    WebhookRole,
+    webhook_path,
+)
 
 log = logging.getLogger("solobot")
 
@@ -160,11 +167,19 @@ class App:
         self.dp["status"] = self.status
         self.dp["autoposter"] = self.autoposter
         self.health: HealthServer | None = None
+        # The webhook on a port of its own (WEBHOOK_PORT), else on HEALTH_PORT, which is then public.
+        self.webhook_server: RouteServer | None = None
+        shared = self.receiver is not None and not settings.webhook_port
+        if self.receiver is not None and settings.webhook_port:
+            self.webhook_server = RouteServer("WEBHOOK_PORT", settings.webhook_host, settings.webhook_port,
+                                              self.receiver.routes(), max_connections=WEBHOOK_HTTP_CONNECTIONS)
         if settings.health_port:
             self.health = HealthServer(
                 settings.health_host, settings.health_port,
                 status=self.status, ready=self.ready, metrics=self.metrics.scrape,
-                routes=self.receiver.routes() if self.receiver else (),
+                routes=self.receiver.routes() if self.receiver and shared else (),
+                scrub=scrubber(settings.redactor, public=shared),
+                max_connections=WEBHOOK_HTTP_CONNECTIONS if shared else OPS_HTTP_CONNECTIONS,
             )
 
     def _step_down(self, reason: str) -> None:
@@ -291,6 +306,9 @@ class App:
         if self.health is not None:
             await self.health.start()
             sd.register("stop health endpoint", self.health.stop)
+        if self.webhook_server is not None:
+            await self.webhook_server.start()
+            sd.register("stop webhook endpoint", self.webhook_server.stop)
         if sd.requested:
             await sd.run()
             return EXIT_OK
@@ -336,10 +354,10 @@ def run(command: str, settings: Settings) -> int:
         gc.freeze()
         EARLY_STOP.hand_over()
         return asyncio.run(app.serve(early_signal=lambda: EARLY_STOP.received))
-    except LockSetupError as exc:
+    except UnsafePathError as exc:  # the lock or state directory (or a file in it) is not ours alone
         log.error("%s", exc)
         return EX_CONFIG
-    except HealthPortError as exc:
+    except ListenError as exc:  # HEALTH_PORT or WEBHOOK_PORT
         log.error("%s", exc)
         return EXIT_FAILURE
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TOKEN
-from utils.config import ConfigError, default_lock_dir, load_settings, mask_dsn, mask_token
+from utils.config import ConfigError, default_lock_dir, load_settings
+from utils.ops.redact import mask_token
 
 
 def test_defaults() -> None:
@@ -30,7 +31,8 @@ def test_all_problems_in_one_message() -> None:
 def test_runtime_directory_and_masking() -> None:
     assert default_lock_dir({"RUNTIME_DIRECTORY": "/run/solobot:/run/other"}) == Path("/run/solobot")
     assert mask_token(TOKEN) == "123456:***"
-    assert mask_dsn("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    s = load_settings({"BOT_TOKEN": TOKEN, "DATABASE_URL": "postgresql://u:p@w@h/db"})
+    assert s.database_target == "PostgreSQL h:5432/db (user u)"
 
 
 @pytest.mark.parametrize("env,name", [

@@ -111,6 +111,7 @@ def test_unit_properties(unit: Path) -> None:
     for hardening in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert s[hardening] == "yes"
     assert s["ProtectSystem"] == "strict"
+    assert int(s["LimitNOFILE"]) >= 4096, "webhook connections beyond the default 1024 open files"
     if unit.name == "solobot@.service":  # one bot per instance name: its own files and directories
         assert "%i" in s["EnvironmentFile"] and "%i" in s["RuntimeDirectory"] and "%i" in s["StateDirectory"]
 

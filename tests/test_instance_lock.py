@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.locking.instance_lock import InstanceLock, LockSetupError, process_start_time
+from utils.locking.instance_lock import InstanceLock, process_start_time
+from utils.ops.private_path import UnsafePathError
 
 
 def make(tmp_path: Path, name: str = "i1") -> InstanceLock:
@@ -42,14 +43,25 @@ def test_directory_created_private(tmp_path: Path) -> None:
     assert (lock.lock_dir.stat().st_mode & 0o777) == 0o700
 
 
-def test_world_writable_dir_refused_unless_sticky(tmp_path: Path) -> None:
+def test_dir_writable_by_others_refused_even_sticky(tmp_path: Path) -> None:
+    """Anyone who can add entries could create the PID file first (sticky or not)."""
     d = tmp_path / "open"
     d.mkdir()
-    d.chmod(0o777)
-    with pytest.raises(LockSetupError, match="world-writable"):
-        InstanceLock(d, "1", "x").prepare()
-    d.chmod(0o1777)
+    for mode in (0o777, 0o1777, 0o775):
+        d.chmod(mode)
+        with pytest.raises(UnsafePathError, match=f"LOCK_DIR {d}: writable by other users"):
+            InstanceLock(d, "1", "x").prepare()
+    d.chmod(0o755)
     InstanceLock(d, "1", "x").prepare()
+
+
+def test_symlinked_dir_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(UnsafePathError, match="is a symlink"):
+        InstanceLock(link, "1", "x").prepare()
 
 
 def test_symlinked_pid_file_refused(tmp_path: Path) -> None:
@@ -57,7 +69,7 @@ def test_symlinked_pid_file_refused(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.write_text("x")
     lock.pid_path.symlink_to(target)
-    with pytest.raises(LockSetupError, match="symlink"):
+    with pytest.raises(UnsafePathError, match="symlink"):
         lock.prepare()
     assert target.read_text() == "x"
 

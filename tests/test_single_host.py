@@ -191,7 +191,7 @@ def test_unsafe_lock_dir_exits_78(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=START_WAIT)
     assert done.returncode == 78
-    assert "world-writable" in done.stderr and "Traceback" not in done.stderr
+    assert "writable by other users" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_health_port_in_use_is_a_clear_error(fake: FakeBotAPI, spawn: Spawn) -> None:

@@ -14,8 +14,13 @@ import re
 import tempfile
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from utils.ops.redact import Redactor, mask_token
+from utils.state.dsn import SCHEMES, parse_database_url
+from utils.state.errors import database_location
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
 
@@ -49,9 +54,16 @@ def token_hints(origin: str | None) -> list[str]:
 
 
 class ConfigError(Exception):
-    """All configuration problems found, one per line, then what to do about them (if known)."""
+    """All configuration problems found, one per line, then what to do about them (if known).
 
-    def __init__(self, problems: list[str], hints: list[str] | None = None) -> None:
+    Every problem passes through *redact* here, whatever a check put in it: a value echoed back
+    (a URL with the token in it, a password) is masked by construction, not by each check's care.
+    """
+
+    def __init__(self, problems: list[str], hints: list[str] | None = None,
+                 redact: Redactor | None = None) -> None:
+        redact = redact or Redactor()
+        problems = [redact(p) for p in problems]
         self.problems = problems
         self.hints = hints or []
         text = "invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
@@ -66,12 +78,6 @@ def is_placeholder_token(token: str) -> bool:
         return True
     _, colon, secret = token.partition(":")
     return bool(colon) and PLACEHOLDER_SECRET_RE.search(secret) is not None
-
-
-def mask_token(token: str) -> str:
-    """``123456:AA...`` -> ``123456:***``: the bot id is public, the secret is not."""
-    bot_id, _, _ = token.partition(":")
-    return f"{bot_id}:***" if bot_id.isdigit() else "***"
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,9 @@ class Settings:
     #: The ``.env`` file the settings were read with (None: the environment alone), for the
     #: start-up line that says where the configuration came from.
     env_file: Path | None = None
+    #: Webhook mode: the webhook's own (balancer-facing) listener; port 0 shares HEALTH_PORT.
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 0
 
     @property
     def masked_token(self) -> str:
@@ -125,13 +134,13 @@ class Settings:
     def database_target(self) -> str:
         """Where the durable state lives, without credentials (for logs and /status)."""
         if self.database_url:
-            return mask_dsn(self.database_url)
+            return database_location(self.database_url)
         return str(self.state_dir / "solobot.sqlite3")
 
-
-def mask_dsn(url: str) -> str:
-    """Drop the password from a database URL: ``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+    @cached_property
+    def redactor(self) -> Redactor:
+        """Masks this configuration's secrets (and any token or password) in a text."""
+        return Redactor(token=self.bot_token, database_url=self.database_url)
 
 
 def default_lock_dir(env: Mapping[str, str]) -> Path:
@@ -242,10 +251,12 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append(f"LOCK_BACKEND: expected 'file' or 'postgres', got {lock_backend!r}")
 
     database_url = r.text("DATABASE_URL")
-    if database_url and not re.match(r"^postgres(ql)?(\+psycopg)?://", database_url):
-        r.problems.append(
-            f"DATABASE_URL: expected a postgresql:// URL, got {mask_dsn(database_url)!r}"
-        )
+    parsed_database_url = parse_database_url(database_url)
+    if database_url and (parsed_database_url is None or parsed_database_url.scheme not in SCHEMES):
+        # Nothing of it is echoed: a key/value string or a mistyped URL may carry the password
+        # anywhere. (A libpq key/value string is not supported: write it as a URL.)
+        r.problems.append("DATABASE_URL: expected a postgresql://user:password@host:port/database "
+                          "URL (value not shown)")
     if lock_backend == "postgres" and not database_url:
         r.problems.append("DATABASE_URL: required when LOCK_BACKEND=postgres")
 
@@ -315,8 +326,18 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append(f"PASSIVE_NOTICE: at most {TELEGRAM_TEXT_MAX} characters (a Telegram "
                           f"message), got {len(passive_notice)}")
 
+    # The webhook's own port (issue 21): Telegram's side apart from the operators' HEALTH_PORT.
+    webhook_host = r.text("WEBHOOK_HOST", "127.0.0.1") or "127.0.0.1"
+    webhook_port = r.whole("WEBHOOK_PORT", 0, low=0, high=65535)
+    if webhook_port and webhook_port == health_port:
+        r.problems.append(f"WEBHOOK_PORT: must differ from HEALTH_PORT ({webhook_port}); unset it to "
+                          "serve the webhook on HEALTH_PORT")
+    if bot_mode == "webhook" and not webhook_port and health_port == 0:
+        r.problems.append("WEBHOOK_PORT: required when BOT_MODE=webhook and HEALTH_PORT=0 (nothing "
+                          "would receive Telegram's deliveries)")
+
     if r.problems:
-        raise ConfigError(r.problems, hints)
+        raise ConfigError(r.problems, hints, Redactor(token=token, database_url=database_url))
     return Settings(
         bot_token=token,
         bot_id=bot_id,
@@ -350,6 +371,8 @@ def load_settings(env: Mapping[str, str] | None = None,
         webhook_max_connections=webhook_max_connections,
         webhook_insecure=webhook_insecure,
         passive_notice=passive_notice,
+        webhook_host=webhook_host,
+        webhook_port=webhook_port,
     )
 
 

@@ -1,8 +1,11 @@
 """The file mechanism of :class:`LockBackend`: :class:`InstanceLock` on one host (or a shared directory).
 
 The kernel lock decides who leads; the PID record beside it carries the epoch and the heartbeat.
-A hung holder is fenced by SIGKILL after its pid and start time are checked, which also frees any
-SQLite lock it held (SQLite's locks die with the process).
+A hung holder is fenced by SIGKILL, which also frees any SQLite lock it held (SQLite's locks die
+with the process), but only once the kernel confirms that the recorded PID holds the lock on this
+very file (``/proc/locks``, :mod:`utils.locking.kernel_locks`) and its start time matches the
+record: the record alone is a file anyone with access could have written, and a signal on its
+word could kill an unrelated process.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from utils.locking.instance_lock import (
     proc_is_ours,
     process_start_time,
 )
+from utils.locking.kernel_locks import exclusive_holders
 from utils.state.store import StateStore
 
 
@@ -105,6 +109,13 @@ class FileLockBackend(LockBackend):
         start = process_start_time(record.pid)
         if start is None or abs(start - record.start_time) > START_TIME_TOLERANCE:
             return f"pid {record.pid} is not the recorded process any more"
+        holders = exclusive_holders(self.lock.lock_path)
+        if holders is None:
+            return "the kernel cannot say who holds the lock (/proc/locks unreadable); not signalled"
+        if record.pid not in holders:
+            shown = ", ".join(map(str, sorted(holders))) or "none visible"
+            return (f"pid {record.pid} does not hold the lock on {self.lock.lock_path} (the kernel "
+                    f"says: {shown}); the record is wrong, so nothing is signalled")
         try:
             os.kill(record.pid, signal.SIGKILL)
         except ProcessLookupError:

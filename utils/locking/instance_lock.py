@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import socket
-import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -34,10 +33,12 @@ from typing import Any
 import filelock
 import psutil
 
+from utils.ops.private_path import UnsafePathError, check_private_file, ensure_private_dir
+
 log = logging.getLogger("solobot.lock")
 
 
-class LockSetupError(Exception):
+class LockSetupError(UnsafePathError):
     """The lock directory or files are unsafe to use; a configuration problem (exit 78)."""
 
 
@@ -105,24 +106,12 @@ class InstanceLock:
     # -- setup -------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Create the directory (0700) and refuse unsafe setups, with a message that says why."""
-        try:
-            self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LockSetupError(f"LOCK_DIR {self.lock_dir}: cannot create it ({exc.strerror})") from exc
-        st = self.lock_dir.stat()
-        if not stat.S_ISDIR(st.st_mode):
-            raise LockSetupError(f"LOCK_DIR {self.lock_dir}: not a directory")
-        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-            raise LockSetupError(
-                f"LOCK_DIR {self.lock_dir}: world-writable without the sticky bit; anyone could "
-                "replace the lock files. Use a private directory (chmod 700) or set the sticky bit."
-            )
+        """Create the directory (0700) and refuse one someone else could control (a symlink, not
+        ours or root's, writable by others), and lock or PID files that are symlinks or not ours
+        (:mod:`utils.ops.private_path`): whoever controls them could forge the record we act on."""
+        ensure_private_dir(self.lock_dir, "LOCK_DIR")
         for path in (self.lock_path, self.pid_path):
-            if path.is_symlink():
-                raise LockSetupError(f"{path}: is a symlink; refusing to follow it (remove it)")
-        if not os.access(self.lock_dir, os.W_OK | os.X_OK):
-            raise LockSetupError(f"LOCK_DIR {self.lock_dir}: not writable by uid {os.getuid()}")
+            check_private_file(path, "lock file" if path == self.lock_path else "PID file")
 
     # -- acquisition -------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
         # The working directory's .env (or $ENV_FILE), strictly: see utils/env_file.py.
         settings = load_configuration(os.environ, Path.cwd())
     except ConfigError as exc:
-        print(f"solobot: {exc}", file=sys.stderr)
+        print(f"solobot: {exc}", file=sys.stderr)  # masked: ConfigError redacts its problems
         return EX_CONFIG
     configure_logging(settings.log_level, settings.log_format,
                       token=settings.bot_token, database_url=settings.database_url)

@@ -17,12 +17,49 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from utils.ops.redact import Redactor
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LIBRARY_LOGGERS = ("aiohttp.access", "apscheduler.scheduler", "apscheduler.executors.default")
+#: Loggers whose lines anyone on the network can cause (aiohttp logs a malformed request at ERROR
+#: with a traceback; asyncio an ``accept()`` failure on every attempt): one line per
+#: :data:`NETWORK_LOG_INTERVAL` per logger, without its traceback, the rest dropped.
+NETWORK_LOGGERS = ("aiohttp.server", "asyncio")
+NETWORK_LOG_INTERVAL = 60.0
+#: Loggers that stay at INFO even at LOG_LEVEL=DEBUG: aiosqlite logs every statement with its
+#: values (the inbox's payloads) at DEBUG, hundreds of KB a minute while idle.
+NEVER_DEBUG_LOGGERS = ("aiosqlite",)
+
+
+class RateLimitFilter(logging.Filter):
+    """At most one record per *interval* (per logger it is attached to); the others are dropped,
+    counted, and the count is told with the next one that passes."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self._last = float("-inf")
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        if now - self._last < self.interval:
+            self.dropped += 1
+            return False
+        self._last = now
+        record.msg = _rendered_message(record).splitlines()[0] if record.msg else record.msg
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.msg}: {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        record.exc_info, record.exc_text = None, None
+        if self.dropped:
+            record.msg = f"{record.msg} (and {self.dropped} more like it in {self.interval:.0f} s, not shown)"
+            self.dropped = 0
+        return True
 
 
 class SecretMaskingFilter(logging.Filter):
@@ -107,3 +144,9 @@ def configure_logging(
         logging.getLogger("aiogram.event").setLevel(logging.WARNING)
     for noisy in QUIET_LIBRARY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    for name in NETWORK_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.filters[:] = [f for f in logger.filters if not isinstance(f, RateLimitFilter)]
+        logger.addFilter(RateLimitFilter(NETWORK_LOG_INTERVAL))
+    for name in NEVER_DEBUG_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))

@@ -12,7 +12,13 @@ masks, in this order:
    would eat ordinary words), otherwise only where a URL or a DSN would hold it;
 2. the password field of *any* URL (``scheme://user:***@host``) and of any key/value DSN
    (``password=***``), whoever's it is;
-3. the bot token (``123456:***``, the bot id is public) and its secret half alone.
+3. the bot token (``123456:***``, the bot id is public) and its secret half alone, and anything
+   shaped like a bot token (:data:`TOKEN_SHAPE`), configured or not (a malformed ``BOT_TOKEN``, a
+   token pasted into ``TELEGRAM_API_URL`` or ``WEBHOOK_URL``).
+
+Every way out of the process passes through one :class:`Redactor`: the log handler's filter,
+configuration errors (:class:`utils.config.ConfigError`) and the lines of ``main.py status``.
+The URL is taken apart by :mod:`utils.state.dsn` only (one rule for where a password ends).
 
 Standard library only: logging is set up before the heavy imports (utils/ops/bootstrap.py).
 """
@@ -20,16 +26,18 @@ Standard library only: logging is set up before the heavy imports (utils/ops/boo
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qs, unquote
 
-from utils.config import mask_token
+from utils.state.dsn import parse_database_url
 
 MASK = "***"
+#: A Telegram bot token anywhere in a text (``<bot id>:<secret>``), even one not configured.
+TOKEN_SHAPE = re.compile(r"(?P<keep>(?<!\d)\d{5,20}:)[A-Za-z0-9_-]{30,64}(?![A-Za-z0-9_-])")
 #: Shorter configured passwords are masked only inside a URL or DSN, never as a bare word.
 MIN_BARE_SECRET_LENGTH = 4
 
 #: ``scheme://user:PASSWORD@`` in any URL.
-URL_PASSWORD = re.compile(r"(?P<keep>\b[a-z][a-z0-9+.\-]*://[^\s/:@]*:)[^\s/@]+(?=@)", re.IGNORECASE)
+#: Up to the *last* ``@`` before the next space or ``/``: a password may hold ``@``.
+URL_PASSWORD = re.compile(r"(?P<keep>\b[a-z][a-z0-9+.\-]*://[^\s/:@]*:)[^\s/]+(?=@)", re.IGNORECASE)
 #: ``password=...`` in a libpq DSN, a URL query or an environment line (``PGPASSWORD=...``);
 #: the value single- or double-quoted (with backslash escapes) or up to a space, ``&`` or ``#``.
 KEY_VALUE_PASSWORD = re.compile(
@@ -40,31 +48,38 @@ KEY_VALUE_PASSWORD = re.compile(
 MAPPING_PASSWORD = re.compile(
     r"""(?P<keep>["']password["']\s*:\s*)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", re.IGNORECASE
 )
-#: The userinfo of a URL as SQLAlchemy's ``make_url`` reads it (the password up to the first ``@``).
-URL_USERINFO = re.compile(r"^[\w+]+://(?P<user>[^:/]*)(?::(?P<password>[^@]*))?@")
 #: The password of a libpq key/value DSN, quoted or not.
 DSN_PASSWORD = re.compile(
     r"""password\s*=\s*(?:'(?P<quoted>(?:[^'\\]|\\.)*)'|(?P<plain>\S+))""", re.IGNORECASE
 )
 
 
-def database_password(database_url: str | None) -> str | None:
-    """The password a database URL (decoded) or libpq key/value DSN carries, if any."""
+def mask_token(token: str) -> str:
+    """``123456:AA...`` -> ``123456:***``: the bot id is public, the secret is not."""
+    bot_id, _, _ = token.partition(":")
+    return f"{bot_id}:***" if bot_id.isdigit() else "***"
+
+
+def database_passwords(database_url: str | None) -> list[str]:
+    """Every password a database URL (decoded; user information and ``?password=``) or libpq
+    key/value DSN carries."""
     if not database_url:
-        return None
-    if "://" not in database_url:
-        match = DSN_PASSWORD.search(database_url)
-        if match is None:
-            return None
-        if match["quoted"] is not None:
-            return re.sub(r"\\(.)", r"\1", match["quoted"])
-        return match["plain"]
-    userinfo = URL_USERINFO.match(database_url)
-    if userinfo is not None and userinfo["password"]:
-        return unquote(userinfo["password"])
-    query = database_url.partition("?")[2].partition("#")[0]
-    from_query = parse_qs(query).get("password")
-    return from_query[0] if from_query else None
+        return []
+    parsed = parse_database_url(database_url)
+    if parsed is not None:
+        return parsed.all_passwords
+    match = DSN_PASSWORD.search(database_url)
+    if match is None:
+        return []
+    if match["quoted"] is not None:
+        return [re.sub(r"\\(.)", r"\1", match["quoted"])]
+    return [match["plain"]]
+
+
+def database_password(database_url: str | None) -> str | None:
+    """The (first) password of a database URL or DSN, if any."""
+    passwords = database_passwords(database_url)
+    return passwords[0] if passwords else None
 
 
 def _hex_either_case(byte: int) -> str:
@@ -102,15 +117,17 @@ class Redactor:
             secret_half = token.partition(":")[2]
             if secret_half:
                 self._token_forms.append((secret_half, MASK))
-        password = database_password(database_url)
-        self._password = password_pattern(password) if password else None
+        # Longest first: one password may contain another.
+        self._passwords = [password_pattern(p) for p in sorted(set(database_passwords(database_url)),
+                                                                key=len, reverse=True)]
 
     def __call__(self, text: str) -> str:
-        if self._password is not None:
-            text = self._password.sub(MASK, text)
+        for password in self._passwords:
+            text = password.sub(MASK, text)
         for secret, masked in self._token_forms:
             if secret in text:
                 text = text.replace(secret, masked)
+        text = TOKEN_SHAPE.sub(rf"\g<keep>{MASK}", text)
         text = URL_PASSWORD.sub(rf"\g<keep>{MASK}", text)
         text = KEY_VALUE_PASSWORD.sub(rf"\g<keep>{MASK}", text)
         return MAPPING_PASSWORD.sub(rf"\g<keep>'{MASK}'", text)

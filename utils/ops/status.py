@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from utils.config import Settings
 from utils.locking.backend import HolderInfo, LockBackend
@@ -86,26 +86,31 @@ async def status_command(settings: Settings, started: float) -> int:
     try:
         backend_name, holder, live = await query_holder(settings, started)
     except CannotTell as exc:
-        print(f"solobot status: cannot tell who is active: {exc}", file=sys.stderr)
+        say(settings, f"solobot status: cannot tell who is active: {exc}", sys.stderr)
         return EXIT_UNKNOWN
     if holder is None or not live:
-        print(f"no active holder (backend {backend_name})")
+        say(settings, f"no active holder (backend {backend_name})")
         return EXIT_NO_HOLDER
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.since)) if holder.since else "?"
-    print(json.dumps({"backend": backend_name, **holder.as_dict(), "since_text": since}))
+    say(settings, json.dumps({"backend": backend_name, **holder.as_dict(), "since_text": since}))
     return EXIT_OK
 
 
+def say(settings: Settings, line: str, stream: TextIO = sys.stdout) -> None:
+    """Every line ``status`` prints, through the configuration's redaction (as log lines are)."""
+    print(settings.redactor(line), file=stream)
+
+
 def run_status(settings: Settings, started: float | None = None) -> int:
-    """Entry for ``main.py status``; a lock directory problem is a configuration error.
+    """Entry for ``main.py status``; a lock or state directory problem is a configuration error.
 
     *started*: when the process started (:func:`time.monotonic`); default now.
     """
     from utils.config import EX_CONFIG
-    from utils.locking.instance_lock import LockSetupError
+    from utils.ops.private_path import UnsafePathError
 
     try:
         return asyncio.run(status_command(settings, time.monotonic() if started is None else started))
-    except LockSetupError as exc:
+    except UnsafePathError as exc:
         log.error("%s", exc)
         return EX_CONFIG

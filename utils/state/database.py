@@ -11,25 +11,23 @@ of its sessions (and the row locks they hold), not only the lock session.
 from __future__ import annotations
 
 import logging
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from utils.ops.private_path import check_private_file, create_private_file, ensure_private_dir
 from utils.ops.redact import Redactor
+from utils.state.dsn import parse_database_url
 from utils.state.errors import SQLITE_LOCATION, database_location
 
 log = logging.getLogger("solobot.state")
 
 SQLITE_FILE = "solobot.sqlite3"
-PRIVATE_DIR_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: A session left idle inside a transaction (its process paused or partitioned) is ended by the
 #: server after this long, releasing its row locks even if no standby fences it.
@@ -37,6 +35,11 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 5_000
 PG_POOL_SIZE = 4
 PG_POOL_OVERFLOW = 4
 PG_CONNECT_TIMEOUT_S = 5
+
+
+def _has_port(hosts: str) -> bool:
+    """Whether one ``host[:port]`` (``[v6]:port`` too) names a port."""
+    return "]:" in hosts if hosts.startswith("[") else ":" in hosts
 
 
 def session_tag(bot_id: int, instance_id: str, purpose: str) -> str:
@@ -73,19 +76,33 @@ class DatabaseTarget:
     @classmethod
     def parse(cls, database_url: str | None, state_dir: Path) -> DatabaseTarget:
         if not database_url:
-            path = (state_dir / SQLITE_FILE).resolve()
+            path = (state_dir / SQLITE_FILE).absolute()  # not resolve(): a symlink is refused, not followed
             return cls(kind="sqlite", sqlalchemy_url=f"sqlite+aiosqlite:///{path}", display=str(path),
                        sqlite_path=path)
-        url = make_url(database_url)
-        # libpq's key/value form, built from the parsed parts: a password with spaces or other
-        # specials survives (a re-rendered URL would not quote them all).
-        dsn = make_conninfo(
-            "", host=url.host, port=url.port, dbname=url.database, user=url.username,
-            password=url.password, **{k: str(v) for k, v in url.query.items()},
+        parts = parse_database_url(database_url)
+        if parts is None:  # configuration refuses it first; never echo it
+            raise ValueError("DATABASE_URL is not a postgresql:// URL")
+        # Built from the parts (utils/state/dsn.py: the one rule for where a password ends), not
+        # re-parsed by SQLAlchemy's own rule, which splits a password with "@" differently.
+        query = {k: v for k, v in parts.query.items() if k != "password"}
+        single_host, _, port_text = parts.hosts.rpartition(":") if _has_port(parts.hosts) else (parts.hosts, "", "")
+        if "," in parts.hosts:  # several hosts: libpq's own syntax, through the query
+            query["host"], single_host, port_text = parts.hosts, "", ""
+        url = URL.create(
+            "postgresql+psycopg", username=parts.user,
+            password=parts.password if parts.password is not None else parts.query.get("password"),
+            host=single_host.strip("[]") or None, port=int(port_text) if port_text.isdigit() else None,
+            database=parts.database or None, query=query,
         )
+        # libpq's key/value form, built from the parts: a password with spaces or other
+        # specials survives (a re-rendered URL would not quote them all).
+        dsn = make_conninfo("", **{
+            "host": url.host, "port": url.port, "dbname": url.database, "user": url.username,
+            "password": url.password, **{k: str(v) for k, v in url.query.items()},
+        })
         return cls(
             kind="postgres",
-            sqlalchemy_url=url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False),
+            sqlalchemy_url=url.render_as_string(hide_password=False),
             libpq_dsn=dsn,
             display=url.set(drivername="postgresql").render_as_string(hide_password=True),
             host=url.host or "localhost",
@@ -104,8 +121,7 @@ class DatabaseTarget:
     def create_engine(self, *, bot_id: int, instance_id: str) -> AsyncEngine:
         if not self.is_postgres:
             assert self.sqlite_path is not None
-            prepare_private_dir(self.sqlite_path.parent)
-            create_private_file(self.sqlite_path)
+            prepare_sqlite_files(self.sqlite_path)
             engine = create_async_engine(self.sqlalchemy_url,
                                          connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
             _sqlite_serialised_writes(engine)
@@ -139,19 +155,23 @@ PG_TCP_TIMEOUTS: dict[str, Any] = {
 }
 
 
-def prepare_private_dir(path: Path) -> None:
-    """Create the state directory 0700; warn once if an existing one is readable by others."""
-    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("state directory %s is accessible by other users (mode %o); it holds the post "
-                    "queue and the update inbox: chmod 700 it", path, stat.S_IMODE(mode))
+#: SQLite's companions of the database file in WAL mode: they hold committed transactions too.
+SQLITE_COMPANIONS = ("-wal", "-shm")
 
 
-def create_private_file(path: Path) -> None:
-    """Create the SQLite file 0600 before SQLite does (its -wal/-shm files inherit the mode)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE_MODE)
-    os.close(fd)
+def prepare_sqlite_files(path: Path) -> None:
+    """The state directory and the SQLite files, private to this user before SQLite opens them.
+
+    The directory is created 0700 (refused when a symlink, someone else's or writable by others);
+    the database file is created 0600 before SQLite does (its -wal/-shm then inherit the mode);
+    an existing database, -wal or -shm of someone else is refused, one of ours open to others is
+    tightened to 0600 (:mod:`utils.ops.private_path`). Whoever could write them could insert
+    updates "from" an admin.
+    """
+    ensure_private_dir(path.parent, "STATE_DIR")
+    create_private_file(path, "state database")
+    for suffix in SQLITE_COMPANIONS:
+        check_private_file(path.with_name(path.name + suffix), "state database")
 
 
 def _sqlite_serialised_writes(engine: AsyncEngine) -> None:

@@ -15,11 +15,10 @@ import, and in log lines of every layer.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from utils.ops.redact import Redactor
+from utils.state.dsn import DEFAULT_PG_PORT, parse_database_url
 
-DEFAULT_PG_PORT = 5432
 #: The location of the default state database (SQLite in STATE_DIR) in error lines.
 SQLITE_LOCATION = "SQLite state database"
 #: libpq prefixes a server's refusal with its severity: ``FATAL:  database "x" does not exist``.
@@ -33,21 +32,22 @@ NOISE_LINE = re.compile(
 )
 
 
-def database_location(database_url: str | None) -> str:
-    """``PostgreSQL host:port/database (user u)`` from a database URL, without its password."""
+def database_location(database_url: str | None, *, with_user: bool = True) -> str:
+    """``PostgreSQL host:port/database (user u)`` from a database URL, without its password.
+
+    *with_user* False leaves the user name out (what a public endpoint may show)."""
     if not database_url:
         return SQLITE_LOCATION
-    parts = urlsplit(database_url)
-    query = parse_qs(parts.query)
-    hosts = parts.netloc.rpartition("@")[2]
-    if not hosts and query.get("host"):
-        hosts = query["host"][0]  # a Unix socket directory: postgresql:///db?host=/run/postgresql
-    port = query.get("port", [str(DEFAULT_PG_PORT)])[0]
+    parts = parse_database_url(database_url)
+    if parts is None:
+        return "PostgreSQL (DATABASE_URL is not a URL)"
+    hosts = parts.hosts or parts.query.get("host", "")  # a socket directory: ?host=/run/postgresql
+    port = parts.query.get("port", str(DEFAULT_PG_PORT))
     shown_hosts = ",".join(_with_port(host, port) for host in (hosts or "localhost").split(","))
-    database = unquote(parts.path.lstrip("/")) or query.get("dbname", [""])[0]
-    user = unquote(parts.username) if parts.username else query.get("user", [""])[0]
+    database = parts.database or parts.query.get("dbname", "")
+    user = parts.user or parts.query.get("user", "")
     described = f"PostgreSQL {shown_hosts}/{database}"
-    return f"{described} (user {user})" if user else described
+    return f"{described} (user {user})" if user and with_user else described
 
 
 def _with_port(host: str, default_port: str) -> str:

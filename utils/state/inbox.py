@@ -53,6 +53,30 @@ class NewUpdate:
     payload: str  # the update as JSON
 
 
+#: The range of the inbox's ``update_id`` column (a signed 64-bit integer, as Telegram's ids are).
+UPDATE_ID_RANGE = range(-(1 << 63), 1 << 63)
+
+
+def unstorable(update: NewUpdate) -> str | None:
+    """Why *update* does not fit the inbox's columns, or None (pure): a delivery that cannot be
+    stored is refused alone, before it shares a transaction with others."""
+    if update.update_id not in UPDATE_ID_RANGE:
+        return "update_id out of range"
+    limit = getattr(inbox_table.c.chat_key.type, "length", None)
+    if update.chat_key is not None and limit is not None and len(update.chat_key) > limit:
+        return "chat or user id out of range"
+    return None
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """Whether a failed write was refused for the data of a row (not for the database being down):
+    a value the database or the driver cannot hold. Retrying such a row alone settles it."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(exc, (sa.exc.DataError, sa.exc.IntegrityError, OverflowError)) or isinstance(
+        orig, (OverflowError, ValueError)) or (isinstance(exc, sa.exc.StatementError) and orig is None
+                                               and "Overflow" in str(exc))
+
+
 @dataclass(frozen=True)
 class InboxEntry:
     """A stored update waiting to be handled."""

@@ -7,6 +7,10 @@ sets the pace. Here a delivery joins the batch being collected; one writer store
 in one transaction and answers every delivery of it (new or already stored) once it committed.
 No timer: a batch is whatever arrived while the previous one was being written, so a lone
 delivery is written at once and a burst is written in a few large transactions.
+
+A batch refused for the data of one of its items (*is_item_error*: a value no column can hold) is
+written again item by item, so that only the culprit fails: a delivery that cannot be stored must
+not fail the others that shared its transaction.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ WriteBatch = Callable[[Sequence[T]], Awaitable[Sequence[bool]]]
 class GroupCommit(Generic[T]):
     """Writes items through *write* (one transaction per call), batching concurrent ones."""
 
-    def __init__(self, write: WriteBatch[T], *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, write: WriteBatch[T], *, max_batch: int = MAX_BATCH,
+                 is_item_error: Callable[[Exception], bool] = lambda _exc: False) -> None:
         self._write_batch = write
+        self._is_item_error = is_item_error
         self._max_batch = max_batch
         self._waiting: list[tuple[T, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -61,6 +67,9 @@ class GroupCommit(Generic[T]):
             try:
                 new = await self._write_batch([item for item, _ in batch])
             except Exception as exc:  # noqa: BLE001 - handed to every delivery of the batch
+                if len(batch) > 1 and self._is_item_error(exc):
+                    await self._write_one_by_one(batch)
+                    continue
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -71,6 +80,20 @@ class GroupCommit(Generic[T]):
             self.batches += 1
             log.debug("webhook: stored %d delivery(ies) in one transaction in %.1f ms (%d new)",
                       len(batch), (time.monotonic() - started) * 1000, sum(new))
+
+    async def _write_one_by_one(self, batch: list[tuple[T, asyncio.Future[bool]]]) -> None:
+        """Each item in its own transaction: the one the database refuses fails alone."""
+        log.debug("webhook: a batch of %d was refused for an item's data; writing them one by one", len(batch))
+        for item, future in batch:
+            try:
+                new = await self._write_batch([item])
+            except Exception as exc:  # noqa: BLE001 - this item's own failure
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            if not future.done():
+                future.set_result(new[0])
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:

@@ -49,7 +49,7 @@ from utils.locking.lease import Lease, LeaseLost
 from utils.ops.lookup import BoundedLookup
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
-from utils.state.inbox import NewUpdate
+from utils.state.inbox import NewUpdate, is_row_error, unstorable
 from utils.state.notify import inbox_listener, notify_inbox
 from utils.state.store import StateStore
 from utils.updates.group_commit import GroupCommit
@@ -62,6 +62,14 @@ log = logging.getLogger("solobot.webhook")
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 #: A delivery larger than this is refused (an Update is a few KB; this bounds memory per request).
 MAX_BODY_BYTES = 1 << 20
+#: A delivery's body must have arrived within this many seconds of its head (then 408).
+BODY_TIMEOUT = 10.0
+#: ``Content-Encoding`` values of a body taken as it is: Telegram sends plain JSON, and an encoded
+#: body is never inflated (a 1 MB gzip body can inflate to 1 GB).
+PLAIN_ENCODINGS = frozenset({"", "identity"})
+#: Connections the webhook's own port holds at once (Telegram's up to 100, a balancer's pool);
+#: lowered to fit the open-file limit (utils/ops/http_listener.py).
+WEBHOOK_HTTP_CONNECTIONS = 1024
 #: A delivery waits at most this long for the inbox write; then 503 and Telegram retries.
 STORE_TIMEOUT = 5.0
 #: A NOTIFY to wake the leader gives up after this (the leader's sweep finds the rows anyway).
@@ -136,6 +144,14 @@ async def read_limited(request: web.Request, limit: int = MAX_BODY_BYTES) -> byt
     return b"".join(chunks)
 
 
+def describe_peer(request: web.Request) -> str:
+    """The peer as the socket says, and what a balancer's ``X-Real-IP`` claims (not a fact: any
+    client can send that header)."""
+    claimed = request.headers.get("X-Real-IP")
+    peer = request.remote or "?"
+    return f"{peer} (X-Real-IP {claimed[:64]!r})" if claimed and claimed != peer else peer
+
+
 def parse_update(body: bytes) -> Update:
     """An Update from a delivery's body; :class:`ValueError` with one line if it is not one."""
     try:
@@ -170,7 +186,7 @@ class WebhookReceiver:
         self._on_stored = on_stored
         self.stats = ReceiverStats()
         self._throttle = _Throttle(REFUSAL_LOG_INTERVAL)
-        self._commits: GroupCommit[NewUpdate] = GroupCommit(self._write)
+        self._commits: GroupCommit[NewUpdate] = GroupCommit(self._write, is_item_error=is_row_error)
         self._oldest_unclaimed = BoundedLookup(store.inbox.oldest_unclaimed_age, NOTICE_LOOKUP_TIMEOUT,
                                                name="PASSIVE_NOTICE lookup")
         self._notifier: asyncio.Task[None] | None = None
@@ -218,22 +234,50 @@ class WebhookReceiver:
         return True, "accepting webhook deliveries"
 
     async def handle(self, request: web.Request) -> web.Response:
-        peer = request.headers.get("X-Real-IP") or request.remote or "?"
+        """The secret first, before anything that costs: the body is not read (nor inflated: it
+        never is) for a delivery without it."""
+        peer = describe_peer(request)
         if not secret_matches(request.headers.get(SECRET_HEADER), self._secret):
             self.stats.unauthorized += 1
             log.log(self._throttle.level("secret"), "webhook delivery from %s refused (401): %s secret "
                     "header", peer, "no" if SECRET_HEADER not in request.headers else "wrong")
             return web.Response(status=401, text="unauthorized")
-        try:
-            update = parse_update(await read_limited(request))
-        except (BodyTooLarge, ValueError) as exc:
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in PLAIN_ENCODINGS:
             self.stats.malformed += 1
-            what = f"body too large ({exc})" if isinstance(exc, BodyTooLarge) else str(exc)
-            log.warning("webhook delivery from %s refused (400): %s", peer, what)
+            log.log(self._throttle.level("encoding"), "webhook delivery from %s refused (415): "
+                    "Content-Encoding %.40r (only plain JSON is taken)", peer, encoding)
+            return web.Response(status=415, text="unsupported content encoding")
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                body = await read_limited(request)
+        except TimeoutError:
+            self.stats.malformed += 1
+            log.log(self._throttle.level("slow"), "webhook delivery from %s refused (408): body not "
+                    "received within %.0f s", peer, BODY_TIMEOUT)
+            return web.Response(status=408, text="request timeout")
+        except BodyTooLarge as exc:
+            self.stats.malformed += 1
+            log.warning("webhook delivery from %s refused (400): body too large (%s)", peer, exc)
             return web.Response(status=400, text="bad request")
         try:
-            new = await asyncio.wait_for(self._commits.submit(to_new_update(update)), timeout=STORE_TIMEOUT)
+            update = parse_update(body)
+            row = to_new_update(update)
+            problem = unstorable(row)
+            if problem:
+                raise ValueError(problem)
+        except ValueError as exc:
+            self.stats.malformed += 1
+            log.warning("webhook delivery from %s refused (400): %s", peer, exc)
+            return web.Response(status=400, text="bad request")
+        try:
+            new = await asyncio.wait_for(self._commits.submit(row), timeout=STORE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure to store: Telegram must deliver again
+            if is_row_error(exc):  # this delivery's data, alone (the others of its batch are stored)
+                self.stats.malformed += 1
+                log.warning("webhook delivery from %s refused (400): the inbox cannot hold it (%s)",
+                            peer, self.store.describe_error(exc))
+                return web.Response(status=400, text="bad request")
             self.stats.unavailable += 1
             reason = self.store.describe_error(exc, waited=STORE_TIMEOUT)
             if self.stats.inbox_error is None:
@@ -305,9 +349,17 @@ class Registration:
         return why
 
 
+def masked_url(url: str | None) -> str | None:
+    """``https://host/***``: a webhook URL's path may hold the token or another secret."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/***" if parts.path.strip("/") else url
+
+
 def info_for_health(info: WebhookInfo) -> dict[str, Any]:
     return {
-        "url": info.url,
+        "url": masked_url(info.url),
         "pending_update_count": info.pending_update_count,
         "last_error_message": info.last_error_message,
         "last_error_date": info.last_error_date.timestamp() if info.last_error_date else None,
