@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from utils.sending.flood import Rate, SendLimits
+
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
 
 TOKEN_RE = re.compile(r"^(?P<bot_id>\d{5,20}):(?P<secret>[A-Za-z0-9_-]{30,64})$")
@@ -113,6 +115,8 @@ class Settings:
     webhook_insecure: bool = False
     #: Webhook mode: text sent (throttled) to a chat while no replica leads.
     passive_notice: str | None = None
+    #: Telegram's send limits the bot keeps to (SEND_*; utils/sending).
+    send_limits: SendLimits = field(default_factory=SendLimits)
 
     @property
     def masked_token(self) -> str:
@@ -185,14 +189,15 @@ class _Reader:
             self.problems.append(f"{name}: must be between {low} and {high}, got {value}")
         return value
 
-    def seconds(self, name: str, default: float, *, low: float, high: float) -> float:
+    def seconds(self, name: str, default: float, *, low: float, high: float,
+                what: str = "a number of seconds") -> float:
         raw = self.text(name)
         if raw is None:
             return default
         try:
             value = float(raw)
         except ValueError:
-            self.problems.append(f"{name}: expected a number of seconds, got {raw!r}")
+            self.problems.append(f"{name}: expected {what}, got {raw!r}")
             return default
         if not low <= value <= high:
             self.problems.append(f"{name}: must be between {low:g} and {high:g}, got {value:g}")
@@ -312,6 +317,8 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append(f"PASSIVE_NOTICE: at most {TELEGRAM_TEXT_MAX} characters (a Telegram "
                           f"message), got {len(passive_notice)}")
 
+    send_limits = _send_settings(r)
+
     if r.problems:
         raise ConfigError(r.problems, hints)
     return Settings(
@@ -347,6 +354,7 @@ def load_settings(env: Mapping[str, str] | None = None,
         webhook_max_connections=webhook_max_connections,
         webhook_insecure=webhook_insecure,
         passive_notice=passive_notice,
+        send_limits=send_limits,
     )
 
 
@@ -389,6 +397,24 @@ def _webhook_settings(r: _Reader, token: str) -> tuple[str, str | None, str, int
         secret = derive_webhook_secret(token) if token else ""
     max_connections = r.whole("WEBHOOK_MAX_CONNECTIONS", 40, low=1, high=100)
     return mode, url, secret, max_connections, insecure
+
+
+def _send_settings(r: _Reader) -> SendLimits:
+    """SEND_*: the send limits (Telegram's by default; 0 as a rate means unlimited)."""
+    default = SendLimits()
+    def number(name: str, value: float, high: float, low: float = 0) -> float:
+        return r.seconds(name, value, low=low, high=high, what="a number")
+
+    overall = Rate(number("SEND_OVERALL_PER_SECOND", default.overall.per_second, 100_000),
+                   number("SEND_OVERALL_BURST", default.overall.burst, 100_000, low=1))
+    private = Rate(number("SEND_PRIVATE_PER_SECOND", default.private.per_second, 1000),
+                   number("SEND_PRIVATE_BURST", default.private.burst, 1000, low=1))
+    group = Rate(number("SEND_GROUP_PER_MINUTE", default.group.per_second * 60, 60_000) / 60,
+                 number("SEND_GROUP_BURST", default.group.burst, 1000, low=1))
+    paid_broadcast = r.flag("SEND_PAID_BROADCAST", False)
+    retry_max = r.seconds("SEND_RETRY_MAX_SECONDS", default.retry_max, low=0, high=86400)
+    return SendLimits(overall=overall, private=private, group=group, paid=default.paid,
+                      paid_broadcast=paid_broadcast, retry_max=retry_max)
 
 
 def _check_cron(expr: str) -> str | None:

@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 
 #: Seconds of each bucket's rate held back from its burst: the jitter between a grant here and the
 #: request's arrival at Telegram that the limits tolerate without a 429.
-ARRIVAL_MARGIN = 0.05
+ARRIVAL_MARGIN = 0.1
+#: Rounding slack: a bucket refilled to exactly one token by the clock may hold 0.9999999.
+TOKEN_EPSILON = 1e-9
 #: A 429 in a second chat within this many seconds of one in another: the overall limit was hit.
 OVERALL_429_WINDOW = 1.0
 #: Idle chats whose buckets are full again are forgotten every this many grants (bounded memory).
@@ -89,7 +91,7 @@ class TokenBucket:
         if self.rate <= 0:
             return now
         self._refill(now)
-        return now if self.tokens >= 1.0 else now + (1.0 - self.tokens) / self.rate
+        return now if self.tokens >= 1.0 - TOKEN_EPSILON else now + (1.0 - self.tokens) / self.rate
 
     def take(self, now: float) -> None:
         if self.rate > 0:

@@ -73,6 +73,9 @@ class FloodLimiter:
 
     def __init__(self, limits: SendLimits, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
+        #: Told when a task starts and stops waiting for a slot (the pipeline frees the handler's
+        #: concurrency slot meanwhile: ``UpdatePipeline.waiting_to_send``).
+        self.on_wait: Callable[[asyncio.Task[object], bool], None] | None = None
         self._clock = clock
         self.plan = SendPlan(limits, clock())
         self.waited = DurationHistogram(WAIT_BUCKETS)
@@ -114,13 +117,21 @@ class FloodLimiter:
 
     async def granted(self, ticket: Ticket) -> None:
         """Return when *ticket* may go; :class:`SendExpired` or :class:`SendsClosed` if never."""
-        while ticket.state == WAITING:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters[ticket] = (future, asyncio.current_task())
+        if ticket.state == WAITING:
+            task = asyncio.current_task()
+            if self.on_wait is not None and task is not None:
+                self.on_wait(task, True)
             try:
-                await future
+                while ticket.state == WAITING:
+                    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    self._waiters[ticket] = (future, task)
+                    try:
+                        await future
+                    finally:
+                        self._waiters.pop(ticket, None)
             finally:
-                self._waiters.pop(ticket, None)
+                if self.on_wait is not None and task is not None:
+                    self.on_wait(task, False)
         if ticket.state == FAILED:
             assert ticket.blocked_until is not None
             raise SendExpired(ticket.blocked_until)
