@@ -117,6 +117,36 @@ class SendLimits:
     paid: tuple[float, float] = (1000.0, 1000.0)  # sends with allow_paid_broadcast
 
 
+def flood_burst(private_chats: int = 150, per_private: int = 2, groups: int = 2,
+                per_group: int = 8) -> list[tuple[str, int, int]]:
+    """/ping from many chats at once, as ``(text, user_id, chat_id)`` for :meth:`FakeBotAPI.send_burst`.
+
+    As users write at the same moment: in rounds, each chat's next message in every round
+    (private chats 10000.., groups -20000..). The default is 316 messages: 150 private chats x 2,
+    two groups x 8, which Telegram's limits let through in 316 / 30 = 10.5 s at the earliest.
+    """
+    items: list[tuple[str, int, int]] = []
+    for round_ in range(max(per_private, per_group)):
+        if round_ < per_private:
+            items += [("/ping", 10_000 + n, 10_000 + n) for n in range(private_chats)]
+        if round_ < per_group:
+            items += [("/ping", 20_000 + n, -(20_000 + n)) for n in range(groups)]
+    return items
+
+
+def limits_allow(items: Sequence[tuple[str, int, int]], limits: SendLimits) -> float:
+    """The least time Telegram's limits need for one send per item: the overall rate, or the
+    slowest chat's own (its burst at once, then its rate), whichever is longer."""
+    per_chat: dict[int, int] = {}
+    for _, _, chat in items:
+        per_chat[chat] = per_chat.get(chat, 0) + 1
+    slowest = 0.0
+    for chat, count in per_chat.items():
+        rate, burst = limits.group if chat < 0 else limits.private
+        slowest = max(slowest, max(0.0, count - burst) / rate)
+    return max(len(items) / limits.overall[0], slowest)
+
+
 class _Bucket:
     """A token bucket, full at first; :meth:`wait` says how long until one token."""
 

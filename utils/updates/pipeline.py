@@ -254,7 +254,9 @@ class UpdatePipeline:
                 if isinstance(result, TelegramMethod):
                     await self.bot(result)
             except LeaseLost as exc:
-                log.info("update %d not finished: %s; the next leader runs it", item.update_id, exc)
+                # While stopping the stop's own lines say it once for all (the drain deadline).
+                log.log(logging.DEBUG if self._stopping else logging.INFO,
+                        "update %d not finished: %s; the next leader runs it", item.update_id, exc)
                 return
             except Exception:  # a handler bug must not stop the pipeline; it counts as handled
                 self.stats.handler_errors += 1
