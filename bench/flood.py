@@ -153,7 +153,7 @@ def render(rows: list[Row], allowed: float, messages: int) -> str:
             " / ".join(str(r.refused) for r in rs),
             " / ".join(str(r.out_of_order) for r in rs),
             f"{seconds:.1f} ({min(r.seconds for r in rs):.1f}-{max(r.seconds for r in rs):.1f})",
-            f"{seconds / allowed:.2f}x",
+            f"{seconds / allowed:.2f}x" if not any(r.lost for r in rs) else "- (replies lost)",
         ])
     return markdown_table(headers, lines)
 
