@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 #: Seconds of each bucket's rate held back from its burst: the jitter between a grant here and the
 #: request's arrival at Telegram that the limits tolerate without a 429.
-ARRIVAL_MARGIN = 0.1
+ARRIVAL_MARGIN = 0.2
 #: Rounding slack: a bucket refilled to exactly one token by the clock may hold 0.9999999.
 TOKEN_EPSILON = 1e-9
 #: A 429 in a second chat within this many seconds of one in another: the overall limit was hit.

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiogram.exceptions import TelegramRetryAfter
 
@@ -211,7 +211,7 @@ class FloodControl:
         self.limiter = limiter
         self.gate = gate
 
-    def target(self, method: TelegramMethod[object]) -> Target | None:
+    def target(self, method: TelegramMethod[Any]) -> Target | None:
         """Where *method* sends, or None when it does not send into a chat (not slowed)."""
         if not sends_into_chat(method.__api_method__):
             return None
@@ -231,7 +231,7 @@ class FloodControl:
     async def __call__(
         self, make_request: NextRequestMiddlewareType[T], bot: Bot, method: TelegramMethod[T]
     ) -> Response[T]:
-        target = self.target(method)  # type: ignore[arg-type]
+        target = self.target(method)
         if target is None:
             return await make_request(bot, method)
         limiter = self.limiter
