@@ -52,6 +52,7 @@ from utils.ops.metrics import Metrics  # noqa: E402
 from utils.ops.private_path import UnsafePathError  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
+from utils.sending.limiter import FloodControl, FloodLimiter  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
 from utils.state.store import StateStore  # noqa: E402
 from utils.updates.passive_notice import PassiveNotice  # noqa: E402
@@ -79,9 +80,10 @@ HEALTH_LOOKUP_TIMEOUT = 0.25
 RELEASE_ALLOWANCE = 1.0
 
 
-def make_bot(settings: Settings, gate: LeaseGate) -> Bot:
-    """The bot, whose every Bot API call passes the lease gate (none without a valid lease)."""
-    session = GatedAiohttpSession(gate, api=TelegramAPIServer.from_base(settings.api_url))
+def make_bot(settings: Settings, gate: LeaseGate, flood: FloodControl | None = None) -> Bot:
+    """The bot, whose every Bot API call passes the lease gate (none without a valid lease), and
+    every send into a chat the flood limiter."""
+    session = GatedAiohttpSession(gate, flood=flood, api=TelegramAPIServer.from_base(settings.api_url))
     return Bot(settings.bot_token, session=session)
 
 
@@ -98,7 +100,10 @@ class App:
         self.store = StateStore.create(self.target, settings.bot_id, self.instance_id)
         self.backend = make_backend(settings, self.store, self.instance_id)
         self.gate = LeaseGate()
-        self.bot = make_bot(settings, self.gate)
+        # Telegram's send limits, for every send into a chat whoever makes it (utils/sending).
+        self.sends = FloodLimiter(settings.send_limits)
+        self.flood = FloodControl(self.sends, self.gate)
+        self.bot = make_bot(settings, self.gate, self.flood)
         self.dp = Dispatcher()
         self.dp.include_router(bot_module.router)
         # Resolved once: only the update types the handlers use (as start_polling would).
@@ -111,7 +116,9 @@ class App:
             drain_timeout=settings.drain_timeout,
             warn_seconds=settings.handler_warn_seconds,
             inbox_max=settings.inbox_max,
+            on_drain_deadline=lambda: self.flood.close("the drain deadline passed"),
         )
+        self.sends.on_wait = self.pipeline.waiting_to_send
         self.polling = PollingManager(
             self.bot, self.store, self.pipeline, self.stats,
             step_down=self._step_down,
@@ -145,6 +152,7 @@ class App:
                 misfire_grace=settings.post_misfire_grace,
                 admin_ids=settings.admin_ids,
                 step_down=self._step_down,
+                sends=self.sends,
             )
         roles: list[Any] = [self.webhook or self.polling] + ([self.autoposter] if self.autoposter else [])
         self.controller = LeadershipController(
@@ -160,7 +168,7 @@ class App:
         self.metrics = Metrics(controller=self.controller, stats=self.stats, autoposter=self.autoposter,
                                backend=self.backend, inbox_depth=self._inbox_lookup,
                                deliveries=self.receiver.stats if self.receiver else None,
-                               webhook=self.webhook)
+                               webhook=self.webhook, sends=self.sends)
         self.notifier = SystemdNotifier.from_environment()
         self.controller.add_listener(self._on_mode)
         self.dp["admin_ids"] = settings.admin_ids
@@ -239,6 +247,7 @@ class App:
                 **({"webhook": self._webhook_status()} if self.webhook else {}),
             },
             "autoposter": {"state": autoposter},
+            "sends": {"waiting": self.sends.waiting, "rate_limited": self.sends.rate_limited},
         }
 
     async def _inbox_depth(self) -> tuple[int, float | None] | str:

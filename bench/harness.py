@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
-from tests.fake_bot_api import FakeBotAPI, Poll, Sent  # noqa: E402
+from tests.fake_bot_api import UNLIMITED_SENDS_ENV, FakeBotAPI, Poll, Sent  # noqa: E402
 from tests.waiting import free_port, get_health  # noqa: E402
 from tests.waiting import wait_until as shared_wait_until  # noqa: E402
 
@@ -297,6 +297,7 @@ def solobot_env(fake: FakeBotAPI, tag: str, bot_id: int, work: Path, postgres_ur
         "HEALTH_PORT": str(free_port()),
         "POLLING_TIMEOUT": "10",
         "LOG_LEVEL": "INFO",
+        **UNLIMITED_SENDS_ENV,  # throughput benches measure the bot, not Telegram's limits
     })
     env.pop("DATABASE_URL", None)
     env.pop("LOCK_BACKEND", None)

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.fake_bot_api import FakeBotAPI
+from tests.fake_bot_api import UNLIMITED_SENDS_ENV, FakeBotAPI
 from tests.waiting import free_port, get_health, wait_until
 
 __all__ = ["free_port", "get_health", "wait_until"]  # the tests import them from here
@@ -300,6 +300,7 @@ def spawn(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> Iterator[Callable[.
             "POLLING_TIMEOUT": "10",
             "LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
+            **UNLIMITED_SENDS_ENV,  # a test about send limits sets its own
         })
         env.update(overrides)
         proc = BotProcess(name, env, shared_dirs["logs"], prefix=prefix)

@@ -17,6 +17,10 @@ Where it says "as the real server", the reference is tdlib/telegram-bot-api (``C
 * Update ids that start again (:meth:`FakeBotAPI.restart_update_ids`), a 409 on demand without a
   second poller (:meth:`FakeBotAPI.inject_conflict`), 429 with ``parameters.retry_after`` on
   demand (``flood``), and a send delay (slow handlers).
+* Telegram's send limits, opt-in (``send_limits``): token buckets overall (30/s, burst 30), per
+  private chat (1/s, burst 3) and per group or channel (20/min, burst 5), checked when a send
+  arrives; a send past one is refused with 429 and ``parameters.retry_after`` (whole seconds until
+  the bucket has room) and not delivered. Each refusal is recorded (:meth:`FakeBotAPI.snapshot_refused`).
 * Webhook delivery as the real ``WebhookActor``, opt-in (``deliver_webhooks``): see
   :class:`_WebhookActor`.
 * Every getUpdates, every call, every sent message and every webhook delivery is recorded, with
@@ -34,6 +38,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import math
 import re
 import sys
 import threading
@@ -92,9 +97,78 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 #: answers once ``WebhookActor`` created its first connection).
 WEBHOOK_VERIFY_TIMEOUT = 5.0
 
+#: What a bot started against this fake is told about send limits when a test does not turn the
+#: fake's on: none (the other tests send faster than Telegram allows, on purpose).
+UNLIMITED_SENDS_ENV = {"SEND_OVERALL_PER_SECOND": "0", "SEND_PRIVATE_PER_SECOND": "0",
+                       "SEND_GROUP_PER_MINUTE": "0"}
+
 Params = dict[str, Any]
 Req = web.Request
 Resp = web.Response
+
+
+@dataclass(frozen=True)
+class SendLimits:
+    """Telegram's limits on what a bot sends (Bots FAQ), as token buckets: rate per second, burst."""
+
+    overall: tuple[float, float] = (30.0, 30.0)
+    private: tuple[float, float] = (1.0, 3.0)
+    group: tuple[float, float] = (20 / 60, 5.0)
+    paid: tuple[float, float] = (1000.0, 1000.0)  # sends with allow_paid_broadcast
+
+
+def flood_burst(private_chats: int = 150, per_private: int = 2, groups: int = 2,
+                per_group: int = 8) -> list[tuple[str, int, int]]:
+    """/ping from many chats at once, as ``(text, user_id, chat_id)`` for :meth:`FakeBotAPI.send_burst`.
+
+    As users write at the same moment: in rounds, each chat's next message in every round
+    (private chats 10000.., groups -20000..). The default is 316 messages: 150 private chats x 2,
+    two groups x 8, which Telegram's limits let through in 316 / 30 = 10.5 s at the earliest.
+    """
+    items: list[tuple[str, int, int]] = []
+    for round_ in range(max(per_private, per_group)):
+        if round_ < per_private:
+            items += [("/ping", 10_000 + n, 10_000 + n) for n in range(private_chats)]
+        if round_ < per_group:
+            items += [("/ping", 20_000 + n, -(20_000 + n)) for n in range(groups)]
+    return items
+
+
+def limits_allow(items: Sequence[tuple[str, int, int]], limits: SendLimits) -> float:
+    """The least time Telegram's limits need for one send per item: the overall rate, or the
+    slowest chat's own (its burst at once, then its rate), whichever is longer."""
+    per_chat: dict[int, int] = {}
+    for _, _, chat in items:
+        per_chat[chat] = per_chat.get(chat, 0) + 1
+    slowest = 0.0
+    for chat, count in per_chat.items():
+        rate, burst = limits.group if chat < 0 else limits.private
+        slowest = max(slowest, max(0.0, count - burst) / rate)
+    return max(len(items) / limits.overall[0], slowest)
+
+
+class _Bucket:
+    """A token bucket, full at first; :meth:`wait` says how long until one token."""
+
+    def __init__(self, rate: tuple[float, float], now: float) -> None:
+        self.per_second, self.burst = rate
+        self.tokens, self.at = self.burst, now
+
+    def wait(self, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second)
+        self.at = now
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.per_second
+
+
+@dataclass
+class Refused:
+    """A send refused with 429 by the send limits."""
+
+    tag: str
+    chat_id: str
+    retry_after: int
+    limit: str  # overall | chat
+    at: float
 
 
 @dataclass
@@ -164,6 +238,7 @@ class BotState:
     next_set_webhook: float = 0.0
     actor: _WebhookActor | None = None
     new_update: asyncio.Event = field(default_factory=asyncio.Event)
+    buckets: dict[str, _Bucket] = field(default_factory=dict)  # "overall", "paid", "chat:<id>"
 
 
 def chat_key(update: dict[str, Any]) -> int | None:
@@ -383,8 +458,11 @@ class FakeBotAPI:
 
     def __init__(self, *, deliver_webhooks: bool = False, webhook_retry_base: float = 1.0,
                  webhook_retry_max: float = 60.0, webhook_timeout: float = 60.0,
-                 throttle_repeated_offsets: bool = False) -> None:
+                 throttle_repeated_offsets: bool = False, send_limits: SendLimits | None = None) -> None:
         self.bots: dict[int, BotState] = {}
+        #: Telegram's send limits, enforced when set (off by default: see UNLIMITED_SENDS_ENV).
+        self.send_limits = send_limits
+        self.refused: list[Refused] = []
         self.polls: list[Poll] = []
         self.sent: list[Sent] = []
         self.deliveries: list[Delivery] = []
@@ -557,6 +635,20 @@ class FakeBotAPI:
         with self._lock:
             return list(self.sent)
 
+    def snapshot_refused(self) -> list[Refused]:
+        with self._lock:
+            return list(self.refused)
+
+    def set_send_limits(self, limits: SendLimits | None) -> None:
+        """Enforce *limits* from now on (None: off), with every bucket full again."""
+
+        def apply() -> None:
+            self.send_limits = limits
+            for state in self.bots.values():
+                state.buckets.clear()
+
+        self._call(apply)
+
     def snapshot_deliveries(self) -> list[Delivery]:
         with self._lock:
             return list(self.deliveries)
@@ -578,10 +670,13 @@ class FakeBotAPI:
                      notify: bool = True) -> int:
         state = self._bot(bot_id)
         state.next_message_id += 1
+        chat: dict[str, Any] = {"id": chat_id, "type": "private", "first_name": "User"}
+        if chat_id < 0:
+            chat = {"id": chat_id, "type": "supergroup", "title": f"Group {-chat_id}"}
         message: dict[str, Any] = {
             "message_id": state.next_message_id,
             "date": int(time.time()),
-            "chat": {"id": chat_id, "type": "private", "first_name": "User"},
+            "chat": chat,
             "from": {"id": user_id, "is_bot": False, "first_name": "User"},
         }
         if photo:
@@ -874,6 +969,12 @@ class FakeBotAPI:
             return self._error(400, "Bad Request: chat_id is empty")
         if chat_id.startswith("@") and "missing" in chat_id:
             return self._error(400, "Bad Request: chat not found")
+        refused = self._over_limit(state, chat_id, _to_bool(params.get("allow_paid_broadcast")))
+        if refused is not None:
+            limit, retry_after = refused
+            with self._lock:
+                self.refused.append(Refused(tag, chat_id, retry_after, limit, time.time()))
+            return self._error(429, f"Too Many Requests: retry after {retry_after}", retry_after=retry_after)
         reply_to = None
         if params.get("reply_parameters"):
             rp = params["reply_parameters"]
@@ -892,13 +993,35 @@ class FakeBotAPI:
         with self._lock:
             self.sent.append(Sent(tag, method, chat_id, text, reply_to, state.next_message_id, time.time()))
         numeric = int(chat_id) if chat_id.lstrip("-").isdigit() else -1001
-        chat: dict[str, Any] = {"id": numeric, "type": "private"}
+        chat: dict[str, Any] = {"id": numeric, "type": "supergroup" if numeric < 0 else "private"}
         if chat_id.startswith("@"):
             chat = {"id": -1001234567890, "type": "channel", "username": chat_id[1:], "title": chat_id}
         message = {"message_id": state.next_message_id, "date": int(time.time()), "chat": chat, **extra}
         if text is not None:
             message["text" if method == "sendMessage" else "caption"] = text
         return self._ok(message)
+
+    def _over_limit(self, state: BotState, chat_id: str, paid: bool) -> tuple[str, int] | None:
+        """None if a send to *chat_id* may go now (its tokens taken), else (limit, retry_after)."""
+        limits = self.send_limits
+        if limits is None:
+            return None
+        now = time.monotonic()
+        group = chat_id.startswith(("-", "@"))
+        chat = state.buckets.get(f"chat:{chat_id}")
+        if chat is None:
+            chat = state.buckets[f"chat:{chat_id}"] = _Bucket(limits.group if group else limits.private, now)
+        kind = "paid" if paid else "overall"
+        overall = state.buckets.get(kind)
+        if overall is None:
+            overall = state.buckets[kind] = _Bucket(limits.paid if paid else limits.overall, now)
+        for limit, bucket in (("chat", chat), ("overall", overall)):
+            wait = bucket.wait(now)
+            if wait > 0:
+                return limit, max(1, math.ceil(wait))
+        chat.tokens -= 1.0
+        overall.tokens -= 1.0
+        return None
 
     async def _m_sendMessage(self, state: BotState, params: Params, request: Req | None, tag: str) -> Resp:
         return await self._send(state, params, tag, "sendMessage", {})
@@ -950,6 +1073,7 @@ def _cli(argv: list[str]) -> int:
     serve = sub.add_parser("serve", help="run the fake server")
     serve.add_argument("--port", type=int, default=8081)
     serve.add_argument("--deliver-webhooks", action="store_true", help="POST updates to a set webhook")
+    serve.add_argument("--send-limits", action="store_true", help="enforce Telegram's send limits (429)")
     send = sub.add_parser("send", help="make a user write to the bot")
     send.add_argument("--port", type=int, default=8081)
     send.add_argument("--bot-id", type=int, default=123456)
@@ -958,7 +1082,8 @@ def _cli(argv: list[str]) -> int:
     sub.add_parser("sent", help="print what the bot sent").add_argument("--port", type=int, default=8081)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        fake = FakeBotAPI(deliver_webhooks=args.deliver_webhooks)
+        fake = FakeBotAPI(deliver_webhooks=args.deliver_webhooks,
+                          send_limits=SendLimits() if args.send_limits else None)
 
         async def run() -> None:
             await fake.start(port=args.port)

@@ -34,7 +34,7 @@ from aiogram.methods import SendMessage
 from aiogram.types import Message
 
 import bot
-from utils.autoposter.role import MAX_RATE_LIMIT_RETRIES, Autoposter
+from utils.autoposter.role import Autoposter
 from utils.state.store import Post
 
 TOKEN = "123456:" + "S" * 35
@@ -193,32 +193,35 @@ async def test_the_token_never_reaches_the_error_text() -> None:
     assert all(TOKEN.partition(":")[2] not in text for text in fake.to_admins)
 
 
-async def test_rate_limit_waits_and_then_sends() -> None:
-    store, fake = await publish_one(TelegramRetryAfter(METHOD, "Too Many Requests", retry_after=0),
-                                    TelegramRetryAfter(METHOD, "Too Many Requests", retry_after=0))
-    assert store.finished == [(1, "sent", 1003, None)]
-    assert fake.channel_calls == 3 and fake.to_admins == []
-
-
-async def test_rate_limit_retries_are_bounded_then_failed() -> None:
-    flood = [TelegramRetryAfter(METHOD, "Too Many Requests", retry_after=0)
-             for _ in range(MAX_RATE_LIMIT_RETRIES + 5)]
-    store, fake = await publish_one(*flood)
+async def test_a_rate_limit_the_session_gave_up_on_fails_the_post_after_one_call() -> None:
+    """The session waits 429s out (utils/sending); one that reaches the role outlasted
+    SEND_RETRY_MAX_SECONDS: the post was not sent, and the role has no retry loop of its own."""
+    store, fake = await publish_one(TelegramRetryAfter(METHOD, "Too Many Requests", retry_after=3600),
+                                    None)
     [(_, status, _, error)] = store.finished
-    assert status == "failed" and error == f"still rate limited after {MAX_RATE_LIMIT_RETRIES} waits"
-    assert fake.channel_calls == MAX_RATE_LIMIT_RETRIES + 1
+    assert status == "failed" and error is not None and "3600 s" in error
+    assert fake.channel_calls == 1
 
 
-async def test_stop_during_a_rate_limit_wait_gives_the_post_back_to_the_queue() -> None:
-    fake, store = FakeBot(TelegramRetryAfter(METHOD, "Too Many Requests", retry_after=3600)), FakeStore()
+class WaitingSlots:
+    """The flood limiter as the role sees it: every send is still waiting for its slot."""
+
+    def holds(self, task: asyncio.Task[Any]) -> bool:
+        return True
+
+
+async def test_stop_while_the_post_waits_for_its_send_slot_gives_it_back_to_the_queue() -> None:
+    fake, store = FakeBot(), FakeStore()
+    fake.hold = asyncio.Event()  # never set: the send waits (in the session's limiter)
     store.add("hello")
     poster = make_poster(fake, store)
+    poster.sends = WaitingSlots()
     poster._track(poster._publish(None))
     async with asyncio.timeout(WAIT):
         await fake.called.wait()
-    async with asyncio.timeout(WAIT):  # far less than the hour Telegram asked for
+    async with asyncio.timeout(WAIT):
         await poster.stop(voluntary=True)
-    assert store.finished == [(1, "queued", None, "this instance stopped while rate limited")]
+    assert store.finished == [(1, "queued", None, "this instance stopped while the post waited for its send slot")]
     assert fake.to_admins == []
 
 

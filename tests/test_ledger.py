@@ -108,3 +108,19 @@ def test_done_marks_group_commit() -> None:
     marks.add(4, now=11.0)
     marks.put_back(taken, now=11.5)
     assert marks.take() == [1, 2, 3, 4]
+
+
+def test_a_handler_waiting_for_a_send_slot_frees_its_concurrency_slot_not_its_chat() -> None:
+    q = ChatQueues(concurrency=1)
+    q.extend([item(1, "a"), item(2, "a"), item(3, "b"), item(4, "c")])
+    [a1] = q.take_runnable()
+    assert q.take_runnable() == [], "limit 1"
+    q.park(a1, True)
+    [b] = q.take_runnable()
+    assert b.seq == 3, "another chat runs while a's handler waits; a's next update does not"
+    q.park(a1, False)
+    assert q.running == 2 and q.take_runnable() == [], "back from waiting, above the limit for now"
+    q.finish(b)
+    assert q.take_runnable() == []
+    q.finish(a1)
+    assert [i.seq for i in q.take_runnable()] == [4]

@@ -248,3 +248,25 @@ async def test_a_silent_database_costs_a_scrape_only_the_inbox_series() -> None:
     assert "solobot_inbox_pending_updates" not in families
     assert value(families, "solobot_mode", mode="passive") == 1
     assert INBOX_LOOKUP_TIMEOUT <= took < INBOX_LOOKUP_TIMEOUT + 2.0, took
+
+
+def test_send_limit_metrics_are_a_counter_a_gauge_and_a_histogram() -> None:
+    from utils.sending.flood import SendLimits, Target
+    from utils.sending.limiter import FloodLimiter
+
+    sends = FloodLimiter(SendLimits())
+    ticket = sends.plan.submit(Target("1", group=False), 0.0)
+    sends.plan.grant(0.0)
+    sends.plan.retry_after(ticket, 2, 0.1)  # a 429: the send waits again
+    sends.plan.submit(Target("2", group=False), 0.2)
+    sends.waited.observe(0.3)
+    families = parse(Metrics(controller=FakeController(), stats=UpdateStats(), sends=sends))
+    assert families["solobot_telegram_rate_limited"][0] == "counter"
+    assert value(families, "solobot_telegram_rate_limited_total") == 1
+    assert families["solobot_sends_waiting"][0] == "gauge"
+    assert value(families, "solobot_sends_waiting") == 2
+    assert families["solobot_send_wait_seconds"][0] == "histogram"
+    assert value(families, "solobot_send_wait_seconds_count") == 1
+    buckets = {x.labels["le"]: x.value for x in families["solobot_send_wait_seconds"][1]
+               if x.name.endswith("_bucket")}
+    assert (buckets["0.25"], buckets["0.5"], buckets["+Inf"]) == (0, 1, 1)

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from utils.ops.redact import Redactor, mask_token
 from utils.state.dsn import SCHEMES, parse_database_url
 from utils.state.errors import database_location
+from utils.sending.flood import Rate, SendLimits
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
 
@@ -125,6 +126,8 @@ class Settings:
     #: Webhook mode: the webhook's own (balancer-facing) listener; port 0 shares HEALTH_PORT.
     webhook_host: str = "127.0.0.1"
     webhook_port: int = 0
+    #: Telegram's send limits the bot keeps to (SEND_*; utils/sending).
+    send_limits: SendLimits = field(default_factory=SendLimits)
 
     @property
     def masked_token(self) -> str:
@@ -197,14 +200,15 @@ class _Reader:
             self.problems.append(f"{name}: must be between {low} and {high}, got {value}")
         return value
 
-    def seconds(self, name: str, default: float, *, low: float, high: float) -> float:
+    def seconds(self, name: str, default: float, *, low: float, high: float,
+                what: str = "a number of seconds") -> float:
         raw = self.text(name)
         if raw is None:
             return default
         try:
             value = float(raw)
         except ValueError:
-            self.problems.append(f"{name}: expected a number of seconds, got {raw!r}")
+            self.problems.append(f"{name}: expected {what}, got {raw!r}")
             return default
         if not low <= value <= high:
             self.problems.append(f"{name}: must be between {low:g} and {high:g}, got {value:g}")
@@ -335,6 +339,7 @@ def load_settings(env: Mapping[str, str] | None = None,
     if bot_mode == "webhook" and not webhook_port and health_port == 0:
         r.problems.append("WEBHOOK_PORT: required when BOT_MODE=webhook and HEALTH_PORT=0 (nothing "
                           "would receive Telegram's deliveries)")
+    send_limits = _send_settings(r)
 
     if r.problems:
         raise ConfigError(r.problems, hints, Redactor(token=token, database_url=database_url))
@@ -373,6 +378,7 @@ def load_settings(env: Mapping[str, str] | None = None,
         passive_notice=passive_notice,
         webhook_host=webhook_host,
         webhook_port=webhook_port,
+        send_limits=send_limits,
     )
 
 
@@ -415,6 +421,24 @@ def _webhook_settings(r: _Reader, token: str) -> tuple[str, str | None, str, int
         secret = derive_webhook_secret(token) if token else ""
     max_connections = r.whole("WEBHOOK_MAX_CONNECTIONS", 40, low=1, high=100)
     return mode, url, secret, max_connections, insecure
+
+
+def _send_settings(r: _Reader) -> SendLimits:
+    """SEND_*: the send limits (Telegram's by default; 0 as a rate means unlimited)."""
+    default = SendLimits()
+    def number(name: str, value: float, high: float, low: float = 0) -> float:
+        return r.seconds(name, value, low=low, high=high, what="a number")
+
+    overall = Rate(number("SEND_OVERALL_PER_SECOND", default.overall.per_second, 100_000),
+                   number("SEND_OVERALL_BURST", default.overall.burst, 100_000, low=1))
+    private = Rate(number("SEND_PRIVATE_PER_SECOND", default.private.per_second, 1000),
+                   number("SEND_PRIVATE_BURST", default.private.burst, 1000, low=1))
+    group = Rate(number("SEND_GROUP_PER_MINUTE", default.group.per_second * 60, 60_000) / 60,
+                 number("SEND_GROUP_BURST", default.group.burst, 1000, low=1))
+    paid_broadcast = r.flag("SEND_PAID_BROADCAST", False)
+    retry_max = r.seconds("SEND_RETRY_MAX_SECONDS", default.retry_max, low=0, high=86400)
+    return SendLimits(overall=overall, private=private, group=group, paid=default.paid,
+                      paid_broadcast=paid_broadcast, retry_max=retry_max)
 
 
 def _check_cron(expr: str) -> str | None:

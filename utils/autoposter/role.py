@@ -12,7 +12,8 @@ Delivery is exactly-once as far as Telegram allows: a post is claimed ``queued``
 one fenced statement before the send, and every send ends in a definite state
 (:func:`outcome_of`): ``sent`` with Telegram's message_id, ``failed`` when Telegram refused it,
 ``uncertain`` when it may or may not have gone out (admins are told, with ``/retry``), or back to
-``queued`` when this instance stops while waiting out a rate limit. A post found in ``sending`` by
+``queued`` when this instance stops while the post waits for its send slot (the session's flood
+limiter, ``utils.sending``, waits out rate limits for every send). A post found in ``sending`` by
 a new leader (its sender died) is marked ``uncertain`` and reported, never re-sent blindly. Missed
 slots: the last served slot is persisted; a new leader serves at most one catch-up post if the
 missed slot is within ``POST_MISFIRE_GRACE``, then goes back on schedule (never a burst).
@@ -55,7 +56,6 @@ log = logging.getLogger("solobot.autoposter")
 
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
-MAX_RATE_LIMIT_RETRIES = 5
 #: How long :meth:`Autoposter.stop` lets a send in progress finish and be marked before the lock
 #: goes; a send still running after that is found in ``sending`` and marked ``uncertain`` by the
 #: next leader.
@@ -81,6 +81,12 @@ MIDWAY = (TimeoutError, TelegramNetworkError, TelegramServerError)
 
 class PostRejected(ValueError):
     """A post that cannot be queued; the message says why."""
+
+
+class SendSlots(Protocol):
+    """The flood limiter, as the autoposter sees it (``utils.sending.limiter.FloodLimiter``)."""
+
+    def holds(self, task: asyncio.Task[Any]) -> bool: ...  # still waiting for its slot: not sent
 
 
 class EpochLease(Protocol):
@@ -138,8 +144,10 @@ class Autoposter:
         misfire_grace: float,
         admin_ids: frozenset[int],
         step_down: Callable[[str], None],
+        sends: SendSlots | None = None,
     ) -> None:
         self.bot = bot
+        self.sends = sends
         self.store = store
         self.channel_id: int | str = int(channel_id) if channel_id.lstrip("-").isdigit() else channel_id
         self.tz = ZoneInfo(timezone)
@@ -208,7 +216,7 @@ class Autoposter:
         log.info("autoposter running: %s", self.schedule_words())
 
     async def stop(self, *, voluntary: bool) -> None:
-        self._stopping.set()  # a send waiting out a rate limit gives its post back to the queue
+        self._stopping.set()  # a post still waiting for its send slot goes back to the queue
         scheduler, self.scheduler = self.scheduler, None
         self.armed_slot = None
         if scheduler is not None:
@@ -336,38 +344,40 @@ class Autoposter:
             log.warning("post #%d uncertain: the send was cancelled midway", post.id)
 
     async def _send(self, post: Post) -> SendOutcome:
-        """Send once (429: wait retry_after and again); never raises an ``Exception``."""
-        for attempt in range(1, MAX_RATE_LIMIT_RETRIES + 2):
-            try:
-                message: Message
-                if post.photo:
-                    message = await self.bot.send_photo(
-                        self.channel_id, photo=post.photo, caption=post.text
-                    )
-                else:
-                    message = await self.bot.send_message(self.channel_id, post.text or "")
-                return SendOutcome("sent", message_id=message.message_id)
-            except TelegramRetryAfter as exc:
-                if attempt > MAX_RATE_LIMIT_RETRIES:
-                    break
-                log.debug("post #%d rate limited (attempt %d); waiting %d s", post.id, attempt,
-                          exc.retry_after)
-                if await self._stopping_within(exc.retry_after):
-                    return SendOutcome("queued", error="this instance stopped while rate limited")
-            except Exception as exc:  # noqa: BLE001 - every failure ends in a definite state
-                outcome = outcome_of(exc)
-                return SendOutcome(outcome.status, error=self._masked(outcome.error))
-        return SendOutcome(
-            "failed", error=f"still rate limited after {MAX_RATE_LIMIT_RETRIES} waits"
-        )
+        """Send once; never raises an ``Exception``.
 
-    async def _stopping_within(self, seconds: float) -> bool:
-        """Wait up to *seconds*; True as soon as :meth:`stop` begins."""
+        Rate limits are the session's (``utils.sending``): a 429 is waited out there, one
+        mechanism for every send. If this instance stops while the post still waits for its slot
+        there, the post never left: it goes back to the queue. A ``TelegramRetryAfter`` that
+        reaches here could not go out within ``SEND_RETRY_MAX_SECONDS``: not sent, so ``failed``.
+        """
+        send = asyncio.ensure_future(self._send_once(post))
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait({send, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            send.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if not send.done() and self.sends is not None and self.sends.holds(send):
+            send.cancel()
+            await asyncio.gather(send, return_exceptions=True)
+            return SendOutcome("queued", error="this instance stopped while the post waited for its send slot")
+        try:
+            message = await send
+        except TelegramRetryAfter as exc:
+            return SendOutcome("failed", error=f"rate limited by Telegram for {exc.retry_after} s, "
+                                               "longer than SEND_RETRY_MAX_SECONDS")
+        except Exception as exc:  # noqa: BLE001 - every failure ends in a definite state
+            outcome = outcome_of(exc)
+            return SendOutcome(outcome.status, error=self._masked(outcome.error))
+        return SendOutcome("sent", message_id=message.message_id)
+
+    async def _send_once(self, post: Post) -> Message:
+        if post.photo:
+            return await self.bot.send_photo(self.channel_id, photo=post.photo, caption=post.text)
+        return await self.bot.send_message(self.channel_id, post.text or "")
 
     def _masked(self, text: str | None) -> str | None:
         """*text* without the bot token (an HTTP error may quote the request URL)."""

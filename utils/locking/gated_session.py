@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
-from aiogram.client.session.middlewares.base import NextRequestMiddlewareType
+from aiogram.client.session.middlewares.base import NextRequestMiddlewareType, RequestMiddlewareType
 from aiogram.methods import Response, TelegramMethod
 from aiohttp import ClientRequest, ClientTimeout, TCPConnector
 from aiohttp.connector import Connection
@@ -65,12 +65,18 @@ class ResponseModelPin:
 
 
 class GatedAiohttpSession(AiohttpSession):
-    """aiogram's aiohttp session with the lease gate as middleware and in its connector."""
+    """aiogram's aiohttp session with the lease gate as middleware and in its connector.
 
-    def __init__(self, gate: LeaseGate, **kwargs: Any) -> None:
+    *flood* (``utils.sending.limiter.FloodControl``) runs after the gate: a standby is refused
+    before it could queue a send, and a send that waited for its slot meets the gate again.
+    """
+
+    def __init__(self, gate: LeaseGate, *, flood: RequestMiddlewareType | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gate = gate
         self.middleware(ResponseModelPin())
         self.middleware(gate)
+        if flood is not None:
+            self.middleware(flood)
         # aiogram builds its ClientSession from these two; only the connector class changes.
         self._connector_type = gated_connector(self._connector_type, gate)

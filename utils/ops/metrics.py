@@ -143,6 +143,36 @@ class WebhookInfoSource(Protocol):
     def info(self) -> Mapping[str, Any] | None: ...
 
 
+class SendsSource(Protocol):
+    """The flood limiter of sends into chats (``utils.sending.limiter.FloodLimiter``)."""
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def rate_limited(self) -> int: ...
+
+    @property
+    def waited(self) -> DurationSource: ...
+
+
+def send_metrics(sends: SendsSource) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        _name("telegram_rate_limited_total"), "429 Too Many Requests answers to sends into a chat",
+        value=sends.rate_limited,
+    )
+    yield GaugeMetricFamily(
+        _name("sends_waiting"), "Sends into a chat waiting for their slot under the flood limits now",
+        value=sends.waiting,
+    )
+    waited = sends.waited
+    yield HistogramMetricFamily(
+        _name("send_wait_seconds"), "Time a send into a chat waited for its slot (429 waits included)",
+        buckets=[(bucket_bound(bound), count) for bound, count in waited.cumulative()],
+        sum_value=waited.total,
+    )
+
+
 #: The shared inbox (every replica's rows): waiting rows and the oldest one's age; raises when
 #: it cannot tell in time (``utils.ops.lookup.BoundedLookup`` over ``InboxRepository.depth``).
 InboxDepth = Callable[[], Awaitable[tuple[int, float | None]]]
@@ -283,7 +313,9 @@ class SolobotCollector:
         backend: FencingSource | None = None,
         deliveries: DeliverySource | None = None,
         webhook: WebhookInfoSource | None = None,
+        sends: SendsSource | None = None,
     ) -> None:
+        self.sends = sends
         self.controller = controller
         self.stats = stats
         self.autoposter = autoposter
@@ -306,6 +338,8 @@ class SolobotCollector:
                 _name("fenced_holders_total"), "Hung holders this instance fenced off",
                 value=self.backend.fenced_holders,
             )
+        if self.sends is not None:
+            yield from send_metrics(self.sends)
         if self.autoposter is not None:  # off without CHANNEL_ID: no series rather than a fake 0
             yield CounterMetricFamily(
                 _name("posts_sent_total"), "Channel posts this instance published",
@@ -326,12 +360,14 @@ class Metrics:
         deliveries: DeliverySource | None = None,
         webhook: WebhookInfoSource | None = None,
         inbox_depth: InboxDepth | None = None,
+        sends: SendsSource | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SolobotCollector(
             controller=controller, stats=stats, autoposter=autoposter, backend=backend,
             deliveries=deliveries, webhook=webhook,
         )
+        self.collector.sends = sends
         self.registry.register(self.collector)
         self.inbox_depth = inbox_depth
         self._scraping = asyncio.Lock()

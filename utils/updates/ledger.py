@@ -48,6 +48,7 @@ class ChatQueues:
         self._running: dict[int, QueuedUpdate] = {}  # seq -> update
         self._running_keys: set[str] = set()
         self._known: set[int] = set()
+        self._parked: set[int] = set()  # running, but waiting for a send slot: not counted
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -92,7 +93,7 @@ class ChatQueues:
     def take_runnable(self) -> list[QueuedUpdate]:
         """The updates to start now (at most one per chat, the total within the limit)."""
         out: list[QueuedUpdate] = []
-        while self._ready and len(self._running) < self.concurrency:
+        while self._ready and len(self._running) - len(self._parked) < self.concurrency:
             key = self._ready.popleft()
             item = self._queues[key].popleft()
             self._running[item.seq] = item
@@ -100,10 +101,24 @@ class ChatQueues:
             out.append(item)
         return out
 
+    def park(self, item: QueuedUpdate, waiting: bool) -> None:
+        """*item*'s handler waits (or stopped waiting) for a send slot of the flood limiter.
+
+        A parked handler does not count against the concurrency: it holds its chat (order), not
+        a slot other chats could use. Back from waiting it runs on, even above the limit.
+        """
+        if item.seq not in self._running:
+            return
+        if waiting:
+            self._parked.add(item.seq)
+        else:
+            self._parked.discard(item.seq)
+
     def finish(self, item: QueuedUpdate) -> None:
         """*item* is over (done, or abandoned at stop): its chat's next update may run."""
         if self._running.pop(item.seq, None) is None:
             raise KeyError(f"update seq {item.seq} is not running")
+        self._parked.discard(item.seq)
         self._known.discard(item.seq)
         key = item.key
         self._running_keys.discard(key)

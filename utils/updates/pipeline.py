@@ -78,6 +78,7 @@ class UpdatePipeline:
         drain_timeout: float = 5.0,
         warn_seconds: float = 30.0,
         inbox_max: int = 10_000,
+        on_drain_deadline: Callable[[], object] | None = None,
     ) -> None:
         self.bot = bot
         self.dp = dispatcher
@@ -88,10 +89,14 @@ class UpdatePipeline:
         self.drain_timeout = drain_timeout
         self.warn_seconds = warn_seconds
         self.inbox_max = inbox_max
+        #: Called at the drain deadline, before handlers are cancelled (the flood limiter ends
+        #: the sends still waiting for a slot, so those handlers end without sending).
+        self.on_drain_deadline = on_drain_deadline
         self._lease: Lease | None = None
         self._queues = ChatQueues(concurrency)
         self._marks = DoneMarks(max_batch=DONE_BATCH, max_delay=DONE_DELAY)
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[asyncio.Task[None], QueuedUpdate] = {}
         self._marked = asyncio.Event()
         self._batch_full = asyncio.Event()
         self._room = asyncio.Event()
@@ -113,6 +118,7 @@ class UpdatePipeline:
         self._queues = ChatQueues(self.concurrency)
         self._marks = DoneMarks(max_batch=DONE_BATCH, max_delay=DONE_DELAY)
         self._tasks = {}
+        self._running = {}
         self._stopping = False
         self._held = hold
         await lease.ensure()
@@ -137,6 +143,11 @@ class UpdatePipeline:
             log.info("draining %d running handler(s) (up to %.1f s); %d queued stay in the inbox",
                      len(tasks), self.drain_timeout, len(dropped))
             _, pending = await asyncio.wait(tasks, timeout=self.drain_timeout)
+            if pending and self.on_drain_deadline is not None:
+                # Sends still waiting for their slot give up unsent: their handlers end, not done;
+                # a handler whose send is on the wire gets its answer and finishes (done, once).
+                self.on_drain_deadline()
+                _, pending = await asyncio.wait(pending, timeout=CANCEL_GRACE)
             if pending:
                 log.warning("%d handler(s) did not finish within DRAIN_TIMEOUT (%.1f s): cancelled; "
                             "they stay in the inbox and the next leader runs them again",
@@ -224,7 +235,9 @@ class UpdatePipeline:
     def _schedule(self) -> None:
         if not self._stopping and not self._held:
             for item in self._queues.take_runnable():
-                self._tasks[item.seq] = asyncio.create_task(self._run(item), name=f"solobot-update-{item.update_id}")
+                task = asyncio.create_task(self._run(item), name=f"solobot-update-{item.update_id}")
+                self._tasks[item.seq] = task
+                self._running[task] = item
         self.stats.inbox_waiting = self._queues.held
 
     async def _run(self, item: QueuedUpdate) -> None:
@@ -241,7 +254,9 @@ class UpdatePipeline:
                 if isinstance(result, TelegramMethod):
                     await self.bot(result)
             except LeaseLost as exc:
-                log.info("update %d not finished: %s; the next leader runs it", item.update_id, exc)
+                # While stopping the stop's own lines say it once for all (the drain deadline).
+                log.log(logging.DEBUG if self._stopping else logging.INFO,
+                        "update %d not finished: %s; the next leader runs it", item.update_id, exc)
                 return
             except Exception:  # a handler bug must not stop the pipeline; it counts as handled
                 self.stats.handler_errors += 1
@@ -249,7 +264,9 @@ class UpdatePipeline:
             done = True
         finally:
             warning.cancel()
-            self._tasks.pop(item.seq, None)
+            task = self._tasks.pop(item.seq, None)
+            if task is not None:
+                self._running.pop(task, None)
             self._queues.finish(item)
             if done:
                 self.stats.handled += 1
@@ -261,6 +278,15 @@ class UpdatePipeline:
             if self._queues.held < self.inbox_max:
                 self._room.set()
             self._schedule()
+
+    def waiting_to_send(self, task: asyncio.Task[object], waiting: bool) -> None:
+        """A handler's send waits (or stopped waiting) for its slot: it frees its concurrency
+        slot meanwhile, so waiting holds only its own chat (``ChatQueues.park``)."""
+        item = self._running.get(task)  # type: ignore[arg-type]
+        if item is not None:
+            self._queues.park(item, waiting)
+            if waiting:
+                self._schedule()
 
     def _warn_slow(self, item: QueuedUpdate) -> None:
         log.warning("handler for update %d (%s) still running after %.0f s (HANDLER_WARN_SECONDS); "
