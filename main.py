@@ -37,7 +37,6 @@ from typing import Any  # noqa: E402
 from aiogram import Bot, Dispatcher  # noqa: E402
 from aiogram.client.telegram import TelegramAPIServer  # noqa: E402
 
-import bot as bot_module  # noqa: E402
 from utils.autoposter.role import Autoposter  # noqa: E402
 from utils.config import EX_CONFIG, Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
@@ -45,12 +44,14 @@ from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
 from utils.locking.instance_lock import LockSetupError  # noqa: E402
 from utils.locking.lease import LeaseGate  # noqa: E402
+from utils.ops.bot_module import BotContext, BotModuleError, load_bot_module  # noqa: E402
 from utils.ops.health import HealthPortError, HealthServer  # noqa: E402
 from utils.ops.lookup import BoundedLookup  # noqa: E402
 from utils.ops.metrics import Metrics  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
+from utils.state.fsm import DurableStorage  # noqa: E402
 from utils.state.store import StateStore  # noqa: E402
 from utils.updates.passive_notice import PassiveNotice  # noqa: E402
 from utils.updates.pipeline import UpdatePipeline  # noqa: E402
@@ -91,8 +92,13 @@ class App:
         self.backend = make_backend(settings, self.store, self.instance_id)
         self.gate = LeaseGate()
         self.bot = make_bot(settings, self.gate)
-        self.dp = Dispatcher()
-        self.dp.include_router(bot_module.router)
+        # The user's bot (BOT_MODULE) on a dispatcher whose FSM state lives in the state store,
+        # committed with each update's done mark (utils/state/fsm.py) unless the module replaces it.
+        self.user_bot = load_bot_module(settings.bot_module)
+        self.storage = DurableStorage(self.store.fsm, lambda: self.gate.lease)
+        self.dp = Dispatcher(storage=self.storage)
+        self.dp.include_router(self.user_bot.router)
+        self.user_bot.setup(self.dp)
         # Resolved once: only the update types the handlers use (as start_polling would).
         allowed = self.dp.resolve_used_update_types()
         self.stats = UpdateStats()
@@ -103,6 +109,7 @@ class App:
             drain_timeout=settings.drain_timeout,
             warn_seconds=settings.handler_warn_seconds,
             inbox_max=settings.inbox_max,
+            state_writes=self.storage if self.dp.fsm.storage is self.storage else None,
         )
         self.polling = PollingManager(
             self.bot, self.store, self.pipeline, self.stats,
@@ -125,6 +132,7 @@ class App:
                 self.store, path=webhook_path(settings.webhook_url), secret=settings.webhook_secret,
                 on_stored=self.webhook.wake,
                 notice=PassiveNotice(settings.passive_notice) if settings.passive_notice else None,
+                strategy=self.dp.fsm.strategy,
             )
         self.autoposter: Autoposter | None = None
         if settings.channel_id:
@@ -139,6 +147,7 @@ class App:
                 step_down=self._step_down,
             )
         roles: list[Any] = [self.webhook or self.polling] + ([self.autoposter] if self.autoposter else [])
+        roles += self.user_bot.active_roles(BotContext(self.bot, self.dp, self.dp.fsm.storage, settings))
         self.controller = LeadershipController(
             self.backend, roles, instance_id=self.instance_id,
             role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
@@ -335,7 +344,7 @@ def run(command: str, settings: Settings) -> int:
         gc.freeze()
         EARLY_STOP.hand_over()
         return asyncio.run(app.serve(early_signal=lambda: EARLY_STOP.received))
-    except LockSetupError as exc:
+    except (LockSetupError, BotModuleError) as exc:
         log.error("%s", exc)
         return EX_CONFIG
     except HealthPortError as exc:

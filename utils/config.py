@@ -113,6 +113,8 @@ class Settings:
     webhook_insecure: bool = False
     #: Webhook mode: text sent (throttled) to a chat while no replica leads.
     passive_notice: str | None = None
+    #: The user's bot: a module with an aiogram ``router`` (utils/ops/bot_module.py).
+    bot_module: str = "bot"
 
     @property
     def masked_token(self) -> str:
@@ -312,6 +314,11 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append(f"PASSIVE_NOTICE: at most {TELEGRAM_TEXT_MAX} characters (a Telegram "
                           f"message), got {len(passive_notice)}")
 
+    bot_module = r.text("BOT_MODULE", "bot") or "bot"
+    if not BOT_MODULE_RE.match(bot_module):
+        r.problems.append(f"BOT_MODULE: expected a module name like 'bot' or 'mypackage.handlers', "
+                          f"got {bot_module!r}")
+
     if r.problems:
         raise ConfigError(r.problems, hints)
     return Settings(
@@ -347,10 +354,13 @@ def load_settings(env: Mapping[str, str] | None = None,
         webhook_max_connections=webhook_max_connections,
         webhook_insecure=webhook_insecure,
         passive_notice=passive_notice,
+        bot_module=bot_module,
     )
 
 
 BOT_MODES = ("polling", "webhook")
+#: A dotted Python module name (what ``import`` accepts).
+BOT_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 TELEGRAM_TEXT_MAX = 4096
 #: Telegram's rule for ``secret_token``: 1-256 characters of ``A-Za-z0-9_-``.
 WEBHOOK_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")

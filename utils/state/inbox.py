@@ -13,13 +13,13 @@ after a week without updates) is not, so it is never skipped.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from utils.state.fencing import epoch_is_current, hold_epoch, raise_if_fenced
 from utils.state.schema import aware, inbox_table, offset_table, utcnow
@@ -216,15 +216,20 @@ class InboxRepository:
                        for r in rows]
         return sorted(entries, key=lambda e: e.seq)
 
-    async def mark_done(self, seqs: Sequence[int], epoch: int) -> None:
+    async def mark_done(self, seqs: Sequence[int], epoch: int,
+                        also: Callable[[AsyncConnection], Awaitable[None]] | None = None) -> None:
         """Group commit of finished updates (fenced): no later leader handles them again.
 
         One statement: the epoch check is a sub-select of it (``FOR KEY SHARE`` on PostgreSQL, so
-        a new leader's epoch write waits for it; SQLite holds its write lock anyway).
+        a new leader's epoch write waits for it; SQLite holds its write lock anyway). *also* (the
+        FSM state those updates set) runs in the same transaction, after the epoch is held.
         """
         if not seqs:
             return
         async with self.engine.begin() as conn:
+            if also is not None:
+                await hold_epoch(conn, self.bot_id, epoch)
+                await also(conn)
             result = await conn.execute(self._done_statement,
                                         {"seqs": list(seqs), "now": utcnow(), "epoch": epoch})
             if result.rowcount == 0:

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramBadRequest, TelegramRetryAfter, TelegramUnauthorizedError
+from aiogram.fsm.strategy import FSMStrategy
 from aiogram.types import Update, WebhookInfo
 from aiohttp import web
 from pydantic import ValidationError
@@ -160,10 +161,13 @@ class WebhookReceiver:
 
     def __init__(self, store: StateStore, *, path: str, secret: str,
                  on_stored: Callable[[], bool] = lambda: False,
-                 notice: PassiveNotice | None = None) -> None:
+                 notice: PassiveNotice | None = None,
+                 strategy: FSMStrategy = FSMStrategy.USER_IN_CHAT) -> None:
         """*on_stored* is called after new rows committed; it returns True when this process
-        leads and was woken directly (then no NOTIFY is needed). *notice*: PASSIVE_NOTICE."""
+        leads and was woken directly (then no NOTIFY is needed). *notice*: PASSIVE_NOTICE.
+        *strategy*: the dispatcher's FSM strategy, which the rows' ordering key follows."""
         self.store = store
+        self.strategy = strategy
         self.notice = notice
         self.path = path or "/"
         self._secret = secret.encode()
@@ -232,7 +236,8 @@ class WebhookReceiver:
             log.warning("webhook delivery from %s refused (400): %s", peer, what)
             return web.Response(status=400, text="bad request")
         try:
-            new = await asyncio.wait_for(self._commits.submit(to_new_update(update)), timeout=STORE_TIMEOUT)
+            new = await asyncio.wait_for(self._commits.submit(to_new_update(update, self.strategy)),
+                                         timeout=STORE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure to store: Telegram must deliver again
             self.stats.unavailable += 1
             reason = self.store.describe_error(exc, waited=STORE_TIMEOUT)
