@@ -269,7 +269,8 @@ def main() -> int:
                 base = this_round.get((AIOGRAM, spread))
                 if base is not None and base.rate > 0:
                     rows[(candidate, spread)].ratios.append(result.rate / base.rate)
-    what = "/ping" if args.workload == "ping" else "/ping (one get_state + one set_state each)"
+    what = "/ping" if args.workload == "ping" else ("/ping (one get_state + one set_state each; aiogram's "
+                                                    "state in MemoryStorage, solobot's in its store)")
     print(f"\n{args.updates} x {what} queued at once while the bot idles in a long poll; {args.chats} chats "
           f"(and 1); {args.rounds} rounds, alternating; started {started}\n")
     print(render(list(rows.values()), args.updates))
