@@ -145,7 +145,7 @@ async def test_handler_writes_commit_with_the_done_mark(store: StateStore) -> No
     lease = await lead(store)
     storage = DurableStorage(store.fsm, lambda: lease)
     fresh = DurableStorage(store.fsm, lambda: lease)  # what the next leader would read
-    [seq] = await stored(store, 1, lease.epoch)
+    seq, later = await stored(store, 2, lease.epoch)
     storage.begin_update(seq)
     await storage.set_state(KEY, "Form:name")
     await storage.update_data(KEY, {"name": "Ann"})
@@ -153,6 +153,9 @@ async def test_handler_writes_commit_with_the_done_mark(store: StateStore) -> No
     assert await fresh.get_state(KEY) is None, "nothing durable before the done mark"
     storage.end_update(seq, done=True)
     assert await fresh.get_state(KEY) is None, "still in the commit window"
+    storage.begin_update(later)  # the chat's next update, while the first one's mark waits
+    assert await storage.get_state(KEY) == "Form:name" and await storage.get_data(KEY) == {"name": "Ann"}
+    storage.end_update(later, done=True)
     await handled(store, storage, lease, seq)
     assert await DurableStorage(store.fsm, lambda: lease).get_state(KEY) == "Form:name"
     assert await DurableStorage(store.fsm, lambda: lease).get_data(KEY) == {"name": "Ann"}
