@@ -222,18 +222,20 @@ class InboxRepository:
 
         One statement: the epoch check is a sub-select of it (``FOR KEY SHARE`` on PostgreSQL, so
         a new leader's epoch write waits for it; SQLite holds its write lock anyway). *also* (the
-        FSM state those updates set) runs in the same transaction, after the epoch is held.
+        FSM state those updates set) runs in the same transaction, once the epoch is held: by that
+        statement when it marked a row, else by :func:`hold_epoch` (no extra round trip usually).
         """
         if not seqs:
             return
         async with self.engine.begin() as conn:
-            if also is not None:
-                await hold_epoch(conn, self.bot_id, epoch)
-                await also(conn)
             result = await conn.execute(self._done_statement,
                                         {"seqs": list(seqs), "now": utcnow(), "epoch": epoch})
             if result.rowcount == 0:
                 await raise_if_fenced(conn, self.bot_id, epoch)
+                if also is not None:
+                    await hold_epoch(conn, self.bot_id, epoch)
+            if also is not None:
+                await also(conn)
 
     async def prune(self) -> int:
         """Forget done rows past the de-duplication window; return how many went."""
