@@ -27,7 +27,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any, Protocol
@@ -79,7 +79,8 @@ class UpdateWrites(Protocol):
     def reset(self) -> None: ...
     def begin_update(self, seq: int) -> None: ...
     def end_update(self, seq: int, *, done: bool) -> None: ...
-    def committing(self, seqs: Sequence[int], epoch: int) -> Any: ...
+    def committing(self, seqs: Sequence[int], epoch: int
+                   ) -> AbstractAsyncContextManager[TransactionStep | None]: ...
 
 
 class NoWrites:

@@ -61,7 +61,8 @@ class FsmRepository:
         now = utcnow()
         rows = []
         for key, record in records:
-            row: dict[str, Any] = dict(zip(KEY_COLUMNS, key, strict=True))  # type: ignore[call-overload]
+            assert isinstance(key, tuple)  # a KeyTuple (the journal's keys are opaque to it)
+            row: dict[str, Any] = dict(zip(KEY_COLUMNS, key, strict=True))
             row.update(state=record.state, data=record.data, state_expires_at=_when(record.state_expires_at),
                        data_expires_at=_when(record.data_expires_at), epoch=epoch, updated_at=now)
             rows.append(row)
