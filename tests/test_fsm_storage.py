@@ -218,6 +218,12 @@ async def test_data_that_cannot_be_stored_is_an_error_in_the_handler(store: Stat
     await storage.set_data(KEY, {"name": "Ann"})
     with pytest.raises(FsmDataError, match="datetime cannot be stored"):
         await storage.update_data(KEY, {"when": dt.datetime.now()})
+    with pytest.raises(FsmDataError, match="keys must be"):
+        await storage.set_data(KEY, {("a", 1): "tuple key"})  # type: ignore[dict-item]
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    with pytest.raises(FsmDataError, match="Circular reference"):
+        await storage.set_data(KEY, loop)
     with pytest.raises(DataNotDictLikeError):
         await storage.set_data(KEY, [("a", 1)])  # type: ignore[arg-type]
     assert await storage.get_data(KEY) == {"name": "Ann"}, "nothing half-stored"

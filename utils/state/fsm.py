@@ -45,7 +45,6 @@ from utils.state.schema import FSM_NO_CONNECTION, FSM_NO_THREAD
 CURRENT_UPDATE: ContextVar[int | None] = ContextVar("solobot_fsm_update", default=None)
 
 
-
 class FsmDataError(TypeError):
     """FSM data that cannot be stored as a JSON object (raised in the handler that set it)."""
 
@@ -69,7 +68,9 @@ def encode_data(data: Mapping[str, Any]) -> str:
 
     try:
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=refuse)
-    except ValueError as exc:  # circular reference, NaN-free encoders etc.
+    except FsmDataError:
+        raise
+    except (TypeError, ValueError) as exc:  # a key that is not a str/number, a circular reference
         raise FsmDataError(f"FSM data cannot be stored as JSON: {exc}") from None
 
 
