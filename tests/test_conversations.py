@@ -20,7 +20,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import BOT_ID, ROOT, TOKEN, BotProcess, wait_until
+from tests.balancer import Nginx
+from tests.conftest import BOT_ID, ROOT, START_WAIT, TOKEN, BotProcess, free_port, wait_until
 from tests.fake_bot_api import FakeBotAPI
 from tests.test_postgres import TABLES
 
@@ -122,6 +123,40 @@ def test_handler_killed_after_set_state_reruns_against_the_previous_state(
     say(fake, chat, "33")
     wait_until(lambda: len(texts_to(fake, chat)) == 4, message="the age step")
     assert texts_to(fake, chat) == ["name?", "working", "age? (attempt 2 from Form:name)", "done slow-Ann 33"]
+
+
+def test_conversations_survive_a_sigterm_handover_in_webhook_mode(fake: FakeBotAPI, spawn: Spawn,
+                                                                  tmp_path: Path) -> None:
+    """Two webhook replicas behind nginx (SQLite): the state follows the leader across SIGTERM."""
+    fake.deliver_webhooks = True
+    ports = [free_port(), free_port()]
+    nginx = Nginx(tmp_path, ports, "/tg/hook")
+    try:
+        env = {**EXAMPLE, "DATABASE_URL": "", "BOT_MODE": "webhook", "WEBHOOK_URL": nginx.url}
+        a = spawn("a", HEALTH_PORT=str(ports[0]), **env)
+        a.wait_mode("active")
+        b = spawn("b", HEALTH_PORT=str(ports[1]), **env)
+        b.wait_mode("passive")
+        wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, START_WAIT, message="a registers the webhook")
+        chats = range(3001, 3006)
+        for c in chats:
+            say(fake, c, "/form")
+        wait_answers(fake, chats, 1, "every /form answered")
+        wait_until(lambda: flushed(a), message="a recorded every update done")
+        a.signal(signal.SIGTERM)
+        assert a.wait_exit() == 0
+        for c in chats:
+            say(fake, c, f"name-{c}")
+        wait_answers(fake, chats, 2, "every name answered by b")
+        for c in chats:
+            say(fake, c, "33")
+        wait_answers(fake, chats, 3, "every age answered by b")
+        for c in chats:
+            assert texts_to(fake, c) == ["name?", "age?", f"done name-{c} 33"], c
+        assert {s.tag for s in fake.snapshot_sent() if (s.text or "").startswith("done")} == {"b"}
+        assert fake.webhook(BOT_ID) == nginx.url, "the webhook stays set through the handover"
+    finally:
+        nginx.stop()
 
 
 def fsm_row(url: str, chat: int) -> tuple[str | None, str, int] | None:
