@@ -5,6 +5,8 @@ A name starting with ``slow-`` on the first attempt: the handler sets the next s
 answers "working", then waits until the file ``PROBE_RELEASE_FILE`` exists (never, if unset)
 before it returns. On a later attempt (the update run again by the next leader) it answers
 "age? (attempt N from STATE)" with the state it ran against.
+
+``PROBE_STRATEGY`` (an aiogram ``FSMStrategy`` name) is set through ``setup_dispatcher``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import asyncio
 import os
 from pathlib import Path
 
-from aiogram import F, Router
+from aiogram import Dispatcher, F, Router
 from aiogram.fsm.context import FSMContext
+from aiogram.fsm.strategy import FSMStrategy
 from aiogram.types import Message
 
 from examples.conversation_bot import Form
@@ -40,3 +43,9 @@ async def slow_name(message: Message, state: FSMContext, attempt: int, raw_state
 
 
 router.include_router(conversation)
+
+
+def setup_dispatcher(dp: Dispatcher) -> None:
+    strategy = os.environ.get("PROBE_STRATEGY")
+    if strategy:
+        dp.fsm.strategy = FSMStrategy[strategy]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -157,6 +158,22 @@ def test_conversations_survive_a_sigterm_handover_in_webhook_mode(fake: FakeBotA
         assert fake.webhook(BOT_ID) == nginx.url, "the webhook stays set through the handover"
     finally:
         nginx.stop()
+
+
+def test_global_user_strategy_orders_by_user_and_keeps_state_across_chats(fake: FakeBotAPI, spawn: Spawn,
+                                                                          shared_dirs: dict[str, Path]) -> None:
+    """setup_dispatcher sets GLOBAL_USER: the inbox orders the user's updates by user, and the
+    conversation started in one chat continues in another."""
+    a = spawn("a", **PROBE, DATABASE_URL="", PROBE_STRATEGY="GLOBAL_USER")
+    a.wait_mode("active")
+    fake.send_user_message(BOT_ID, "/form", user_id=9, chat_id=-500)
+    wait_until(lambda: texts_to(fake, -500) == ["name?"], message="/form answered in the group")
+    fake.send_user_message(BOT_ID, "Zoe", user_id=9, chat_id=9)
+    wait_until(lambda: texts_to(fake, 9) == ["age?"], message="the private chat continues it")
+    wait_until(lambda: flushed(a), message="recorded")
+    with sqlite3.connect(shared_dirs["state"] / "solobot.sqlite3") as db:
+        keys = {row[0] for row in db.execute("SELECT chat_key FROM solobot_inbox")}
+    assert keys == {"u:9"}
 
 
 def fsm_row(url: str, chat: int) -> tuple[str | None, str, int] | None:
