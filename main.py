@@ -38,13 +38,13 @@ from typing import Any  # noqa: E402
 from aiogram import Bot, Dispatcher  # noqa: E402
 from aiogram.client.telegram import TelegramAPIServer  # noqa: E402
 
-import bot as bot_module  # noqa: E402
 from utils.autoposter.role import Autoposter  # noqa: E402
 from utils.config import EX_CONFIG, Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
 from utils.locking.lease import LeaseGate  # noqa: E402
+from utils.ops.bot_module import BotContext, BotModuleError, load_bot_module  # noqa: E402
 from utils.ops.health import OPS_HTTP_CONNECTIONS, HealthServer, RouteServer, scrubber  # noqa: E402
 from utils.ops.http_listener import ListenError  # noqa: E402
 from utils.ops.lookup import BoundedLookup  # noqa: E402
@@ -54,6 +54,7 @@ from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
 from utils.sending.limiter import FloodControl, FloodLimiter  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
+from utils.state.fsm import DurableStorage  # noqa: E402
 from utils.state.store import StateStore  # noqa: E402
 from utils.updates.passive_notice import PassiveNotice  # noqa: E402
 from utils.updates.pipeline import UpdatePipeline  # noqa: E402
@@ -104,8 +105,13 @@ class App:
         self.sends = FloodLimiter(settings.send_limits)
         self.flood = FloodControl(self.sends, self.gate)
         self.bot = make_bot(settings, self.gate, self.flood)
-        self.dp = Dispatcher()
-        self.dp.include_router(bot_module.router)
+        # The user's bot (BOT_MODULE) on a dispatcher whose FSM state lives in the state store,
+        # committed with each update's done mark (utils/state/fsm.py) unless the module replaces it.
+        self.user_bot = load_bot_module(settings.bot_module)
+        self.storage = DurableStorage(self.store.fsm, lambda: self.gate.lease)
+        self.dp = Dispatcher(storage=self.storage)
+        self.dp.include_router(self.user_bot.router)
+        self.user_bot.setup(self.dp)
         # Resolved once: only the update types the handlers use (as start_polling would).
         allowed = self.dp.resolve_used_update_types()
         self.stats = UpdateStats()
@@ -117,6 +123,7 @@ class App:
             warn_seconds=settings.handler_warn_seconds,
             inbox_max=settings.inbox_max,
             on_drain_deadline=lambda: self.flood.close("the drain deadline passed"),
+            state_writes=self.storage if self.dp.fsm.storage is self.storage else None,
         )
         self.sends.on_wait = self.pipeline.waiting_to_send
         self.polling = PollingManager(
@@ -140,6 +147,7 @@ class App:
                 self.store, path=webhook_path(settings.webhook_url), secret=settings.webhook_secret,
                 on_stored=self.webhook.wake,
                 notice=PassiveNotice(settings.passive_notice) if settings.passive_notice else None,
+                strategy=self.dp.fsm.strategy,
             )
         self.autoposter: Autoposter | None = None
         if settings.channel_id:
@@ -155,6 +163,7 @@ class App:
                 sends=self.sends,
             )
         roles: list[Any] = [self.webhook or self.polling] + ([self.autoposter] if self.autoposter else [])
+        roles += self.user_bot.active_roles(BotContext(self.bot, self.dp, self.dp.fsm.storage, settings))
         self.controller = LeadershipController(
             self.backend, roles, instance_id=self.instance_id,
             role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
@@ -363,7 +372,7 @@ def run(command: str, settings: Settings) -> int:
         gc.freeze()
         EARLY_STOP.hand_over()
         return asyncio.run(app.serve(early_signal=lambda: EARLY_STOP.received))
-    except UnsafePathError as exc:  # the lock or state directory (or a file in it) is not ours alone
+    except (UnsafePathError, BotModuleError) as exc:  # not ours alone; or the bot module is unusable
         log.error("%s", exc)
         return EX_CONFIG
     except ListenError as exc:  # HEALTH_PORT or WEBHOOK_PORT

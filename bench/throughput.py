@@ -20,6 +20,11 @@ The ratio compares a case with aiogram's in the same round and chat spread (medi
 
     .venv/bin/python bench/throughput.py [--updates 3000] [--chats 50] [--rounds 3]
         [--postgres postgresql://postgres@127.0.0.1:5432/test | --no-postgres] [--no-single-chat]
+        [--workload ping | conversation]
+
+``--workload conversation``: every update reads and writes FSM state (one get_state, one
+set_state; ``bench/conversation_bot.py``), in both candidates: solobot's durable storage
+(committed with the done marks) against aiogram's MemoryStorage.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ SOLOBOT_FILE = "solobot file+SQLite"
 SOLOBOT_PG = "solobot PostgreSQL"
 #: First chat (and user) id of a burst; chats are CHAT_BASE .. CHAT_BASE + C - 1.
 CHAT_BASE = 10_000
+#: ``--workload``: the bot module each candidate runs (None: aiogram_ping.py's /ping, bot.py's).
+WORKLOADS: dict[str, str | None] = {"ping": None, "conversation": "bench.conversation_bot"}
 #: A stopping bot drains and exits within this.
 EXIT_TIMEOUT = 60.0
 
@@ -140,24 +147,26 @@ class CpuMeter:
 
 
 def start_bot(groups: ProcessGroups, case: Case, fake: FakeBotAPI, bot_id: int, work: Path, tag: str,
-              postgres: str | None) -> BotProc:
+              postgres: str | None, module: str | None) -> BotProc:
+    workload = {"BOT_MODULE": module} if module else {}
     if case.candidate == AIOGRAM:
         env = base_env()
         env.update({"BOT_TOKEN": token_for(bot_id), "TELEGRAM_API_URL": fake.url(tag), "POLLING_TIMEOUT": "10",
-                    "LOG_LEVEL": "WARNING"})
+                    "LOG_LEVEL": "WARNING", **workload})
         return groups.start(tag, [sys.executable, str(ROOT / "bench" / "aiogram_ping.py")], env)
-    env = solobot_env(fake, tag, bot_id, work, postgres if case.candidate == SOLOBOT_PG else None)
+    env = solobot_env(fake, tag, bot_id, work, postgres if case.candidate == SOLOBOT_PG else None, **workload)
     proc = groups.start(tag, solobot_argv(), env)
     proc.wait_mode("active")
     return proc
 
 
-def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, tag: str) -> Result:
+def run_once(groups: ProcessGroups, case: Case, n: int, postgres: str | None, tag: str,
+             module: str | None = None) -> Result:
     fake = FakeBotAPI().start_in_thread()
     bot_id = unique_bot_id()
     try:
         with tempfile.TemporaryDirectory(prefix="solobot-bench-") as tmp:
-            proc = start_bot(groups, case, fake, bot_id, Path(tmp), tag, postgres)
+            proc = start_bot(groups, case, fake, bot_id, Path(tmp), tag, postgres, module)
             sampler = RssSampler(proc)
             try:
                 wait_until(lambda: pending_poll(fake, tag), 60, f"{tag} idle in a long poll")
@@ -227,6 +236,8 @@ def main() -> int:
     parser.add_argument("--no-single-chat", action="store_true", help="skip the one-chat rows")
     parser.add_argument("--only", choices=["aiogram", "file", "postgres"], action="append",
                         help="run only these candidates (repeatable)")
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="ping",
+                        help="conversation: each update one get_state + one set_state (FSM storage)")
     args = parser.parse_args()
 
     candidates = [AIOGRAM, SOLOBOT_FILE] + ([] if args.no_postgres else [SOLOBOT_PG])
@@ -248,7 +259,7 @@ def main() -> int:
             for key in order:
                 run += 1
                 case = rows[key].case
-                result = run_once(groups, case, args.updates, postgres, f"r{run}")
+                result = run_once(groups, case, args.updates, postgres, f"r{run}", WORKLOADS[args.workload])
                 this_round[key] = result
                 rows[key].results.append(result)
                 print(f"round {round_no + 1}/{args.rounds} {case.label}: {result.rate:.0f} updates/s, "
@@ -258,7 +269,9 @@ def main() -> int:
                 base = this_round.get((AIOGRAM, spread))
                 if base is not None and base.rate > 0:
                     rows[(candidate, spread)].ratios.append(result.rate / base.rate)
-    print(f"\n{args.updates} x /ping queued at once while the bot idles in a long poll; {args.chats} chats "
+    what = "/ping" if args.workload == "ping" else ("/ping (one get_state + one set_state each; aiogram's "
+                                                    "state in MemoryStorage, solobot's in its store)")
+    print(f"\n{args.updates} x {what} queued at once while the bot idles in a long poll; {args.chats} chats "
           f"(and 1); {args.rounds} rounds, alternating; started {started}\n")
     print(render(list(rows.values()), args.updates))
     return 0

@@ -16,6 +16,8 @@ def test_defaults() -> None:
     assert s.bot_id == 123456 and s.lock_backend == "file" and s.health_port == 8080
     assert s.api_url == "https://api.telegram.org"
     assert TOKEN not in repr(s)
+    assert s.bot_module == "bot", "today's bot.py keeps working"
+    assert load_settings({"BOT_TOKEN": TOKEN, "BOT_MODULE": "pkg.sub_mod"}).bot_module == "pkg.sub_mod"
 
 
 def test_all_problems_in_one_message() -> None:
@@ -41,6 +43,7 @@ def test_runtime_directory_and_masking() -> None:
     ({"CHANNEL_ID": "@chan"}, "CHANNEL_ID"),
     ({"LOCK_BACKEND": "postgres"}, "DATABASE_URL"),
     ({"DRAIN_TIMEOUT": "20", "SHUTDOWN_TIMEOUT": "10"}, "DRAIN_TIMEOUT"),
+    ({"BOT_MODULE": "my-bot.py"}, "BOT_MODULE"),
 ])
 def test_problems_named(env: dict[str, str], name: str) -> None:
     with pytest.raises(ConfigError, match=name):

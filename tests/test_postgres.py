@@ -36,7 +36,7 @@ from tests.fake_bot_api import FakeBotAPI, Poll
 
 Spawn = Callable[..., BotProcess]
 TABLES = ("solobot_posts", "solobot_flags", "solobot_inbox", "solobot_processed", "solobot_offset",
-          "solobot_leader", "solobot_schema")
+          "solobot_leader", "solobot_schema", "solobot_fsm")
 
 
 @pytest.fixture

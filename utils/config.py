@@ -19,9 +19,9 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from utils.ops.redact import Redactor, mask_token
+from utils.sending.flood import Rate, SendLimits
 from utils.state.dsn import SCHEMES, parse_database_url
 from utils.state.errors import database_location
-from utils.sending.flood import Rate, SendLimits
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
 
@@ -128,6 +128,8 @@ class Settings:
     webhook_port: int = 0
     #: Telegram's send limits the bot keeps to (SEND_*; utils/sending).
     send_limits: SendLimits = field(default_factory=SendLimits)
+    #: The user's bot: a module with an aiogram ``router`` (utils/ops/bot_module.py).
+    bot_module: str = "bot"
 
     @property
     def masked_token(self) -> str:
@@ -340,6 +342,10 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append("WEBHOOK_PORT: required when BOT_MODE=webhook and HEALTH_PORT=0 (nothing "
                           "would receive Telegram's deliveries)")
     send_limits = _send_settings(r)
+    bot_module = r.text("BOT_MODULE", "bot") or "bot"
+    if not BOT_MODULE_RE.match(bot_module):
+        r.problems.append(f"BOT_MODULE: expected a module name like 'bot' or 'mypackage.handlers', "
+                          f"got {bot_module!r}")
 
     if r.problems:
         raise ConfigError(r.problems, hints, Redactor(token=token, database_url=database_url))
@@ -379,10 +385,13 @@ def load_settings(env: Mapping[str, str] | None = None,
         webhook_host=webhook_host,
         webhook_port=webhook_port,
         send_limits=send_limits,
+        bot_module=bot_module,
     )
 
 
 BOT_MODES = ("polling", "webhook")
+#: A dotted Python module name (what ``import`` accepts).
+BOT_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 TELEGRAM_TEXT_MAX = 4096
 #: Telegram's rule for ``secret_token``: 1-256 characters of ``A-Za-z0-9_-``.
 WEBHOOK_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")

@@ -13,13 +13,13 @@ after a week without updates) is not, so it is never skipped.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from utils.state.fencing import epoch_is_current, hold_epoch, raise_if_fenced
 from utils.state.schema import aware, inbox_table, offset_table, utcnow
@@ -240,11 +240,14 @@ class InboxRepository:
                        for r in rows]
         return sorted(entries, key=lambda e: e.seq)
 
-    async def mark_done(self, seqs: Sequence[int], epoch: int) -> None:
+    async def mark_done(self, seqs: Sequence[int], epoch: int,
+                        also: Callable[[AsyncConnection], Awaitable[None]] | None = None) -> None:
         """Group commit of finished updates (fenced): no later leader handles them again.
 
         One statement: the epoch check is a sub-select of it (``FOR KEY SHARE`` on PostgreSQL, so
-        a new leader's epoch write waits for it; SQLite holds its write lock anyway).
+        a new leader's epoch write waits for it; SQLite holds its write lock anyway). *also* (the
+        FSM state those updates set) runs in the same transaction, once the epoch is held: by that
+        statement when it marked a row, else by :func:`hold_epoch` (no extra round trip usually).
         """
         if not seqs:
             return
@@ -253,6 +256,10 @@ class InboxRepository:
                                         {"seqs": list(seqs), "now": utcnow(), "epoch": epoch})
             if result.rowcount == 0:
                 await raise_if_fenced(conn, self.bot_id, epoch)
+                if also is not None:
+                    await hold_epoch(conn, self.bot_id, epoch)
+            if also is not None:
+                await also(conn)
 
     async def prune(self) -> int:
         """Forget done rows past the de-duplication window; return how many went."""

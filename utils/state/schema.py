@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("solobot.state")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: solobot_fsm (aiogram FSM state, issue 18)
 #: Serialises concurrent migrations on PostgreSQL (an arbitrary, fixed advisory key).
 MIGRATION_LOCK_KEY = 7160100001
 
@@ -96,6 +96,28 @@ flags_table = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("epoch", sa.BigInteger),
+)
+
+# -- aiogram FSM storage (utils/state/fsm.py): one row per full StorageKey ---------------------
+#: None has no place in a primary key: a key without a thread or business connection is stored
+#: with these (Telegram's thread ids are positive, its connection ids non-empty).
+FSM_NO_THREAD = 0
+FSM_NO_CONNECTION = ""
+fsm_table = sa.Table(
+    "solobot_fsm",
+    metadata,
+    sa.Column("bot_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("chat_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("user_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("thread_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("business_connection_id", sa.String(255), primary_key=True),
+    sa.Column("destiny", sa.String(255), primary_key=True),
+    sa.Column("state", sa.Text),
+    sa.Column("data", sa.Text, nullable=False),  # a JSON object
+    sa.Column("state_expires_at", sa.DateTime(timezone=True)),  # NULL: never (state_ttl unset)
+    sa.Column("data_expires_at", sa.DateTime(timezone=True)),
+    sa.Column("epoch", sa.BigInteger),  # the leader that wrote it
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 #: Tables of earlier schema versions that nothing reads any more.

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from utils.state.database import DatabaseTarget
 from utils.state.errors import describe_database_error
 from utils.state.fencing import FencedError, fenced, hold_epoch, raise_if_fenced
+from utils.state.fsm_repository import FsmRepository
 from utils.state.inbox import InboxRepository
 from utils.state.leader import LeaderRepository
 from utils.state.schema import aware, flags_table, migrate, posts_table, utcnow
@@ -54,6 +55,7 @@ class StateStore:
         self.is_postgres = engine.dialect.name == "postgresql"
         self.inbox = InboxRepository(engine, bot_id)
         self.leader = LeaderRepository(engine, bot_id)
+        self.fsm = FsmRepository(engine, bot_id)
         self._migrated = False
 
     @classmethod

@@ -22,11 +22,13 @@ from collections.abc import Callable, Sequence
 
 from aiogram import Bot, Dispatcher
 from aiogram.dispatcher.middlewares.user_context import UserContextMiddleware
+from aiogram.fsm.strategy import FSMStrategy
 from aiogram.methods import TelegramMethod
 from aiogram.types import Update
 
 from utils.locking.lease import Lease, LeaseLost
 from utils.state.fencing import FencedError
+from utils.state.fsm import NoWrites, UpdateWrites
 from utils.state.inbox import InboxEntry, NewUpdate
 from utils.state.store import StateStore
 from utils.updates.ledger import ChatQueues, DoneMarks, QueuedUpdate
@@ -47,9 +49,16 @@ CANCEL_GRACE = 1.0
 PRUNE_EVERY_FLUSHES = 500
 
 
-def chat_key(update: Update) -> str | None:
-    """The ordering key: the chat, else the user, else None (the update runs on its own)."""
+def chat_key(update: Update, strategy: FSMStrategy = FSMStrategy.USER_IN_CHAT) -> str | None:
+    """The ordering key: the chat, else the user, else None (the update runs on its own).
+
+    It follows the dispatcher's FSM strategy, so two updates that can touch the same FSM storage
+    key never run at once: every strategy but ``GLOBAL_USER`` keys state within a chat, so the
+    chat orders them; ``GLOBAL_USER`` keys it by user across chats, so the user does.
+    """
     context = UserContextMiddleware.resolve_event_context(update)
+    if strategy is FSMStrategy.GLOBAL_USER and context.user is not None:
+        return f"u:{context.user.id}"
     if context.chat is not None:
         return f"c:{context.chat.id}"
     if context.user is not None:
@@ -57,10 +66,10 @@ def chat_key(update: Update) -> str | None:
     return None
 
 
-def to_new_update(update: Update) -> NewUpdate:
+def to_new_update(update: Update, strategy: FSMStrategy = FSMStrategy.USER_IN_CHAT) -> NewUpdate:
     payload = update.model_dump_json(exclude_unset=True)
     fingerprint = hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
-    return NewUpdate(update.update_id, fingerprint, chat_key(update), payload)
+    return NewUpdate(update.update_id, fingerprint, chat_key(update, strategy), payload)
 
 
 class UpdatePipeline:
@@ -79,6 +88,7 @@ class UpdatePipeline:
         warn_seconds: float = 30.0,
         inbox_max: int = 10_000,
         on_drain_deadline: Callable[[], object] | None = None,
+        state_writes: UpdateWrites | None = None,
     ) -> None:
         self.bot = bot
         self.dp = dispatcher
@@ -92,6 +102,8 @@ class UpdatePipeline:
         #: Called at the drain deadline, before handlers are cancelled (the flood limiter ends
         #: the sends still waiting for a slot, so those handlers end without sending).
         self.on_drain_deadline = on_drain_deadline
+        #: The FSM storage's writes ride on the done marks (utils/state/fsm.py).
+        self.state_writes: UpdateWrites = state_writes or NoWrites()
         self._lease: Lease | None = None
         self._queues = ChatQueues(concurrency)
         self._marks = DoneMarks(max_batch=DONE_BATCH, max_delay=DONE_DELAY)
@@ -121,6 +133,7 @@ class UpdatePipeline:
         self._running = {}
         self._stopping = False
         self._held = hold
+        self.state_writes.reset()
         await lease.ensure()
         waiting = await self.store.inbox.claim_waiting(lease.epoch)
         if waiting:
@@ -189,7 +202,7 @@ class UpdatePipeline:
         if lease is None:
             raise LeaseLost("the pipeline is not running")
         await lease.ensure()
-        rows = [to_new_update(u) for u in updates]
+        rows = [to_new_update(u, self.dp.fsm.strategy) for u in updates]
         batch = await self.store.inbox.store_batch(rows, epoch=lease.epoch, next_offset=next_offset)
         self.stats.fetched += len(rows)
         self.stats.duplicates += batch.duplicates
@@ -249,6 +262,7 @@ class UpdatePipeline:
             update = item.update or Update.model_validate_json(item.payload, context={"bot": self.bot})
             if item.attempt > 1:
                 self.stats.redelivered += 1
+            self.state_writes.begin_update(item.seq)
             try:
                 result = await self.dp.feed_update(self.bot, update, attempt=item.attempt)
                 if isinstance(result, TelegramMethod):
@@ -264,6 +278,7 @@ class UpdatePipeline:
             done = True
         finally:
             warning.cancel()
+            self.state_writes.end_update(item.seq, done=done)
             task = self._tasks.pop(item.seq, None)
             if task is not None:
                 self._running.pop(task, None)
@@ -328,7 +343,8 @@ class UpdatePipeline:
         try:
             if not final:
                 await lease.ensure()
-            await self.store.inbox.mark_done(seqs, lease.epoch)
+            async with self.state_writes.committing(seqs, lease.epoch) as state:
+                await self.store.inbox.mark_done(seqs, lease.epoch, also=state)
         except BaseException:
             self._marks.put_back(seqs, time.monotonic())
             raise

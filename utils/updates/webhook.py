@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramBadRequest, TelegramRetryAfter, TelegramUnauthorizedError
+from aiogram.fsm.strategy import FSMStrategy
 from aiogram.types import Update, WebhookInfo
 from aiohttp import web
 from pydantic import ValidationError
@@ -176,10 +177,13 @@ class WebhookReceiver:
 
     def __init__(self, store: StateStore, *, path: str, secret: str,
                  on_stored: Callable[[], bool] = lambda: False,
-                 notice: PassiveNotice | None = None) -> None:
+                 notice: PassiveNotice | None = None,
+                 strategy: FSMStrategy = FSMStrategy.USER_IN_CHAT) -> None:
         """*on_stored* is called after new rows committed; it returns True when this process
-        leads and was woken directly (then no NOTIFY is needed). *notice*: PASSIVE_NOTICE."""
+        leads and was woken directly (then no NOTIFY is needed). *notice*: PASSIVE_NOTICE.
+        *strategy*: the dispatcher's FSM strategy, which the rows' ordering key follows."""
         self.store = store
+        self.strategy = strategy
         self.notice = notice
         self.path = path or "/"
         self._secret = secret.encode()
@@ -262,7 +266,7 @@ class WebhookReceiver:
             return web.Response(status=400, text="bad request")
         try:
             update = parse_update(body)
-            row = to_new_update(update)
+            row = to_new_update(update, self.strategy)
             problem = unstorable(row)
             if problem:
                 raise ValueError(problem)

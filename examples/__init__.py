@@ -1,0 +1,1 @@
+"""Example bots that solobot runs through BOT_MODULE (see each package's docstring)."""
