@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from utils.updates.poison import POISON_AFTER_DEFAULT  # pure, light: config stays quick
+
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
 
 TOKEN_RE = re.compile(r"^(?P<bot_id>\d{5,20}):(?P<secret>[A-Za-z0-9_-]{30,64})$")
@@ -113,6 +115,8 @@ class Settings:
     webhook_insecure: bool = False
     #: Webhook mode: text sent (throttled) to a chat while no replica leads.
     passive_notice: str | None = None
+    #: Poison updates (utils/updates/poison.py): set aside after this many deaths.
+    poison_after: int = POISON_AFTER_DEFAULT
 
     @property
     def masked_token(self) -> str:
@@ -277,6 +281,7 @@ def load_settings(env: Mapping[str, str] | None = None,
     handler_warn = r.seconds("HANDLER_WARN_SECONDS", 30.0, low=0.1, high=86400.0)
     inbox_max = r.whole("INBOX_MAX", 10_000, low=1, high=10_000_000)
     drain_timeout = r.seconds("DRAIN_TIMEOUT", 5.0, low=0.0, high=600.0)
+    poison_after = r.whole("POISON_AFTER", POISON_AFTER_DEFAULT, low=1, high=1000)
     shutdown_timeout = r.seconds("SHUTDOWN_TIMEOUT", 8.0, low=1.0, high=3600.0)
     if drain_timeout >= shutdown_timeout:
         r.problems.append(
@@ -347,6 +352,7 @@ def load_settings(env: Mapping[str, str] | None = None,
         webhook_max_connections=webhook_max_connections,
         webhook_insecure=webhook_insecure,
         passive_notice=passive_notice,
+        poison_after=poison_after,
     )
 
 

@@ -34,7 +34,7 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
     a bad configuration, or the outcome of ``status`` (which needs nothing heavy).
     """
     command = argv[1] if len(argv) > 1 else "run"
-    if command not in ("run", "status") or len(argv) > 2:
+    if command not in ("run", "status", "inbox") or (len(argv) > 2 and command != "inbox"):
         print(usage, file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -49,6 +49,10 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
         from utils.ops.status import run_status  # no aiogram: a status check stays quick
 
         return run_status(settings, started=STARTED)
+    if command == "inbox":
+        from utils.ops.inbox_command import run_inbox  # poison updates set aside: no aiogram either
+
+        return run_inbox(settings, argv[2:], started=STARTED)
     return command, settings
 
 

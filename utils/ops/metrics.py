@@ -94,6 +94,9 @@ class PipelineSource(Protocol):
     def inbox_waiting(self) -> int: ...
 
     @property
+    def set_aside(self) -> int: ...
+
+    @property
     def errors(self) -> Mapping[str, int]: ...
 
     @property
@@ -146,6 +149,8 @@ class WebhookInfoSource(Protocol):
 #: The shared inbox (every replica's rows): waiting rows and the oldest one's age; raises when
 #: it cannot tell in time (``utils.ops.lookup.BoundedLookup`` over ``InboxRepository.depth``).
 InboxDepth = Callable[[], Awaitable[tuple[int, float | None]]]
+#: Poison updates set aside in the shared inbox now (bounded like :data:`InboxDepth`).
+SetAsideCount = Callable[[], Awaitable[int]]
 
 
 def _name(suffix: str) -> str:
@@ -196,6 +201,8 @@ def pipeline_metrics(stats: PipelineSource) -> Iterator[Metric]:
          stats.duplicates),
         ("updates_redelivered_total", "Updates handled again after an earlier attempt",
          stats.redelivered),
+        ("updates_set_aside_total", "Poison updates this instance set aside (handler running at "
+         "POISON_AFTER deaths)", stats.set_aside),
     )
     for suffix, documentation, value in counters:
         yield CounterMetricFamily(_name(suffix), documentation, value=value)
@@ -291,12 +298,17 @@ class SolobotCollector:
         self.deliveries = deliveries
         self.webhook = webhook
         self.inbox_depth: tuple[int, float | None] | None = None
+        self.set_aside_held: int | None = None
 
     def collect(self) -> Iterator[Metric]:
         yield from leadership_metrics(self.controller)
         yield from pipeline_metrics(self.stats)
         if self.inbox_depth is not None:
             yield from inbox_metrics(self.inbox_depth)
+        if self.set_aside_held is not None:
+            yield GaugeMetricFamily(_name("inbox_set_aside_updates"),
+                                    "Poison updates set aside in the shared inbox now (python main.py inbox)",
+                                    value=self.set_aside_held)
         if self.deliveries is not None:
             yield from delivery_metrics(self.deliveries)
         if self.webhook is not None and self.webhook.info is not None:
@@ -326,6 +338,7 @@ class Metrics:
         deliveries: DeliverySource | None = None,
         webhook: WebhookInfoSource | None = None,
         inbox_depth: InboxDepth | None = None,
+        set_aside: SetAsideCount | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SolobotCollector(
@@ -334,6 +347,7 @@ class Metrics:
         )
         self.registry.register(self.collector)
         self.inbox_depth = inbox_depth
+        self.set_aside = set_aside
         self._scraping = asyncio.Lock()
 
     def render(self) -> tuple[bytes, str]:
@@ -350,7 +364,13 @@ class Metrics:
                     self.collector.inbox_depth = await self.inbox_depth()
                 except Exception:  # noqa: BLE001 - the rest of the scrape stands on its own
                     self.collector.inbox_depth = None
+            if self.set_aside is not None:
+                try:
+                    self.collector.set_aside_held = await self.set_aside()
+                except Exception:  # noqa: BLE001 - as above
+                    self.collector.set_aside_held = None
             try:
                 return self.render()
             finally:
                 self.collector.inbox_depth = None
+                self.collector.set_aside_held = None
