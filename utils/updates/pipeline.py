@@ -47,6 +47,8 @@ FINAL_FLUSH_TIMEOUT = 3.0
 CANCEL_GRACE = 1.0
 #: Done rows past the de-duplication window are pruned every this many flushes.
 PRUNE_EVERY_FLUSHES = 500
+#: The leader looks for rows nobody claimed (a retried poison update) this often.
+UNCLAIMED_SWEEP = 2.0
 
 
 def chat_key(update: Update) -> str | None:
@@ -279,6 +281,23 @@ class UpdatePipeline:
             self._push([self._from_entry(e) for e in page], backlog=True)
         deferred, self._deferred = self._deferred, []
         self._push(deferred)
+        await self._sweep_unclaimed()
+
+    async def _sweep_unclaimed(self) -> None:
+        """Take rows nobody claimed (an operator's ``inbox retry``; webhook replicas' rows, which
+        the webhook role also takes at once) every :data:`UNCLAIMED_SWEEP`: one indexed query."""
+        while not self._stopping:
+            await asyncio.sleep(UNCLAIMED_SWEEP)
+            try:
+                if await self.store.inbox.has_unclaimed():
+                    await self.adopt_unclaimed()
+            except FencedError as exc:
+                self.step_down(f"fenced while taking unclaimed updates: {exc}")
+                return
+            except LeaseLost:
+                return
+            except Exception as exc:  # noqa: BLE001 - the database is down: next sweep
+                log.debug("could not look for unclaimed updates: %s", exc)
 
     # -- workers -----------------------------------------------------------------------------
 
