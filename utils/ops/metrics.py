@@ -21,7 +21,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -325,6 +325,19 @@ class SolobotCollector:
             )
 
 
+T = TypeVar("T")
+
+
+async def _quietly(lookup: Callable[[], Awaitable[T]] | None) -> T | None:
+    """*lookup*'s answer, None without one or when it fails: the rest of the scrape stands on its own."""
+    if lookup is None:
+        return None
+    try:
+        return await lookup()
+    except Exception:  # noqa: BLE001 - a database that does not answer costs only its series
+        return None
+
+
 class Metrics:
     """The ``/metrics`` payload: one private registry holding one :class:`SolobotCollector`."""
 
@@ -359,16 +372,8 @@ class Metrics:
         bounded: a database that does not answer costs a scrape at most its limit, and only the
         inbox series are missing)."""
         async with self._scraping:
-            if self.inbox_depth is not None:
-                try:
-                    self.collector.inbox_depth = await self.inbox_depth()
-                except Exception:  # noqa: BLE001 - the rest of the scrape stands on its own
-                    self.collector.inbox_depth = None
-            if self.set_aside is not None:
-                try:
-                    self.collector.set_aside_held = await self.set_aside()
-                except Exception:  # noqa: BLE001 - as above
-                    self.collector.set_aside_held = None
+            depth, set_aside = await asyncio.gather(_quietly(self.inbox_depth), _quietly(self.set_aside))
+            self.collector.inbox_depth, self.collector.set_aside_held = depth, set_aside
             try:
                 return self.render()
             finally:

@@ -339,9 +339,10 @@ class UpdatePipeline:
             self._recovery.book.finished(item.seq)
             if self._queues.held < BACKLOG_AHEAD:
                 self._ahead_room.set()
-            if done and not durable:
+            if done:
                 self.stats.handled += 1
                 self.stats.handler_seconds.observe(time.monotonic() - started)
+            if done and not durable:
                 self._marks.add(item.seq, time.monotonic())
                 self._marked.set()
                 if len(self._marks) >= DONE_BATCH:
