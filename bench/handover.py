@@ -237,7 +237,7 @@ def run_backlog_round(groups: ProcessGroups, backend: str, waiting: int, tag: st
             active.wait_mode("active")
             if waiting:
                 ids = fake.send_burst(bot_id, burst_items(waiting, BACKLOG_CHATS, CHAT_BASE))
-                wait_until(lambda: (active.health() or {}).get("updates", {}).get("inbox_waiting", 0) >= waiting,
+                wait_until(lambda: ((active.health() or {}).get("updates", {}).get("inbox_waiting") or 0) >= waiting,
                            120, f"{waiting} updates in the inbox", 0.05)
             else:
                 ids = []

@@ -81,6 +81,14 @@ sa.Index("ix_solobot_inbox_received", inbox_table.c.bot_id, inbox_table.c.receiv
 sa.Index("ix_solobot_inbox_set_aside", inbox_table.c.bot_id, inbox_table.c.seq,
          sqlite_where=inbox_table.c.set_aside_at.is_not(None),
          postgresql_where=inbox_table.c.set_aside_at.is_not(None))
+# A takeover's death count reads only the rows with a started record or a death: these keep it
+# from scanning a large backlog before the first getUpdates.
+sa.Index("ix_solobot_inbox_started", inbox_table.c.bot_id, inbox_table.c.run_started,
+         sqlite_where=inbox_table.c.run_started.is_not(None),
+         postgresql_where=inbox_table.c.run_started.is_not(None))
+sa.Index("ix_solobot_inbox_suspects", inbox_table.c.bot_id, inbox_table.c.deaths,
+         sqlite_where=sa.and_(inbox_table.c.deaths > 0, inbox_table.c.done_at.is_(None)),
+         postgresql_where=sa.and_(inbox_table.c.deaths > 0, inbox_table.c.done_at.is_(None)))
 #: Columns added to existing tables after version 2 (``create_all`` creates only missing tables).
 ADDED_COLUMNS = (("solobot_inbox", ("run_started", "deaths", "alone_deaths", "set_aside_at")),)
 
