@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from utils.ops.inbox_command import format_rows, parse_args
 from utils.state.database import DatabaseTarget
@@ -174,6 +175,32 @@ def test_drop_makes_it_an_ordinary_done_row(tmp_path: Path) -> None:
         assert await store.recovery.drop([1]) == 1
         assert await store.recovery.count_set_aside() == 0 and (await store.inbox.depth())[0] == 0
         assert await store.recovery.drop([1]) == 0
+        await store.close()
+
+    run(scenario())
+
+
+def test_a_version_2_inbox_gains_the_columns(tmp_path: Path) -> None:
+    """An inbox from before poison updates (schema 2) is migrated in place, its rows kept."""
+    async def scenario() -> None:
+        store = StateStore.create(DatabaseTarget.parse(None, tmp_path), 123456, "test")
+        async with store.engine.begin() as conn:
+            await conn.execute(sa.text(
+                "CREATE TABLE solobot_inbox (seq INTEGER PRIMARY KEY, bot_id BIGINT NOT NULL, "
+                "update_id BIGINT NOT NULL, fingerprint VARCHAR(32) NOT NULL, chat_key VARCHAR(48), "
+                "payload TEXT NOT NULL, received_at DATETIME NOT NULL, attempts INTEGER DEFAULT 0 NOT NULL, "
+                "claimed_epoch BIGINT, done_at DATETIME)"))
+            await conn.execute(sa.text("CREATE TABLE solobot_schema (version INTEGER PRIMARY KEY, "
+                                       "applied_at DATETIME NOT NULL)"))
+            await conn.execute(sa.text("INSERT INTO solobot_schema VALUES (2, '2026-01-01 00:00:00')"))
+            await conn.execute(sa.text(
+                "INSERT INTO solobot_inbox (bot_id, update_id, fingerprint, payload, received_at) "
+                "VALUES (123456, 7, 'fp', '{}', '2026-01-01 00:00:00')"))
+        await store.migrate()
+        await store.leader.advance_epoch(instance_id="a", host="h", pid=1)
+        t = await store.recovery.take_over(1, predecessor_died=True, convict=lambda d, a: True)
+        assert t.watermark == 1 and not t.suspects
+        assert [e.update_id for e in await store.recovery.claim_page(1, after=0, until=1, limit=5)] == [7]
         await store.close()
 
     run(scenario())
