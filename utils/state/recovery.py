@@ -68,7 +68,7 @@ class RecoveryRepository:
         self._waiting = sa.and_(self._mine, inbox_table.c.done_at.is_(None))
         self._started_statement = (
             sa.update(inbox_table)
-            .where(self._mine, inbox_table.c.seq == sa.bindparam("row_seq"),
+            .where(self._mine, inbox_table.c.seq.in_(sa.bindparam("seqs", expanding=True)),
                    epoch_is_current(engine.dialect.name, bot_id))
             .values(run_started=sa.bindparam("started_kind"))
         )
@@ -144,9 +144,17 @@ class RecoveryRepository:
 
     async def mark_started(self, seq: int, kind: int, epoch: int) -> None:
         """The durable started record, committed before the handler runs (fenced)."""
+        await self.mark_started_batch([(seq, kind)], epoch)
+
+    async def mark_started_batch(self, started: Sequence[tuple[int, int]], epoch: int) -> None:
+        """Started records ``(seq, kind)`` of handlers about to run, in one transaction (fenced)."""
         async with self.engine.begin() as conn:
-            result = await conn.execute(self._started_statement, {"row_seq": seq, "started_kind": kind, "epoch": epoch})
-            if result.rowcount == 0:
+            changed = 0
+            for kind in sorted({k for _, k in started}):
+                result = await conn.execute(self._started_statement, {
+                    "seqs": [seq for seq, k in started if k == kind], "started_kind": kind, "epoch": epoch})
+                changed += int(result.rowcount)
+            if changed < len(started):
                 await raise_if_fenced(conn, self.bot_id, epoch)
 
     # -- what an operator sees and does --------------------------------------------------------

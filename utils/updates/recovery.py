@@ -5,17 +5,20 @@ the SQL is :mod:`utils.state.recovery`; :class:`utils.updates.pipeline.UpdatePip
 the hooks here. What it costs: in normal running nothing; after a takeover, one transaction
 that touches only the rows with a started record or a death, then the backlog in pages of
 :data:`BACKLOG_PAGE` while the first getUpdates is already out; after a *death* (no clean
-release), two small commits per taken-over update (started, done).
+release), the started records of the updates it took over (one transaction per scheduling round),
+and one done mark per update that runs alone.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from utils.locking.lease import Lease
 from utils.state.inbox import InboxEntry
 from utils.state.recovery import STARTED_ALONE, STARTED_WITH_OTHERS
 from utils.state.store import StateStore
+from utils.updates.group_commit import GroupCommit
 from utils.updates.poison import RecoveryBook, Verdict, update_type, verdict
 from utils.updates.stats import UpdateStats
 
@@ -38,6 +41,9 @@ class Recovery:
         self.book = RecoveryBook(died=False, watermark=0, suspects=set(), loading=False)
         #: Chats with taken-over rows not paged in yet (None: not known yet): their new updates wait.
         self.backlog_chats: set[str] | None = None
+        self._started: GroupCommit[tuple[int, int]] = GroupCommit(self._write_started, name="started records")
+        self._ran_alone: set[int] = set()
+        self._epoch = 0
 
     def _convicted(self, deaths: int, alone_deaths: int) -> bool:
         return verdict(deaths, alone_deaths, self.poison_after) is Verdict.SET_ASIDE
@@ -45,6 +51,7 @@ class Recovery:
     async def begin(self, lease: Lease) -> list[InboxEntry]:
         """Count the deaths, set aside the convicted; the suspects to run alone (oldest first)."""
         died = not lease.previous_released
+        self._epoch = lease.epoch
         takeover = await self.store.recovery.take_over(lease.epoch, predecessor_died=died,
                                                        convict=self._convicted)
         for row in takeover.set_aside:
@@ -88,15 +95,25 @@ class Recovery:
         return chat_key is not None and (self.backlog_chats is None or chat_key in self.backlog_chats)
 
     async def before_run(self, seq: int, lease: Lease, *, alone: bool) -> None:
-        """A tracked update's durable started record, before its handler runs."""
-        if self.book.tracks(seq):
-            await self.store.recovery.mark_started(seq, STARTED_ALONE if alone else STARTED_WITH_OTHERS,
-                                                   lease.epoch)
+        """A tracked update's durable started record, before its handler runs. Handlers starting
+        together share one transaction (group commit: the records of one scheduling round)."""
+        if not self.book.tracks(seq):
+            return
+        await self._started.submit((seq, STARTED_ALONE if alone else STARTED_WITH_OTHERS))
+        if alone:
+            self._ran_alone.add(seq)
 
     async def after_run(self, seq: int, lease: Lease) -> bool:
-        """A tracked update's handler returned: mark it done now (True), before anything else
-        starts, so no later death is counted against it."""
-        if not self.book.tracks(seq):
+        """True if the update is durably done now. One that ran alone is marked done at once,
+        before anything else starts, so no later death is counted against it; the others go
+        through the group commit of done marks (one finished in its window and caught by a
+        death counts that death "with others": it runs alone once more, nothing worse)."""
+        if seq not in self._ran_alone:
             return False
+        self._ran_alone.discard(seq)
         await self.store.inbox.mark_done([seq], lease.epoch)
         return True
+
+    async def _write_started(self, started: Sequence[tuple[int, int]]) -> list[bool]:
+        await self.store.recovery.mark_started_batch(started, self._epoch)
+        return [True] * len(started)
