@@ -143,6 +143,8 @@ def test_crash_loop_ends_with_the_poison_set_aside_and_every_ping_answered(
         return sup.active()
 
     leader = wait_until(leading, 60, message="an active instance")
+    print(f"\n{backend}: {len(sup.deaths)} deaths, {len(pings)} pings from {PING_CHATS} chats over "
+          f"{PING_SECONDS:g} s, {sum(1 for m in pings if fake.replies_to(m))} answered")
     assert len(sup.deaths) == deaths_at_set_aside, "no death after the poison was set aside"
     assert deaths_at_set_aside <= POISON_AFTER + 1, sup.deaths
     assert set(sup.deaths) == {-9}, sup.deaths
