@@ -180,6 +180,15 @@ def test_drop_makes_it_an_ordinary_done_row(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_before_the_first_run_there_is_nothing_set_aside(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = StateStore.create(DatabaseTarget.parse(None, tmp_path), 123456, "test")
+        assert not await store.recovery.exists()
+        await store.close()
+
+    run(scenario())
+
+
 def test_a_version_2_inbox_gains_the_columns(tmp_path: Path) -> None:
     """An inbox from before poison updates (schema 2) is migrated in place, its rows kept."""
     async def scenario() -> None:

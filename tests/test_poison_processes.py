@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -78,10 +79,14 @@ class Supervisor:
         self.current.clear()
 
 
-def inbox_command(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def main_command(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BOT_TOKEN": TOKEN, "ENV_FILE": os.devnull, **env}
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), "inbox", *args], env=full, cwd=cwd,
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], env=full, cwd=cwd,
                           capture_output=True, text=True, timeout=30)
+
+
+def inbox_command(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return main_command(env, cwd, "inbox", *args)
 
 
 def answered_in(fake: FakeBotAPI, chat: int) -> bool:
@@ -161,6 +166,9 @@ def test_crash_loop_ends_with_the_poison_set_aside_and_every_ping_answered(
     assert "solobot_inbox_set_aside_updates 1.0" in body.decode()
     health = leader.health()
     assert health is not None and health["updates"]["set_aside"] == 1
+    status = main_command(env, shared_dirs["logs"], "status")
+    assert status.returncode == 0 and json.loads(status.stdout)["set_aside"] == 1, status.stdout + status.stderr
+    assert TOKEN.split(":")[1] not in listing.stdout + listing.stderr + status.stdout + status.stderr
     if backend == "postgres":  # drop: the count goes back to 0; a second drop has nothing to act on
         dropped = inbox_command(env, shared_dirs["logs"], "drop", str(crash_update))
         assert dropped.returncode == 0, dropped.stderr

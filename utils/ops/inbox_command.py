@@ -21,6 +21,9 @@ from typing import TypeVar
 from utils.config import Settings
 
 EXIT_OK, EXIT_USAGE, EXIT_NONE, EXIT_UNKNOWN = 0, 2, 3, 4
+USAGE = """usage: python main.py inbox              list the updates set aside (poison)
+       python main.py inbox retry ID     put update ID back: the active instance runs it again
+       python main.py inbox drop ID      mark update ID done: it is never run"""
 ACTIONS = ("retry", "drop")
 
 T = TypeVar("T")
@@ -68,12 +71,16 @@ async def inbox_command(settings: Settings, action: str, update_id: int | None, 
     from utils.updates.poison import update_type
 
     async def listing(store: StateStore) -> list[tuple[int, str, str, int, str]]:
+        if not await store.recovery.exists():
+            return []
         rows = await store.recovery.set_aside()
         return [(r.update_id, r.chat_key or "-", update_type(r.payload), r.deaths,
                  r.set_aside_at.strftime("%Y-%m-%d %H:%M:%S") if r.set_aside_at else "?") for r in rows]
 
     async def act(store: StateStore) -> int:
         assert update_id is not None
+        if not await store.recovery.exists():
+            return 0
         change = store.recovery.retry if action == "retry" else store.recovery.drop
         return await change([update_id])
 
@@ -100,7 +107,7 @@ def run_inbox(settings: Settings, args: Sequence[str], started: float | None = N
     """Entry for ``main.py inbox ...``; *args* were checked by :func:`parse_args`."""
     parsed = parse_args(args)
     if parsed is None:
-        print(__doc__, file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     action, update_id = parsed
     return asyncio.run(inbox_command(settings, action, update_id,

@@ -170,6 +170,11 @@ class RecoveryRepository:
             return [SetAsideRow(int(r.seq), int(r.update_id), r.chat_key, r.payload, int(r.deaths),
                                 aware(r.set_aside_at)) for r in rows]
 
+    async def exists(self) -> bool:
+        """Has a leader ever created the inbox here? (An operator may ask before the first run.)"""
+        async with self.engine.connect() as conn:
+            return bool(await conn.run_sync(lambda sync: sa.inspect(sync).has_table(inbox_table.name)))
+
     async def count_set_aside(self) -> int:
         async with self.engine.connect() as conn:
             count = await conn.scalar(sa.select(sa.func.count())
