@@ -59,6 +59,14 @@ def test_book_alone_phase_ends_with_the_last_suspect() -> None:
     assert book.finished(7) and not book.alone_phase
 
 
+def test_book_alone_phase_can_be_ended_early() -> None:
+    """A suspect that runs alone for long (slow, not poison) must not hold every chat."""
+    book = RecoveryBook(died=False, watermark=10, suspects={3, 7})
+    book.alone_ended = True
+    assert not book.alone_phase and book.tracks(7)  # still under a started record
+    assert not book.finished(3) and not book.finished(7)
+
+
 def test_book_paging() -> None:
     book = RecoveryBook(died=False, watermark=100, suspects=set())
     assert book.will_load(1) and book.will_load(100) and not book.will_load(101)

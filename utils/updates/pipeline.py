@@ -110,6 +110,7 @@ class UpdatePipeline:
         self._deferred: list[QueuedUpdate] = []  # new updates waiting for their chat's backlog
         self._loader: asyncio.Task[None] | None = None
         self._ahead_room = asyncio.Event()
+        self._tasks_aside: set[asyncio.Task[None]] = set()  # ending an alone phase (held, not awaited)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -379,8 +380,28 @@ class UpdatePipeline:
             return False
 
     def _warn_slow(self, item: QueuedUpdate) -> None:
+        if self._recovery.book.alone_phase:  # a slow suspect must not hold every chat for long
+            log.warning("handler for update %d (%s), a suspect of a death running alone, still running after "
+                        "%.0f s (HANDLER_WARN_SECONDS): the other chats run beside it", item.update_id,
+                        item.chat_key or "no chat", self.warn_seconds)
+            task = asyncio.create_task(self._end_alone_phase(item), name="solobot-end-alone")
+            self._tasks_aside.add(task)
+            task.add_done_callback(self._tasks_aside.discard)
+            return
         log.warning("handler for update %d (%s) still running after %.0f s (HANDLER_WARN_SECONDS); "
                     "only its chat waits", item.update_id, item.chat_key or "no chat", self.warn_seconds)
+
+    async def _end_alone_phase(self, item: QueuedUpdate) -> None:
+        lease = self._lease
+        if lease is None or self._stopping:
+            return
+        try:
+            await self._recovery.end_alone_phase(item.seq, lease)
+        except Exception as exc:  # noqa: BLE001 - it stays alone: slower, never wrong
+            log.warning("could not rewrite the started record of update %d (%s); it keeps running alone",
+                        item.update_id, self.store.describe_error(exc))
+            return
+        self._schedule()
 
     # -- done marks --------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ class RecoveryBook:
     suspects: set[int]  # seqs that run alone, not finished yet
     cursor: int = 0  # the backlog is paged in up to here (inclusive)
     loading: bool = True  # the backlog is not all paged in yet
+    alone_ended: bool = False  # a suspect ran alone too long: the others run beside it
 
     def tracks(self, seq: int) -> bool:
         """Does *seq* run under a durable started record?"""
@@ -86,14 +87,14 @@ class RecoveryBook:
 
     @property
     def alone_phase(self) -> bool:
-        """While a suspect has not finished, one handler at a time."""
-        return bool(self.suspects)
+        """While a suspect has not finished, one handler at a time (unless that was ended)."""
+        return bool(self.suspects) and not self.alone_ended
 
     def finished(self, seq: int) -> bool:
         """*seq*'s handler is over; True when that ended the alone phase."""
         if seq in self.suspects:
             self.suspects.discard(seq)
-            return not self.suspects
+            return not self.suspects and not self.alone_ended
         return False
 
     def will_load(self, seq: int) -> bool:

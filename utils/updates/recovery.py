@@ -114,6 +114,13 @@ class Recovery:
         await self.store.inbox.mark_done([seq], lease.epoch)
         return True
 
+    async def end_alone_phase(self, seq: int, lease: Lease) -> None:
+        """*seq* has run alone for long (a slow handler, not a crash): rewrite its record as "with
+        others" (durably, first), then let the others run beside it for the rest of the term."""
+        await self.store.recovery.mark_started_batch([(seq, STARTED_WITH_OTHERS)], lease.epoch)
+        self._ran_alone.discard(seq)
+        self.book.alone_ended = True
+
     async def _write_started(self, started: Sequence[tuple[int, int]]) -> list[bool]:
         await self.store.recovery.mark_started_batch(started, self._epoch)
         return [True] * len(started)
