@@ -69,7 +69,7 @@ class Recovery:
                         len(suspects), ", ".join(f"{s.entry.update_id} ({s.deaths} death(s))"
                                                  for s in takeover.suspects))
         elif died:
-            log.info("the last leader died: the updates it left run under a started record")
+            log.info("the last leader died (no clean release): the updates it left run under a started record")
         return suspects
 
     async def load_chats(self, lease: Lease) -> None:
