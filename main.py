@@ -9,7 +9,8 @@
                               back, `inbox drop ID` marks it done (exit 3: ID is not set aside)
 
 Exit codes: 0 clean stop, 1 runtime failure (e.g. health port in use), 2 usage, 3 status: no
-active holder, 4 status: cannot tell (database unreachable), 78 configuration error (also an
+active holder (inbox: no such update set aside), 4 status or inbox: cannot tell (database
+unreachable), 78 configuration error (also an
 unreadable .env line or a placeholder token), 130 forced by a repeated SIGINT.
 """
 
