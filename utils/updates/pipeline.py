@@ -258,6 +258,7 @@ class UpdatePipeline:
         """Page the taken-over rows in, oldest first, while fewer than BACKLOG_AHEAD are held;
         then queue the new updates that waited behind them."""
         recovery = self._recovery
+        failures = 0
         while recovery.book.loading:
             try:
                 if recovery.backlog_chats is None:
@@ -274,7 +275,9 @@ class UpdatePipeline:
             except LeaseLost:
                 return
             except Exception as exc:  # noqa: BLE001 - the database is down: the rows wait; retry
-                log.warning("could not take over waiting updates (%s); retrying", self.store.describe_error(exc))
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "could not take over waiting updates (%s); retrying", self.store.describe_error(exc))
                 await asyncio.sleep(FLUSH_RETRY)
                 continue
             if page:
