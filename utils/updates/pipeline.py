@@ -151,6 +151,8 @@ class UpdatePipeline:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
         self._deferred = []
+        for task in self._tasks_aside:  # an alone phase ending belongs to this term only
+            task.cancel()
         dropped = self._queues.drop_waiting()
         tasks = list(self._tasks.values())
         if tasks:
