@@ -50,12 +50,12 @@ async def _ask(backend: LockBackend) -> tuple[HolderInfo | None, bool]:
     return holder, holder is not None and await backend.holder_is_live(holder)
 
 
-async def count_set_aside(store: StateStore) -> int | None:
-    """Poison updates set aside (``python main.py inbox``); None if the inbox cannot say (never
-    created, an older schema): the holder is the answer, this is a detail."""
+async def count_set_aside(store: StateStore, timeout: float) -> int | None:
+    """Poison updates set aside (``python main.py inbox``); None if the inbox cannot say in time
+    (never created, an older schema, a slow database): the holder is the answer, this a detail."""
     try:
-        return await store.recovery.count_set_aside()
-    except Exception:
+        return await asyncio.wait_for(store.recovery.count_set_aside(), timeout)
+    except Exception:  # the detail is left out, the answer stands
         log.debug("status: set-aside count failed", exc_info=True)
         return None
 
@@ -80,7 +80,7 @@ async def query_holder(settings: Settings, started: float) -> tuple[str, HolderI
     timeout = query_timeout(time.monotonic(), started)
     try:
         holder, live = await asyncio.wait_for(_ask(backend), timeout)
-        set_aside = await asyncio.wait_for(count_set_aside(store), query_timeout(time.monotonic(), started))
+        set_aside = await count_set_aside(store, query_timeout(time.monotonic(), started))
     except (OSError, TimeoutError) as exc:
         raise CannotTell(store.describe_error(exc, waited=round(timeout, 1))) from exc
     except Exception as exc:  # psycopg/SQLAlchemy errors (and bugs): named in the one line
