@@ -5,9 +5,13 @@
                               active holder exists, 3 if none, 4 if it cannot tell (the
                               database is unreachable or does not answer; one line says why)
     python main.py --help     this text
+    python main.py inbox      list the updates set aside as poison (their handler was running
+                              at POISON_AFTER deaths of the process); `inbox retry ID` puts one
+                              back, `inbox drop ID` marks it done (exit 3: ID is not set aside)
 
 Exit codes: 0 clean stop, 1 runtime failure (e.g. health port in use), 2 usage, 3 status: no
-active holder, 4 status: cannot tell (database unreachable), 78 configuration error (also an
+active holder (inbox: no such update set aside), 4 status or inbox: cannot tell (database
+unreachable), 78 configuration error (also an
 unreadable .env line or a placeholder token), 130 forced by a repeated SIGINT.
 """
 
@@ -124,6 +128,7 @@ class App:
             inbox_max=settings.inbox_max,
             on_drain_deadline=lambda: self.flood.close("the drain deadline passed"),
             state_writes=self.storage if self.dp.fsm.storage is self.storage else None,
+            poison_after=settings.poison_after,
         )
         self.sends.on_wait = self.pipeline.waiting_to_send
         self.polling = PollingManager(
@@ -172,10 +177,13 @@ class App:
         # says it could not, and a stuck one is never started twice (utils/ops/lookup.py). One inbox
         # lookup serves both endpoints.
         self._inbox_lookup = BoundedLookup(self.store.inbox.depth, HEALTH_LOOKUP_TIMEOUT, name="inbox depth")
+        self._set_aside_lookup = BoundedLookup(self.store.recovery.count_set_aside, HEALTH_LOOKUP_TIMEOUT,
+                                               name="set-aside count")
         self._paused_lookup = (BoundedLookup(self.autoposter.is_paused, HEALTH_LOOKUP_TIMEOUT, name="pause flag")
                                if self.autoposter else None)
         self.metrics = Metrics(controller=self.controller, stats=self.stats, autoposter=self.autoposter,
                                backend=self.backend, inbox_depth=self._inbox_lookup,
+                               set_aside=self._set_aside_lookup,
                                deliveries=self.receiver.stats if self.receiver else None,
                                webhook=self.webhook, sends=self.sends)
         self.notifier = SystemdNotifier.from_environment()
@@ -218,8 +226,8 @@ class App:
         """What /health shows. The lookups that need the database run concurrently, each bounded
         (HEALTH_LOOKUP_TIMEOUT): /health answers in well under a second whatever the database does."""
         snap = self.controller.snapshot()
-        holder, paused, depth = await asyncio.gather(self.controller.holder(), self._paused_or_error(),
-                                                     self._inbox_depth())
+        holder, paused, depth, set_aside = await asyncio.gather(
+            self.controller.holder(), self._paused_or_error(), self._inbox_depth(), self._set_aside_or_error())
         stats = self.stats
         autoposter = "off (no CHANNEL_ID)"
         if self.autoposter is not None:
@@ -253,6 +261,8 @@ class App:
                 "inbox_waiting": depth[0] if isinstance(depth, tuple) else None,
                 "inbox_oldest_age_s": depth[1] if isinstance(depth, tuple) else None,
                 **({"inbox_error": depth} if isinstance(depth, str) else {}),
+                "set_aside": set_aside,  # poison updates held now (python main.py inbox), or why unknown
+                "set_aside_total": stats.set_aside,
                 **({"webhook": self._webhook_status()} if self.webhook else {}),
             },
             "autoposter": {"state": autoposter},
@@ -263,6 +273,12 @@ class App:
         """Waiting rows in the shared inbox and the oldest one's age, or why unknown (bounded)."""
         try:
             return await self._inbox_lookup()
+        except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
+            return type(exc).__name__
+
+    async def _set_aside_or_error(self) -> int | str:
+        try:
+            return await self._set_aside_lookup()
         except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
             return type(exc).__name__
 

@@ -17,6 +17,12 @@ against the fake Bot API (tests/fake_bot_api.py, in this process). Per case (bac
     .venv/bin/python bench/handover.py [--rounds 20] [--handler-delay 0.15] [--chats 10]
         [--postgres postgresql://postgres@127.0.0.1:5432/test | --no-postgres]
 
+The backlog case (``--backlog 9000``, with ``--case file-backlog`` / ``pg-backlog``): a takeover
+by kill -9 while the inbox holds that many waiting updates (INBOX_MAX 10000, so fetching is not
+paused), against one with an empty inbox, alternating, a fresh state per round: the gap to the
+new leader's first getUpdates, its peak RSS (VmHWM) until the backlog is drained, and the time
+to drain it. The issue's bar: the backlog gap within 2x the empty one.
+
 Compare with the anchors from the designs we started from (shared/seeds): a passive instance
 that retries the lock every 60-90 s, a 5 x 3 s retry loop, and a 120 s stale-lock threshold.
 """
@@ -41,6 +47,7 @@ from bench.harness import (
     DEFAULT_POSTGRES,
     BotProc,
     ProcessGroups,
+    burst_items,
     first_good_poll_after,
     markdown_table,
     percentile,
@@ -201,6 +208,94 @@ def run_case(groups: ProcessGroups, case: Case, n_case: int, args: argparse.Name
         fake.stop_thread()
 
 
+#: The backlog case: the dying leader's handlers take this long (the backlog piles up)...
+BACKLOG_HANDLER_DELAY = 60.0
+#: ... over this many chats; the new leader's handlers answer at once.
+BACKLOG_CHATS = 100
+BACKLOG_DRAIN_TIMEOUT = 300.0
+
+
+@dataclass
+class BacklogRound:
+    waiting: int  # updates in the inbox at the kill
+    gap_ms: float
+    peak_rss_mb: float
+    drained_s: float | None
+
+
+def run_backlog_round(groups: ProcessGroups, backend: str, waiting: int, tag: str,
+                      args: argparse.Namespace, postgres: str) -> BacklogRound:
+    """One kill -9 takeover with *waiting* updates (0: an empty inbox) left by the dead leader."""
+    fake = FakeBotAPI().start_in_thread()
+    fake.send_delay = BACKLOG_HANDLER_DELAY
+    bot_id = unique_bot_id()
+    pg = postgres if backend == "postgres" else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="solobot-backlog-") as tmp:
+            work = Path(tmp)
+            active = start_instance(groups, fake, f"{tag}-old", bot_id, work, pg, args.log_level)
+            active.wait_mode("active")
+            if waiting:
+                ids = fake.send_burst(bot_id, burst_items(waiting, BACKLOG_CHATS, CHAT_BASE))
+                wait_until(lambda: ((active.health() or {}).get("updates", {}).get("inbox_waiting") or 0) >= waiting,
+                           120, f"{waiting} updates in the inbox", 0.05)
+            else:
+                ids = []
+            standby = start_instance(groups, fake, f"{tag}-new", bot_id, work, pg, args.log_level)
+            wait_standby(standby)
+            standby.sample_rss()
+            fake.send_delay = 0.0  # the new leader's handlers answer at once
+            t_signal = time.time()
+            active.signal(signal.SIGKILL)
+            first = wait_until(lambda: first_good_poll_after(fake, standby.name, t_signal),
+                               TAKEOVER_TIMEOUT, f"{standby.name}'s first getUpdates", 0.002)
+            active.kill_group()
+            drained: float | None = None
+            wanted = set(ids)
+            deadline = time.monotonic() + BACKLOG_DRAIN_TIMEOUT
+            while time.monotonic() < deadline:
+                standby.sample_rss()
+                if wanted <= {s.reply_to for s in fake.snapshot_sent()}:
+                    drained = time.time() - t_signal
+                    break
+                time.sleep(0.05)  # the RSS sampling rate; VmHWM keeps the peak between samples
+            standby.sample_rss()
+            standby.signal(signal.SIGTERM)
+            try:
+                standby.wait_exit(EXIT_TIMEOUT)
+            finally:
+                standby.kill_group()
+        result = BacklogRound(waiting, (first.started - t_signal) * 1000, standby.peak_rss / 2**20, drained)
+        print(f"backlog {backend} {waiting}: gap {result.gap_ms:.0f} ms, peak RSS {result.peak_rss_mb:.0f} MB, "
+              f"drained in {drained if drained is None else round(drained, 1)} s", file=sys.stderr, flush=True)
+        return result
+    finally:
+        fake.stop_thread()
+
+
+def run_backlog_case(groups: ProcessGroups, backend: str, args: argparse.Namespace, postgres: str) -> str:
+    rounds: dict[int, list[BacklogRound]] = {0: [], args.backlog: []}
+    for r in range(args.backlog_rounds):
+        for waiting in (0, args.backlog):  # alternating: both see the same machine load
+            rounds[waiting].append(run_backlog_round(groups, backend, waiting, f"b{backend[0]}{r}-{waiting}",
+                                                     args, postgres))
+    name = "file lock + SQLite" if backend == "file" else "PostgreSQL"
+    rows = []
+    for waiting, results in rounds.items():
+        gaps = [x.gap_ms for x in results]
+        drains = [x.drained_s for x in results if x.drained_s is not None]
+        rows.append([f"{name}, kill -9, {waiting} waiting", str(len(results)),
+                     f"{percentile(gaps, 50):.0f}", f"{max(gaps, default=float('nan')):.0f}",
+                     f"{max((x.peak_rss_mb for x in results), default=float('nan')):.0f}",
+                     f"{percentile(drains, 50):.1f}" if drains else "-",
+                     f"{len(results) - len(drains)}"])
+    empty = percentile([x.gap_ms for x in rounds[0]], 50)
+    full = percentile([x.gap_ms for x in rounds[args.backlog]], 50)
+    table = markdown_table(["case", "rounds", "gap p50 ms", "gap max ms", "peak RSS MB (max)",
+                            "drained p50 s", "rounds not drained"], rows)
+    return f"{table}\n\nbacklog gap / empty gap (p50): {full / empty:.2f} (the bar: 2.00)"
+
+
 def render(results: list[CaseResult], args: argparse.Namespace) -> str:
     headers = ["case", "rounds", "gap p50 ms", "gap p95 ms", "gap max ms", "lost (total, worst round)",
                "doubled (total, worst round)"]
@@ -226,16 +321,21 @@ def main() -> int:
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--log-level", default="INFO", help="the bots' LOG_LEVEL (DEBUG: where the time goes)")
     parser.add_argument("--keep-logs", type=Path, help="keep every bot's log in this directory")
-    parser.add_argument("--case", action="append", choices=["file-term", "file-kill", "pg-term", "pg-kill"],
-                        help="run only these cases (repeatable)")
+    parser.add_argument("--case", action="append",
+                        choices=["file-term", "file-kill", "pg-term", "pg-kill", "file-backlog", "pg-backlog"],
+                        help="run only these cases (repeatable; the backlog cases only when named)")
+    parser.add_argument("--backlog", type=int, default=9000, help="updates waiting at a backlog takeover")
+    parser.add_argument("--backlog-rounds", type=int, default=3, help="rounds of each (empty, backlog)")
     args = parser.parse_args()
+    backlogs = [backend for name, backend in (("file-backlog", "file"), ("pg-backlog", "postgres"))
+                if name in (args.case or [])]
     cases = [Case("file", signal.SIGTERM), Case("file", signal.SIGKILL)]
     if not args.no_postgres:
         cases += [Case("postgres", signal.SIGTERM), Case("postgres", signal.SIGKILL)]
     if args.case:
         names = {"file-term": ("file", signal.SIGTERM), "file-kill": ("file", signal.SIGKILL),
                  "pg-term": ("postgres", signal.SIGTERM), "pg-kill": ("postgres", signal.SIGKILL)}
-        wanted = {names[c] for c in args.case}
+        wanted = {names[c] for c in args.case if c in names}
         cases = [c for c in cases if (c.backend, c.sig) in wanted]
     started = time.strftime("%Y-%m-%d %H:%M")
     results = []
@@ -245,6 +345,13 @@ def main() -> int:
             ProcessGroups(args.keep_logs or Path(tmp_logs)) as groups, scratch_database(args.postgres) as postgres:
         for n, case in enumerate(cases, 1):
             results.append(run_case(groups, case, n, args, postgres))
+        backlog_tables = [run_backlog_case(groups, b, args, postgres) for b in backlogs]
+    for table in backlog_tables:
+        print(f"\nTakeover by kill -9 with {args.backlog} updates waiting (INBOX_MAX 10000) against an empty "
+              f"inbox; {args.backlog_rounds} rounds each, alternating; started {started}\n")
+        print(table)
+    if not results:
+        return 0
     print(f"\nGap from the signal to the standby's first successful getUpdates; /ping every "
           f"{args.interval * 1000:.0f} ms from {args.chats} chats, every reply taking "
           f"{args.handler_delay * 1000:.0f} ms; {args.rounds} rounds per case; started {started}\n")

@@ -83,6 +83,7 @@ def test_types_names_and_values() -> None:
         "solobot_handler_errors": "counter",
         "solobot_updates_duplicate": "counter",
         "solobot_updates_redelivered": "counter",
+        "solobot_updates_set_aside": "counter",
         "solobot_inbox_waiting_updates": "gauge",
         "solobot_getupdates_errors": "counter",
         "solobot_handler_duration_seconds": "histogram",
@@ -206,6 +207,10 @@ class FakeInbox:
         assert self._depth is not None
         return self._depth
 
+    async def set_aside(self) -> int:
+        """The set-aside count: the depth's first number here."""
+        return (await self.depth())[0]
+
 
 async def scrape_families(metrics: Metrics) -> dict[str, tuple[str, list[Sample]]]:
     body, _ = await metrics.scrape()
@@ -217,8 +222,10 @@ async def test_webhook_deliveries_inbox_depth_and_telegrams_view() -> None:
     role = FakeWebhookRole()
     metrics = Metrics(controller=FakeController(Mode.ACTIVE, 2, 1), stats=UpdateStats(),
                       deliveries=deliveries, webhook=role,
-                      inbox_depth=BoundedLookup(FakeInbox((12, 3.5)).depth, INBOX_LOOKUP_TIMEOUT))
+                      inbox_depth=BoundedLookup(FakeInbox((12, 3.5)).depth, INBOX_LOOKUP_TIMEOUT),
+                      set_aside=BoundedLookup(FakeInbox((2, None)).set_aside, INBOX_LOOKUP_TIMEOUT))
     families = await scrape_families(metrics)
+    assert value(families, "solobot_inbox_set_aside_updates") == 2
     for outcome, count in (("accepted", 40), ("duplicate", 2), ("unauthorized", 3), ("malformed", 1),
                            ("unavailable", 5)):
         assert value(families, "solobot_webhook_deliveries_total", outcome=outcome) == count
@@ -240,12 +247,13 @@ async def test_webhook_deliveries_inbox_depth_and_telegrams_view() -> None:
 
 async def test_a_silent_database_costs_a_scrape_only_the_inbox_series() -> None:
     metrics = Metrics(controller=FakeController(), stats=UpdateStats(),
-                      inbox_depth=BoundedLookup(FakeInbox(None).depth, INBOX_LOOKUP_TIMEOUT))
+                      inbox_depth=BoundedLookup(FakeInbox(None).depth, INBOX_LOOKUP_TIMEOUT),
+                      set_aside=BoundedLookup(FakeInbox(None).set_aside, INBOX_LOOKUP_TIMEOUT))
     loop = asyncio.get_running_loop()
     started = loop.time()
     families = await scrape_families(metrics)
     took = loop.time() - started
-    assert "solobot_inbox_pending_updates" not in families
+    assert "solobot_inbox_pending_updates" not in families and "solobot_inbox_set_aside_updates" not in families
     assert value(families, "solobot_mode", mode="passive") == 1
     assert INBOX_LOOKUP_TIMEOUT <= took < INBOX_LOOKUP_TIMEOUT + 2.0, took
 

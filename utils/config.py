@@ -22,6 +22,7 @@ from utils.ops.redact import Redactor, mask_token
 from utils.sending.flood import Rate, SendLimits
 from utils.state.dsn import SCHEMES, parse_database_url
 from utils.state.errors import database_location
+from utils.updates.poison import POISON_AFTER_DEFAULT  # pure, light: config stays quick
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
 
@@ -130,6 +131,8 @@ class Settings:
     send_limits: SendLimits = field(default_factory=SendLimits)
     #: The user's bot: a module with an aiogram ``router`` (utils/ops/bot_module.py).
     bot_module: str = "bot"
+    #: Poison updates (utils/updates/poison.py): set aside after this many deaths.
+    poison_after: int = POISON_AFTER_DEFAULT
 
     @property
     def masked_token(self) -> str:
@@ -297,6 +300,7 @@ def load_settings(env: Mapping[str, str] | None = None,
     handler_warn = r.seconds("HANDLER_WARN_SECONDS", 30.0, low=0.1, high=86400.0)
     inbox_max = r.whole("INBOX_MAX", 10_000, low=1, high=10_000_000)
     drain_timeout = r.seconds("DRAIN_TIMEOUT", 5.0, low=0.0, high=600.0)
+    poison_after = r.whole("POISON_AFTER", POISON_AFTER_DEFAULT, low=1, high=1000)
     shutdown_timeout = r.seconds("SHUTDOWN_TIMEOUT", 8.0, low=1.0, high=3600.0)
     if drain_timeout >= shutdown_timeout:
         r.problems.append(
@@ -386,6 +390,7 @@ def load_settings(env: Mapping[str, str] | None = None,
         webhook_port=webhook_port,
         send_limits=send_limits,
         bot_module=bot_module,
+        poison_after=poison_after,
     )
 
 

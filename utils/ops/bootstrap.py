@@ -32,7 +32,7 @@ from utils.ops.sd_notify import SystemdNotifier
 STARTED = time.monotonic()
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("run", "status")
+COMMANDS = ("run", "status", "inbox")
 HELP_FLAGS = ("-h", "--help", "help")
 #: systemd's status line while the heavy imports run (App replaces it on the first mode change).
 STARTING_STATUS = "STATUS=starting: loading the bot"
@@ -64,7 +64,7 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
     if command in HELP_FLAGS and len(argv) == 2:  # asked for: on stdout (``main.py --help | less``)
         print(usage)
         return EXIT_OK
-    if command not in COMMANDS or len(argv) > 2:
+    if command not in COMMANDS or (len(argv) > 2 and command != "inbox"):
         print(usage, file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -79,6 +79,10 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
         from utils.ops.status import run_status  # no aiogram: a status check stays quick
 
         return run_status(settings, started=STARTED)
+    if command == "inbox":
+        from utils.ops.inbox_command import run_inbox  # poison updates set aside: no aiogram either
+
+        return run_inbox(settings, argv[2:], started=STARTED)
     announce_start(settings)
     return command, settings
 

@@ -21,7 +21,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -92,6 +92,9 @@ class PipelineSource(Protocol):
 
     @property
     def inbox_waiting(self) -> int: ...
+
+    @property
+    def set_aside(self) -> int: ...
 
     @property
     def errors(self) -> Mapping[str, int]: ...
@@ -176,6 +179,8 @@ def send_metrics(sends: SendsSource) -> Iterator[Metric]:
 #: The shared inbox (every replica's rows): waiting rows and the oldest one's age; raises when
 #: it cannot tell in time (``utils.ops.lookup.BoundedLookup`` over ``InboxRepository.depth``).
 InboxDepth = Callable[[], Awaitable[tuple[int, float | None]]]
+#: Poison updates set aside in the shared inbox now (bounded like :data:`InboxDepth`).
+SetAsideCount = Callable[[], Awaitable[int]]
 
 
 def _name(suffix: str) -> str:
@@ -226,6 +231,8 @@ def pipeline_metrics(stats: PipelineSource) -> Iterator[Metric]:
          stats.duplicates),
         ("updates_redelivered_total", "Updates handled again after an earlier attempt",
          stats.redelivered),
+        ("updates_set_aside_total", "Poison updates this instance set aside (handler running at "
+         "POISON_AFTER deaths)", stats.set_aside),
     )
     for suffix, documentation, value in counters:
         yield CounterMetricFamily(_name(suffix), documentation, value=value)
@@ -323,12 +330,17 @@ class SolobotCollector:
         self.deliveries = deliveries
         self.webhook = webhook
         self.inbox_depth: tuple[int, float | None] | None = None
+        self.set_aside_held: int | None = None
 
     def collect(self) -> Iterator[Metric]:
         yield from leadership_metrics(self.controller)
         yield from pipeline_metrics(self.stats)
         if self.inbox_depth is not None:
             yield from inbox_metrics(self.inbox_depth)
+        if self.set_aside_held is not None:
+            yield GaugeMetricFamily(_name("inbox_set_aside_updates"),
+                                    "Poison updates set aside in the shared inbox now (python main.py inbox)",
+                                    value=self.set_aside_held)
         if self.deliveries is not None:
             yield from delivery_metrics(self.deliveries)
         if self.webhook is not None and self.webhook.info is not None:
@@ -347,6 +359,19 @@ class SolobotCollector:
             )
 
 
+T = TypeVar("T")
+
+
+async def _quietly(lookup: Callable[[], Awaitable[T]] | None) -> T | None:
+    """*lookup*'s answer, None without one or when it fails: the rest of the scrape stands on its own."""
+    if lookup is None:
+        return None
+    try:
+        return await lookup()
+    except Exception:  # noqa: BLE001 - a database that does not answer costs only its series
+        return None
+
+
 class Metrics:
     """The ``/metrics`` payload: one private registry holding one :class:`SolobotCollector`."""
 
@@ -361,6 +386,7 @@ class Metrics:
         webhook: WebhookInfoSource | None = None,
         inbox_depth: InboxDepth | None = None,
         sends: SendsSource | None = None,
+        set_aside: SetAsideCount | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SolobotCollector(
@@ -370,6 +396,7 @@ class Metrics:
         self.collector.sends = sends
         self.registry.register(self.collector)
         self.inbox_depth = inbox_depth
+        self.set_aside = set_aside
         self._scraping = asyncio.Lock()
 
     def render(self) -> tuple[bytes, str]:
@@ -381,12 +408,10 @@ class Metrics:
         bounded: a database that does not answer costs a scrape at most its limit, and only the
         inbox series are missing)."""
         async with self._scraping:
-            if self.inbox_depth is not None:
-                try:
-                    self.collector.inbox_depth = await self.inbox_depth()
-                except Exception:  # noqa: BLE001 - the rest of the scrape stands on its own
-                    self.collector.inbox_depth = None
+            depth, set_aside = await asyncio.gather(_quietly(self.inbox_depth), _quietly(self.set_aside))
+            self.collector.inbox_depth, self.collector.set_aside_held = depth, set_aside
             try:
                 return self.render()
             finally:
                 self.collector.inbox_depth = None
+                self.collector.set_aside_held = None

@@ -50,7 +50,17 @@ async def _ask(backend: LockBackend) -> tuple[HolderInfo | None, bool]:
     return holder, holder is not None and await backend.holder_is_live(holder)
 
 
-async def _close_quietly(name: str, close: Any) -> None:
+async def count_set_aside(store: StateStore, timeout: float) -> int | None:
+    """Poison updates set aside (``python main.py inbox``); None if the inbox cannot say in time
+    (never created, an older schema, a slow database): the holder is the answer, this a detail."""
+    try:
+        return await asyncio.wait_for(store.recovery.count_set_aside(), timeout)
+    except Exception:  # the detail is left out, the answer stands
+        log.debug("status: set-aside count failed", exc_info=True)
+        return None
+
+
+async def close_quietly(name: str, close: Any) -> None:
     """Close within :data:`CLOSE_TIMEOUT`; the answer is already known, so failures only go to DEBUG."""
     try:
         await asyncio.wait_for(close(), CLOSE_TIMEOUT)
@@ -58,8 +68,8 @@ async def _close_quietly(name: str, close: Any) -> None:
         log.debug("status: closing the %s failed: %r", name, exc)
 
 
-async def query_holder(settings: Settings, started: float) -> tuple[str, HolderInfo | None, bool]:
-    """(backend name, holder, holder is live), or :class:`CannotTell` with the reason in one line.
+async def query_holder(settings: Settings, started: float) -> tuple[str, HolderInfo | None, bool, int | None]:
+    """(backend name, holder, holder is live, updates set aside), or :class:`CannotTell` with the reason in one line.
 
     *started* is the process's start on the :func:`time.monotonic` clock (the answer is due
     :data:`ANSWER_WITHIN` after it).
@@ -70,29 +80,32 @@ async def query_holder(settings: Settings, started: float) -> tuple[str, HolderI
     timeout = query_timeout(time.monotonic(), started)
     try:
         holder, live = await asyncio.wait_for(_ask(backend), timeout)
+        set_aside = await count_set_aside(store, query_timeout(time.monotonic(), started))
     except (OSError, TimeoutError) as exc:
         raise CannotTell(store.describe_error(exc, waited=round(timeout, 1))) from exc
     except Exception as exc:  # psycopg/SQLAlchemy errors (and bugs): named in the one line
         log.debug("status query failed", exc_info=True)
         raise CannotTell(store.describe_error(exc)) from exc
     finally:
-        await _close_quietly("lock backend", backend.close)
-        await _close_quietly("state store", store.close)
-    return backend.name, holder, live
+        await close_quietly("lock backend", backend.close)
+        await close_quietly("state store", store.close)
+    return backend.name, holder, live, set_aside
 
 
 async def status_command(settings: Settings, started: float) -> int:
     """``python main.py status``: who is active for the configured backend."""
     try:
-        backend_name, holder, live = await query_holder(settings, started)
+        backend_name, holder, live, set_aside = await query_holder(settings, started)
     except CannotTell as exc:
         say(settings, f"solobot status: cannot tell who is active: {exc}", sys.stderr)
         return EXIT_UNKNOWN
     if holder is None or not live:
-        say(settings, f"no active holder (backend {backend_name})")
+        held = f"; {set_aside} update(s) set aside: python main.py inbox" if set_aside else ""
+        say(settings, f"no active holder (backend {backend_name}){held}")
         return EXIT_NO_HOLDER
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.since)) if holder.since else "?"
-    say(settings, json.dumps({"backend": backend_name, **holder.as_dict(), "since_text": since}))
+    say(settings, json.dumps({"backend": backend_name, **holder.as_dict(), "since_text": since,
+                              "set_aside": set_aside}))
     return EXIT_OK
 
 

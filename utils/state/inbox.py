@@ -268,6 +268,7 @@ class InboxRepository:
             by_age = await conn.execute(
                 sa.delete(inbox_table).where(
                     inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_not(None),
+                    inbox_table.c.set_aside_at.is_(None),  # kept until an operator acts
                     inbox_table.c.received_at < cutoff,
                 )
             )
@@ -280,6 +281,7 @@ class InboxRepository:
                 result = await conn.execute(
                     sa.delete(inbox_table).where(
                         inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_not(None),
+                        inbox_table.c.set_aside_at.is_(None),
                         inbox_table.c.seq <= floor,
                     )
                 )

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("solobot.state")
 
-SCHEMA_VERSION = 3  # 3: solobot_fsm (aiogram FSM state, issue 18)
+SCHEMA_VERSION = 3  # 3: solobot_fsm (aiogram FSM state); the inbox's started/deaths/set-aside columns
 #: Serialises concurrent migrations on PostgreSQL (an arbitrary, fixed advisory key).
 MIGRATION_LOCK_KEY = 7160100001
 
@@ -65,12 +65,32 @@ inbox_table = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("claimed_epoch", sa.BigInteger),
     sa.Column("done_at", sa.DateTime(timezone=True)),  # NULL: waiting to be handled
+    # Poison updates (utils/updates/poison.py, version 3): a durable "started" record while a
+    # handler of a taken-over update runs (STARTED_WITH_OTHERS / STARTED_ALONE), the deaths it
+    # was running at, and when it was set aside (set aside rows also have done_at: not waiting).
+    sa.Column("run_started", sa.SmallInteger),
+    sa.Column("deaths", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("alone_deaths", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("set_aside_at", sa.DateTime(timezone=True)),
     sa.UniqueConstraint("bot_id", "update_id", "fingerprint", name="uq_solobot_inbox_update"),
 )
 sa.Index("ix_solobot_inbox_waiting", inbox_table.c.bot_id, inbox_table.c.seq,
          sqlite_where=inbox_table.c.done_at.is_(None),
          postgresql_where=inbox_table.c.done_at.is_(None))
 sa.Index("ix_solobot_inbox_received", inbox_table.c.bot_id, inbox_table.c.received_at)
+sa.Index("ix_solobot_inbox_set_aside", inbox_table.c.bot_id, inbox_table.c.seq,
+         sqlite_where=inbox_table.c.set_aside_at.is_not(None),
+         postgresql_where=inbox_table.c.set_aside_at.is_not(None))
+# A takeover's death count reads only the rows with a started record or a death: these keep it
+# from scanning a large backlog before the first getUpdates.
+sa.Index("ix_solobot_inbox_started", inbox_table.c.bot_id, inbox_table.c.run_started,
+         sqlite_where=inbox_table.c.run_started.is_not(None),
+         postgresql_where=inbox_table.c.run_started.is_not(None))
+sa.Index("ix_solobot_inbox_suspects", inbox_table.c.bot_id, inbox_table.c.deaths,
+         sqlite_where=sa.and_(inbox_table.c.deaths > 0, inbox_table.c.done_at.is_(None)),
+         postgresql_where=sa.and_(inbox_table.c.deaths > 0, inbox_table.c.done_at.is_(None)))
+#: Columns added to existing tables after version 2 (``create_all`` creates only missing tables).
+ADDED_COLUMNS = (("solobot_inbox", ("run_started", "deaths", "alone_deaths", "set_aside_at")),)
 
 posts_table = sa.Table(
     "solobot_posts",
@@ -135,6 +155,23 @@ def aware(value: dt.datetime | None) -> dt.datetime | None:
     return value
 
 
+def add_missing_columns(sync: sa.Connection) -> None:
+    """ALTER TABLE ADD COLUMN for :data:`ADDED_COLUMNS` an older table lacks (then its indexes)."""
+    inspector = sa.inspect(sync)
+    for table_name, names in ADDED_COLUMNS:
+        if not inspector.has_table(table_name):
+            continue  # create_all makes it whole
+        table = metadata.tables[table_name]
+        present = {c["name"] for c in inspector.get_columns(table_name)}
+        for name in names:
+            if name not in present:
+                column = table.c[name]
+                ddl = sa.schema.CreateColumn(column).compile(dialect=sync.dialect)
+                sync.execute(sa.text(f"ALTER TABLE {table_name} ADD COLUMN {ddl}"))
+        for index in table.indexes:
+            index.create(sync, checkfirst=True)
+
+
 async def migrate(engine: AsyncEngine) -> bool:
     """Bring the schema to :data:`SCHEMA_VERSION` idempotently; True if anything was applied.
 
@@ -150,6 +187,7 @@ async def migrate(engine: AsyncEngine) -> bool:
             present = await conn.scalar(sa.select(sa.func.max(schema_table.c.version)))
         if present is not None and present >= SCHEMA_VERSION:
             return False
+        await conn.run_sync(add_missing_columns)
         await conn.run_sync(metadata.create_all, checkfirst=True)
         for table in RETIRED_TABLES:
             await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))

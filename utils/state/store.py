@@ -28,6 +28,7 @@ from utils.state.fencing import FencedError, fenced, hold_epoch, raise_if_fenced
 from utils.state.fsm_repository import FsmRepository
 from utils.state.inbox import InboxRepository
 from utils.state.leader import LeaderRepository
+from utils.state.recovery import RecoveryRepository
 from utils.state.schema import aware, flags_table, migrate, posts_table, utcnow
 
 __all__ = ["FencedError", "Post", "StateStore"]
@@ -56,6 +57,7 @@ class StateStore:
         self.inbox = InboxRepository(engine, bot_id)
         self.leader = LeaderRepository(engine, bot_id)
         self.fsm = FsmRepository(engine, bot_id)
+        self.recovery = RecoveryRepository(engine, bot_id)  # takeovers and poison updates
         self._migrated = False
 
     @classmethod

@@ -35,11 +35,12 @@ WriteBatch = Callable[[Sequence[T]], Awaitable[Sequence[bool]]]
 class GroupCommit(Generic[T]):
     """Writes items through *write* (one transaction per call), batching concurrent ones."""
 
-    def __init__(self, write: WriteBatch[T], *, max_batch: int = MAX_BATCH,
+    def __init__(self, write: WriteBatch[T], *, max_batch: int = MAX_BATCH, name: str = "webhook delivery",
                  is_item_error: Callable[[Exception], bool] = lambda _exc: False) -> None:
         self._write_batch = write
         self._is_item_error = is_item_error
         self._max_batch = max_batch
+        self.name = name  # what the items are, for the log
         self._waiting: list[tuple[T, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0  # transactions written (for tests and the curious)
@@ -56,7 +57,7 @@ class GroupCommit(Generic[T]):
         future.add_done_callback(_retrieve)  # a delivery that gave up must not leave it unretrieved
         self._waiting.append((item, future))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="solobot-webhook-commit")
+            self._writer = asyncio.create_task(self._write(), name=f"solobot-commit-{self.name}")
         # The delivery may give up (its request timed out); the batch is written regardless.
         return await asyncio.shield(future)
 
@@ -78,12 +79,12 @@ class GroupCommit(Generic[T]):
                 if not future.done():
                     future.set_result(is_new)
             self.batches += 1
-            log.debug("webhook: stored %d delivery(ies) in one transaction in %.1f ms (%d new)",
-                      len(batch), (time.monotonic() - started) * 1000, sum(new))
+            log.debug("%s: stored %d in one transaction in %.1f ms (%d new)",
+                      self.name, len(batch), (time.monotonic() - started) * 1000, sum(new))
 
     async def _write_one_by_one(self, batch: list[tuple[T, asyncio.Future[bool]]]) -> None:
         """Each item in its own transaction: the one the database refuses fails alone."""
-        log.debug("webhook: a batch of %d was refused for an item's data; writing them one by one", len(batch))
+        log.debug("%s: a batch of %d was refused for an item's data; writing them one by one", self.name, len(batch))
         for item, future in batch:
             try:
                 new = await self._write_batch([item])

@@ -32,6 +32,8 @@ from utils.state.fsm import NoWrites, UpdateWrites
 from utils.state.inbox import InboxEntry, NewUpdate
 from utils.state.store import StateStore
 from utils.updates.ledger import ChatQueues, DoneMarks, QueuedUpdate
+from utils.updates.poison import POISON_AFTER_DEFAULT
+from utils.updates.recovery import BACKLOG_AHEAD, Recovery
 from utils.updates.stats import UpdateStats
 
 log = logging.getLogger("solobot.updates")
@@ -47,6 +49,8 @@ FINAL_FLUSH_TIMEOUT = 3.0
 CANCEL_GRACE = 1.0
 #: Done rows past the de-duplication window are pruned every this many flushes.
 PRUNE_EVERY_FLUSHES = 500
+#: The leader looks for rows nobody claimed (a retried poison update) this often.
+UNCLAIMED_SWEEP = 2.0
 
 
 def chat_key(update: Update, strategy: FSMStrategy = FSMStrategy.USER_IN_CHAT) -> str | None:
@@ -89,6 +93,7 @@ class UpdatePipeline:
         inbox_max: int = 10_000,
         on_drain_deadline: Callable[[], object] | None = None,
         state_writes: UpdateWrites | None = None,
+        poison_after: int = POISON_AFTER_DEFAULT,
     ) -> None:
         self.bot = bot
         self.dp = dispatcher
@@ -116,6 +121,13 @@ class UpdatePipeline:
         self._stopping = False
         self._held = False
         self._flushes = 0
+        # Takeover, poison updates and the backlog in pages (utils/updates/recovery.py).
+        self.poison_after = poison_after
+        self._recovery = Recovery(store, stats, poison_after=poison_after)
+        self._deferred: list[QueuedUpdate] = []  # new updates waiting for their chat's backlog
+        self._loader: asyncio.Task[None] | None = None
+        self._ahead_room = asyncio.Event()
+        self._tasks_aside: set[asyncio.Task[None]] = set()  # ending an alone phase (held, not awaited)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -135,21 +147,31 @@ class UpdatePipeline:
         self._held = hold
         self.state_writes.reset()
         await lease.ensure()
-        waiting = await self.store.inbox.claim_waiting(lease.epoch)
-        if waiting:
-            log.info("resuming %d update(s) the inbox holds unfinished", len(waiting))
-            self._push([self._from_entry(e) for e in waiting])
+        # The backlog is paged in by _load_backlog once released; here only the suspects.
+        self._recovery = Recovery(self.store, self.stats, poison_after=self.poison_after)
+        self._deferred = []
+        self._push([self._from_entry(e) for e in await self._recovery.begin(lease)], backlog=True)
         self._flusher = asyncio.create_task(self._flush_loop(), name="solobot-done-marks")
+        if not hold:
+            self._start_loader()
 
     def release(self) -> None:
         """Start the handlers :meth:`start` held back."""
         if self._held:
             self._held = False
+            self._start_loader()
             self._schedule()
 
     async def stop(self) -> None:
         """Bounded whatever the handlers do: drain up to the deadline, flush done marks."""
         self._stopping = True
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+        self._deferred = []
+        for task in self._tasks_aside:  # an alone phase ending belongs to this term only
+            task.cancel()
         dropped = self._queues.drop_waiting()
         tasks = list(self._tasks.values())
         if tasks:
@@ -184,14 +206,14 @@ class UpdatePipeline:
 
     async def wait_for_room(self) -> None:
         """Return once this leader holds fewer than ``INBOX_MAX`` unfinished updates."""
-        if self._queues.held < self.inbox_max:
+        if self._holding < self.inbox_max:
             return
         log.warning("inbox full (%d updates waiting >= INBOX_MAX); fetching pauses until it drains",
-                    self._queues.held)
-        while self._queues.held >= self.inbox_max:
+                    self._holding)
+        while self._holding >= self.inbox_max:
             self._room.clear()
             await self._room.wait()
-        log.info("inbox has room again (%d waiting); fetching resumes", self._queues.held)
+        log.info("inbox has room again (%d waiting); fetching resumes", self._holding)
 
     async def accept(self, updates: Sequence[Update], *, next_offset: int | None) -> None:
         """Store a fetched batch durably (with the offset that confirms it), then queue it.
@@ -214,7 +236,8 @@ class UpdatePipeline:
                  for e in batch.new]
         # A duplicate still waiting that this leader does not hold (stored by a fenced leader in
         # the instant before it was fenced): take it too, rather than let it wait for a handover.
-        items += [self._from_entry(e) for e in batch.waiting_duplicates if not self._queues.knows(e.seq)]
+        items += [self._from_entry(e) for e in batch.waiting_duplicates
+                  if not self._queues.knows(e.seq) and not self._recovery.book.will_load(e.seq)]
         if batch.duplicates:
             log.debug("%d update(s) already in the inbox; skipped", batch.duplicates)
         self._push(items)
@@ -226,9 +249,9 @@ class UpdatePipeline:
         ``INBOX_MAX``, so a flood waits in the database, not in memory.
         """
         lease = self._lease
-        if lease is None or self._stopping:
-            return 0
-        room = self.inbox_max - self._queues.held
+        if lease is None or self._stopping or self._recovery.book.loading:
+            return 0  # the backlog loader takes unclaimed rows of the takeover in order
+        room = self.inbox_max - self._holding
         if room <= 0:
             return 0
         await lease.ensure()
@@ -239,26 +262,93 @@ class UpdatePipeline:
     def _from_entry(self, entry: InboxEntry, update: Update | None = None) -> QueuedUpdate:
         return QueuedUpdate(entry.seq, entry.update_id, entry.chat_key, entry.attempt, entry.payload, update)
 
-    def _push(self, items: Sequence[QueuedUpdate]) -> None:
+    def _push(self, items: Sequence[QueuedUpdate], *, backlog: bool = False) -> None:
+        if not backlog and self._recovery.book.loading:  # behind their chats' older rows
+            self._deferred += [i for i in items if self._recovery.must_wait(i.chat_key)]
+            items = [i for i in items if not self._recovery.must_wait(i.chat_key)]
         self._queues.extend(items)
         self._schedule()
+
+    @property
+    def _holding(self) -> int:
+        """Updates this leader holds and has not finished: what counts against ``INBOX_MAX``."""
+        return self._queues.held + len(self._deferred)
+
+    # -- the backlog of a takeover -----------------------------------------------------------
+
+    def _start_loader(self) -> None:
+        if self._loader is None and self._lease is not None and not self._stopping:
+            self._loader = asyncio.create_task(self._load_backlog(self._lease), name="solobot-backlog")
+
+    async def _load_backlog(self, lease: Lease) -> None:
+        """Page the taken-over rows in, oldest first, while fewer than BACKLOG_AHEAD are held;
+        then queue the new updates that waited behind them."""
+        recovery = self._recovery
+        failures = 0
+        while recovery.book.loading:
+            try:
+                if recovery.backlog_chats is None:
+                    await recovery.load_chats(lease)
+                    deferred, self._deferred = self._deferred, []
+                    self._push(deferred)  # those of chats without a backlog go now
+                while self._queues.held >= BACKLOG_AHEAD:
+                    self._ahead_room.clear()
+                    await self._ahead_room.wait()
+                page = await recovery.next_page(lease)
+            except FencedError as exc:
+                self.step_down(f"fenced while taking over the inbox: {exc}")
+                return
+            except LeaseLost:
+                return
+            except Exception as exc:  # noqa: BLE001 - the database is down: the rows wait; retry
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "could not take over waiting updates (%s); retrying", self.store.describe_error(exc))
+                await asyncio.sleep(FLUSH_RETRY)
+                continue
+            if page:
+                log.info("resuming %d update(s) the inbox holds unfinished (up to seq %d)", len(page), page[-1].seq)
+            self._push([self._from_entry(e) for e in page], backlog=True)
+        deferred, self._deferred = self._deferred, []
+        self._push(deferred)
+        await self._sweep_unclaimed()
+
+    async def _sweep_unclaimed(self) -> None:
+        """Take rows nobody claimed (an operator's ``inbox retry``; webhook replicas' rows, which
+        the webhook role also takes at once) every :data:`UNCLAIMED_SWEEP`: one indexed query."""
+        while not self._stopping:
+            await asyncio.sleep(UNCLAIMED_SWEEP)
+            try:
+                if await self.store.inbox.has_unclaimed():
+                    await self.adopt_unclaimed()
+            except FencedError as exc:
+                self.step_down(f"fenced while taking unclaimed updates: {exc}")
+                return
+            except LeaseLost:
+                return
+            except Exception as exc:  # noqa: BLE001 - the database is down: next sweep
+                log.debug("could not look for unclaimed updates: %s", exc)
 
     # -- workers -----------------------------------------------------------------------------
 
     def _schedule(self) -> None:
+        # One at a time while a suspect of a death has not finished (utils/updates/poison.py).
+        self._queues.concurrency = 1 if self._recovery.book.alone_phase else self.concurrency
         if not self._stopping and not self._held:
             for item in self._queues.take_runnable():
                 task = asyncio.create_task(self._run(item), name=f"solobot-update-{item.update_id}")
                 self._tasks[item.seq] = task
                 self._running[task] = item
-        self.stats.inbox_waiting = self._queues.held
+        self.stats.inbox_waiting = self._holding
 
     async def _run(self, item: QueuedUpdate) -> None:
         loop = asyncio.get_running_loop()
         warning = loop.call_later(self.warn_seconds, self._warn_slow, item)
         started = time.monotonic()
-        done = False
+        done = durable = False
         try:
+            if not await self._before_run(item):
+                return
             update = item.update or Update.model_validate_json(item.payload, context={"bot": self.bot})
             if item.attempt > 1:
                 self.stats.redelivered += 1
@@ -276,6 +366,8 @@ class UpdatePipeline:
                 self.stats.handler_errors += 1
                 log.exception("handler for update %d failed", item.update_id)
             done = True
+            self.state_writes.end_update(item.seq, done=True)  # its FSM writes join its done mark
+            durable = await self._after_run(item)
         finally:
             warning.cancel()
             self.state_writes.end_update(item.seq, done=done)
@@ -283,9 +375,13 @@ class UpdatePipeline:
             if task is not None:
                 self._running.pop(task, None)
             self._queues.finish(item)
+            self._recovery.book.finished(item.seq)
+            if self._queues.held < BACKLOG_AHEAD:
+                self._ahead_room.set()
             if done:
                 self.stats.handled += 1
                 self.stats.handler_seconds.observe(time.monotonic() - started)
+            if done and not durable:
                 self._marks.add(item.seq, time.monotonic())
                 self._marked.set()
                 if len(self._marks) >= DONE_BATCH:
@@ -296,16 +392,69 @@ class UpdatePipeline:
 
     def waiting_to_send(self, task: asyncio.Task[object], waiting: bool) -> None:
         """A handler's send waits (or stopped waiting) for its slot: it frees its concurrency
-        slot meanwhile, so waiting holds only its own chat (``ChatQueues.park``)."""
+        slot meanwhile, so waiting holds only its own chat (``ChatQueues.park``). Not while a
+        suspect of a death runs alone: nothing may run beside it (utils/updates/poison.py)."""
         item = self._running.get(task)  # type: ignore[arg-type]
-        if item is not None:
+        if item is not None and not (waiting and self._recovery.book.alone_phase):
             self._queues.park(item, waiting)
             if waiting:
                 self._schedule()
 
+    async def _before_run(self, item: QueuedUpdate) -> bool:
+        """The started record of a tracked update (after a death); False: do not run it now."""
+        failures = 0
+        while (lease := self._lease) is not None and not self._stopping:
+            try:
+                await self._recovery.before_run(item.seq, lease, alone=self._queues.concurrency == 1)
+                return True
+            except FencedError as exc:
+                self.step_down(f"fenced while recording a started update: {exc}")
+                return False
+            except Exception as exc:  # noqa: BLE001 - its chat waits, as behind a slow handler
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "update %d waits: could not record it as started (%s); retrying",
+                        item.update_id, self.store.describe_error(exc))
+                await asyncio.sleep(FLUSH_RETRY)
+        return False
+
+    async def _after_run(self, item: QueuedUpdate) -> bool:
+        """True if the update is durably done already (a tracked one); else the group commit does it."""
+        lease = self._lease
+        try:
+            return lease is not None and await self._recovery.after_run(item.seq, lease, self._mark_done)
+        except Exception as exc:  # noqa: BLE001 - the group commit retries it
+            log.debug("update %d: immediate done mark failed (%s)", item.update_id, exc)
+            return False
+
+    async def _mark_done(self, seqs: Sequence[int], epoch: int) -> None:
+        """Record *seqs* as done, with the FSM state their handlers wrote, in one fenced transaction."""
+        async with self.state_writes.committing(seqs, epoch) as state:
+            await self.store.inbox.mark_done(seqs, epoch, also=state)
+
     def _warn_slow(self, item: QueuedUpdate) -> None:
+        if self._recovery.book.alone_phase:  # a slow suspect must not hold every chat for long
+            log.warning("handler for update %d (%s), a suspect of a death running alone, still running after "
+                        "%.0f s (HANDLER_WARN_SECONDS): the other chats run beside it", item.update_id,
+                        item.chat_key or "no chat", self.warn_seconds)
+            task = asyncio.create_task(self._end_alone_phase(item), name="solobot-end-alone")
+            self._tasks_aside.add(task)
+            task.add_done_callback(self._tasks_aside.discard)
+            return
         log.warning("handler for update %d (%s) still running after %.0f s (HANDLER_WARN_SECONDS); "
                     "only its chat waits", item.update_id, item.chat_key or "no chat", self.warn_seconds)
+
+    async def _end_alone_phase(self, item: QueuedUpdate) -> None:
+        lease = self._lease
+        if lease is None or self._stopping:
+            return
+        try:
+            await self._recovery.end_alone_phase(item.seq, lease)
+        except Exception as exc:  # noqa: BLE001 - it stays alone: slower, never wrong
+            log.warning("could not rewrite the started record of update %d (%s); it keeps running alone",
+                        item.update_id, self.store.describe_error(exc))
+            return
+        self._schedule()
 
     # -- done marks --------------------------------------------------------------------------
 
@@ -343,8 +492,7 @@ class UpdatePipeline:
         try:
             if not final:
                 await lease.ensure()
-            async with self.state_writes.committing(seqs, lease.epoch) as state:
-                await self.store.inbox.mark_done(seqs, lease.epoch, also=state)
+            await self._mark_done(seqs, lease.epoch)
         except BaseException:
             self._marks.put_back(seqs, time.monotonic())
             raise

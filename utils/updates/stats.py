@@ -53,6 +53,7 @@ class UpdateStats:
     handler_errors: int = 0  # handlers that raised
     duplicates: int = 0  # updates skipped because the inbox already had them
     redelivered: int = 0  # updates handled with attempt > 1
+    set_aside: int = 0  # poison updates this instance set aside (utils/updates/poison.py)
     inbox_waiting: int = 0  # updates held by this leader, not yet done
     errors: dict[str, int] = field(default_factory=dict)  # getUpdates failures by kind
     handler_seconds: DurationHistogram = field(default_factory=DurationHistogram)
