@@ -109,7 +109,6 @@ class Prometheus:
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 #: The rules an operator loads, and the group that waits for its metrics (see its header).
 RULES = DEPLOY / "prometheus" / "solobot.rules.yml"
-PENDING_RULES = DEPLOY / "prometheus" / "solobot-pending.rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "solobot.json"
 METRIC_NAME = re.compile(r"\bsolobot_[a-z0-9_]+\b")
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.prometheus import DASHBOARD, PENDING_RULES, RULES, alert_rules, dashboard_targets
+from tests.prometheus import DASHBOARD, RULES, alert_rules, dashboard_targets
 
 OPERATIONS = ROOT / "docs" / "operations.md"
 #: promtool answers in well under a second; this only keeps a wedged one from hanging the run.
@@ -33,7 +33,7 @@ def unit_tests(rules: Path) -> Path:
     return rules.with_name(rules.name.replace(".rules.yml", ".rules.test.yml"))
 
 
-@pytest.mark.parametrize("rules", [RULES, PENDING_RULES], ids=lambda p: p.name)
+@pytest.mark.parametrize("rules", [RULES], ids=lambda p: p.name)
 def test_promtool_checks_the_rules_and_runs_their_unit_tests(rules: Path) -> None:
     checked = promtool("check", "rules", rules.name, cwd=rules.parent)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -42,7 +42,7 @@ def test_promtool_checks_the_rules_and_runs_their_unit_tests(rules: Path) -> Non
     assert "SUCCESS" in tested.stdout
 
 
-@pytest.mark.parametrize("rules", [RULES, PENDING_RULES], ids=lambda p: p.name)
+@pytest.mark.parametrize("rules", [RULES], ids=lambda p: p.name)
 def test_every_alert_has_a_case_that_fires_and_one_that_does_not(rules: Path) -> None:
     cases = [case for test in yaml.safe_load(unit_tests(rules).read_text())["tests"]
              for case in test["alert_rule_test"]]
@@ -57,7 +57,7 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@pytest.mark.parametrize("rules", [RULES, PENDING_RULES], ids=lambda p: p.name)
+@pytest.mark.parametrize("rules", [RULES], ids=lambda p: p.name)
 def test_every_alert_says_what_to_look_at_in_the_operations_runbook(rules: Path) -> None:
     anchors = {github_anchor(line.lstrip("#")) for line in OPERATIONS.read_text().splitlines()
                if line.startswith("#")}

@@ -27,7 +27,6 @@ from tests.conftest import START_WAIT, BotProcess, free_port, wait_until
 from tests.fake_bot_api import FakeBotAPI
 from tests.prometheus import (
     DASHBOARD,
-    PENDING_RULES,
     RULES,
     Prometheus,
     as_promql,
@@ -50,15 +49,6 @@ API_WAIT = 30.0
 #: How far in the past a query looks to see only scrapes that finished (a scrape's samples carry
 #: its start time and land up to its timeout, one interval, later).
 SETTLED = 2 * INTERVAL
-#: Named by the pending rules and the dashboard's flood-control row, exported once the flood
-#: control (issue 19) and poison updates (issue 20) are merged. Until then they must be absent:
-#: the day /metrics has one, this test fails so that its rule moves into solobot.rules.yml.
-AWAITING = {
-    "solobot_sends_rate_limited_total": "issue 19: 429 answers to sends (counter)",
-    "solobot_sends_waiting": "issue 19: sends waiting for their slot now (gauge)",
-    "solobot_send_wait_seconds_bucket": "issue 19: seconds sends waited (histogram)",
-    "solobot_updates_set_aside": "issue 20: set-aside updates held now (gauge)",
-}
 
 
 @pytest.fixture
@@ -184,18 +174,11 @@ def test_no_leader_alert_fires_when_the_last_instance_dies_and_resolves(
 
     # Every metric the rules and the dashboard name, scraped from a running instance.
     named = rule_metric_names(RULES) | metric_names(DASHBOARD.read_text())
-    expected = named - AWAITING.keys()
 
     def missing() -> set[str]:
-        return expected - exported_names(prom, t0)
+        return named - exported_names(prom, t0)
 
     wait_until(lambda: not missing(), API_WAIT, "the metrics the rules and dashboard name", 0.2,
                error=lambda why: AssertionError(f"{why}; never exported: {sorted(missing())}"))
-    exported = exported_names(prom, t0)
-    assert not (AWAITING.keys() & exported), (
-        f"{sorted(AWAITING.keys() & exported)} exported now: move their rules from {PENDING_RULES.name} "
-        f"into {RULES.name} (and their unit tests), and drop them from AWAITING")
-    assert rule_metric_names(PENDING_RULES) <= AWAITING.keys()
     for target in dashboard_targets():  # each a query Prometheus accepts (a 400 raises)
         prom.query(as_promql(target["expr"], job="solobot"))
-    assert AWAITING.keys() <= named | rule_metric_names(PENDING_RULES), "AWAITING lists only names in use"
