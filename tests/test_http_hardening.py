@@ -22,7 +22,13 @@ from tests.conftest import BOT_ID, DATABASE_URL, TOKEN, BotProcess, free_port, w
 from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from utils.config import derive_webhook_secret
 from utils.locking.backend import HEARTBEAT_INTERVAL
-from utils.ops.http_listener import MIN_CONNECTIONS, SERVER_HEADER, GuardedListener, connection_cap
+from utils.ops.http_listener import (
+    MIN_CONNECTIONS,
+    RESERVED_FILES,
+    SERVER_HEADER,
+    GuardedListener,
+    connection_cap,
+)
 from utils.updates.group_commit import GroupCommit
 
 Spawn = Callable[..., BotProcess]
@@ -264,7 +270,7 @@ def test_webhook_info_url_masked() -> None:
 
 
 def test_connection_cap_fits_the_open_file_limit() -> None:
-    assert connection_cap(1024, 1024) == 1024 - 256
+    assert connection_cap(1024, 1024) == 1024 - RESERVED_FILES
     assert connection_cap(64, 65536) == 64
     assert connection_cap(1024, 100) == MIN_CONNECTIONS
 

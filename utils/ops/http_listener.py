@@ -42,9 +42,15 @@ HEADER_TIMEOUT = 5.0
 KEEPALIVE_TIMEOUT = 30.0
 #: Seconds aiohttp keeps reading (and discarding) the rest of a body it answered without reading.
 LINGERING_TIME = 2.0
+#: Connections the kernel queues for a listener, and so the most asyncio accepts in one go:
+#: each takes a file before any protocol can refuse it.
+ACCEPT_BACKLOG = 128
 #: Open files kept free of HTTP connections: database pool, LISTEN and lock connections, the
-#: lock files, the Bot API session's connections, log and SQLite files, with room to spare.
-RESERVED_FILES = 256
+#: lock files, the Bot API session's connections, log and SQLite files, with room to spare (256),
+#: plus two accept batches (one being accepted, the one refused before it still closing): a
+#: flood at the cap meets EMFILE otherwise (measured: asyncio's "socket.accept() out of system
+#: resource" with a 256-file reserve and 2000 idle connections).
+RESERVED_FILES = 256 + 2 * ACCEPT_BACKLOG
 #: The fewest connections a listener allows, whatever the open-file limit says.
 MIN_CONNECTIONS = 16
 #: An episode at the cap ends when a tenth of the slots are free again (not at the first free
@@ -194,7 +200,7 @@ class _GuardedSite(web.TCPSite):
         # aiohttp's own hook for the request class (``_cls``): every response, errors included.
         server.request_factory = functools.partial(self._runner.app._make_request, _cls=_NoVersionRequest)
         self._server = await asyncio.get_running_loop().create_server(
-            self.guard.protocol_factory(server), self._host, self._port, backlog=self._backlog)
+            self.guard.protocol_factory(server), self._host, self._port, backlog=ACCEPT_BACKLOG)
 
 
 class ListenError(Exception):
