@@ -129,6 +129,7 @@ class App:
             on_drain_deadline=lambda: self.flood.close("the drain deadline passed"),
             state_writes=self.storage if self.dp.fsm.storage is self.storage else None,
             poison_after=settings.poison_after,
+            sweep_unclaimed=settings.bot_mode != "webhook",
         )
         self.sends.on_wait = self.pipeline.waiting_to_send
         self.polling = PollingManager(
@@ -227,7 +228,8 @@ class App:
         (HEALTH_LOOKUP_TIMEOUT): /health answers in well under a second whatever the database does."""
         snap = self.controller.snapshot()
         holder, paused, depth, set_aside = await asyncio.gather(
-            self.controller.holder(), self._paused_or_error(), self._inbox_depth(), self._set_aside_or_error())
+            self.controller.holder(), self._paused_or_error(), self._inbox_lookup.or_reason(),
+            self._set_aside_lookup.or_reason())
         stats = self.stats
         autoposter = "off (no CHANNEL_ID)"
         if self.autoposter is not None:
@@ -269,19 +271,6 @@ class App:
             "sends": {"waiting": self.sends.waiting, "rate_limited": self.sends.rate_limited},
         }
 
-    async def _inbox_depth(self) -> tuple[int, float | None] | str:
-        """Waiting rows in the shared inbox and the oldest one's age, or why unknown (bounded)."""
-        try:
-            return await self._inbox_lookup()
-        except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
-            return type(exc).__name__
-
-    async def _set_aside_or_error(self) -> int | str:
-        try:
-            return await self._set_aside_lookup()
-        except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
-            return type(exc).__name__
-
     def _webhook_status(self) -> dict[str, Any]:
         """The receiver's counters, and on the leader getWebhookInfo as last fetched (cached)."""
         assert self.webhook is not None and self.receiver is not None
@@ -299,10 +288,7 @@ class App:
     async def _paused_or_error(self) -> bool | str | None:
         if self._paused_lookup is None:  # no autoposter
             return None
-        try:
-            return await self._paused_lookup()
-        except Exception as exc:  # noqa: BLE001 - /health must answer even when the database does not
-            return type(exc).__name__
+        return await self._paused_lookup.or_reason()
 
     def ready(self) -> tuple[bool, str]:
         """200 only while active with a successful getUpdates within POLLING_TIMEOUT + a margin.

@@ -107,7 +107,7 @@ class Prometheus:
 # -- what the shipped files name ------------------------------------------------------------------
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-#: The rules an operator loads, and the group that waits for its metrics (see its header).
+#: The rules an operator loads.
 RULES = DEPLOY / "prometheus" / "solobot.rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "solobot.json"
 METRIC_NAME = re.compile(r"\bsolobot_[a-z0-9_]+\b")

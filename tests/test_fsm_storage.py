@@ -71,6 +71,19 @@ def test_newest_write_of_a_key_is_committed_and_an_older_commit_keeps_the_newer_
     assert j.pending == 0 and j.lookup("k", None) == rec("b")
 
 
+def test_a_newer_write_committed_first_is_never_overwritten_by_an_older_pending_one() -> None:
+    j = FsmJournal()
+    for seq, state in ((1, "old"), (2, "new")):  # 1 waits for the group commit, 2 is marked done at once
+        j.open(seq)
+        j.write(seq, "k", rec(state))
+        j.write(seq, f"own-{seq}", rec(state))
+        j.finish(seq)
+    j.committed([2])
+    assert j.to_commit([1]) == [("own-1", rec("old"))], "update 1's older write of k is superseded"
+    j.committed([1])
+    assert j.lookup("k", None) == rec("new") and j.pending == 0
+
+
 def test_direct_write_replaces_pending_writes_of_the_key() -> None:
     j = FsmJournal()
     j.open(1)
@@ -102,6 +115,9 @@ def test_ordering_key_follows_the_fsm_strategy() -> None:
                      FSMStrategy.CHAT_TOPIC):
         assert chat_key(update, strategy) == "c:-100", strategy
     assert chat_key(update, FSMStrategy.GLOBAL_USER) == "u:7", "one user's state spans chats: order per user"
+    inline = Update.model_validate({"update_id": 2, "inline_query": {
+        "id": "q", "from": {"id": 7, "is_bot": False, "first_name": "u"}, "query": "", "offset": ""}})
+    assert chat_key(inline, FSMStrategy.USER_IN_CHAT) == "c:7", "aiogram keys it on the user's private chat"
 
 
 # -- DurableStorage on both backends ------------------------------------------------------------

@@ -110,5 +110,6 @@ def run_inbox(settings: Settings, args: Sequence[str], started: float | None = N
         print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     action, update_id = parsed
-    return asyncio.run(inbox_command(settings, action, update_id,
-                                     time.monotonic() if started is None else started))
+    from utils.ops.status import run_command
+
+    return run_command(inbox_command(settings, action, update_id, time.monotonic() if started is None else started))

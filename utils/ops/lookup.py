@@ -40,6 +40,14 @@ class BoundedLookup(Generic[T]):
             raise TimeoutError(f"{self.name}: no answer within {self.timeout:g} s")
         return task.result()
 
+    async def or_reason(self) -> T | str:
+        """The answer, or why there is none (the exception's type name): for /health, which must
+        answer whatever the database does."""
+        try:
+            return await self()
+        except Exception as exc:  # noqa: BLE001 - the reason is the answer
+            return type(exc).__name__
+
 
 def retrieve_quietly(task: asyncio.Future[T]) -> None:
     """A done-callback for a call nobody may await (it overran): mark its exception as seen."""

@@ -391,9 +391,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SolobotCollector(
             controller=controller, stats=stats, autoposter=autoposter, backend=backend,
-            deliveries=deliveries, webhook=webhook,
+            deliveries=deliveries, webhook=webhook, sends=sends,
         )
-        self.collector.sends = sends
         self.registry.register(self.collector)
         self.inbox_depth = inbox_depth
         self.set_aside = set_aside

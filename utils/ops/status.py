@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any, TextIO
 
 from utils.config import Settings
@@ -119,11 +120,17 @@ def run_status(settings: Settings, started: float | None = None) -> int:
 
     *started*: when the process started (:func:`time.monotonic`); default now.
     """
+    return run_command(status_command(settings, time.monotonic() if started is None else started))
+
+
+def run_command(command: Coroutine[Any, Any, int]) -> int:
+    """Run a command of ``main.py`` that reads the state (``status``, ``inbox``): a lock or state
+    directory that is not ours alone is a configuration error (exit 78, one line), as for the bot."""
     from utils.config import EX_CONFIG
     from utils.ops.private_path import UnsafePathError
 
     try:
-        return asyncio.run(status_command(settings, time.monotonic() if started is None else started))
+        return asyncio.run(command)
     except UnsafePathError as exc:
         log.error("%s", exc)
         return EX_CONFIG

@@ -105,21 +105,21 @@ class FsmJournal:
 
     def to_commit(self, owners: Iterable[int]) -> list[tuple[Hashable, FsmRecord]]:
         """The records to write with the done marks of *owners*: per key, the newest write."""
-        newest: dict[Hashable, tuple[int, FsmRecord]] = {}
-        for owner in owners:
-            for key, entry in self._finished.get(owner, {}).items():
-                if key not in newest or entry[0] > newest[key][0]:
-                    newest[key] = entry
+        newest = _newest(self._finished.get(owner, {}) for owner in owners)
         return [(key, record) for key, (_, record) in newest.items()]
 
     def committed(self, owners: Iterable[int]) -> None:
-        """The done marks of *owners* (and their writes) are durable."""
-        newest: dict[Hashable, tuple[int, FsmRecord]] = {}
-        for owner in owners:
-            for key, entry in self._finished.pop(owner, {}).items():
-                if key not in newest or entry[0] > newest[key][0]:
-                    newest[key] = entry
+        """The done marks of *owners* (and their writes) are durable.
+
+        An older write of the same key by an update whose done mark is still to come is dropped:
+        it is superseded, and committing it later would put the older value back (an update
+        marked done at once, such as a suspect that ran alone, can overtake the group commit)."""
+        newest = _newest([self._finished.pop(owner, {}) for owner in owners])
         for key, (version, record) in newest.items():
+            for writes in self._finished.values():
+                older = writes.get(key)
+                if older is not None and older[0] < version:
+                    del writes[key]
             if self._overlay.get(key, (None,))[0] == version:
                 del self._overlay[key]
             self.remember(key, record)
@@ -145,3 +145,13 @@ class FsmJournal:
         self._finished.clear()
         self._overlay.clear()
         self._cache.clear()
+
+
+def _newest(writes: Iterable[dict[Hashable, tuple[int, FsmRecord]]]) -> dict[Hashable, tuple[int, FsmRecord]]:
+    """Per key, the entry with the highest version among *writes* (pure)."""
+    newest: dict[Hashable, tuple[int, FsmRecord]] = {}
+    for entries in writes:
+        for key, entry in entries.items():
+            if key not in newest or entry[0] > newest[key][0]:
+                newest[key] = entry
+    return newest

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("solobot.state")
 
-SCHEMA_VERSION = 3  # 3: solobot_fsm (aiogram FSM state); the inbox's started/deaths/set-aside columns
+SCHEMA_VERSION = 4  # 3 (in development): solobot_fsm or the inbox's started/deaths/set-aside columns; 4: both
 #: Serialises concurrent migrations on PostgreSQL (an arbitrary, fixed advisory key).
 MIGRATION_LOCK_KEY = 7160100001
 
@@ -59,7 +59,9 @@ inbox_table = sa.Table(
     # Update ids restart (another Bot API server, Telegram's weekly reset): the id alone does not
     # identify an update; a re-delivered one is byte-for-byte the same, so id + content does.
     sa.Column("fingerprint", sa.String(32), nullable=False),
-    sa.Column("chat_key", sa.String(48)),  # per-chat order: "c:<chat>", "u:<user>" or NULL
+    # per-chat order: "c:<chat>" (the user's private chat for an update without one), "u:<user>"
+    # (GLOBAL_USER) or NULL
+    sa.Column("chat_key", sa.String(48)),
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),

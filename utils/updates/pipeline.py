@@ -58,7 +58,10 @@ def chat_key(update: Update, strategy: FSMStrategy = FSMStrategy.USER_IN_CHAT) -
 
     It follows the dispatcher's FSM strategy, so two updates that can touch the same FSM storage
     key never run at once: every strategy but ``GLOBAL_USER`` keys state within a chat, so the
-    chat orders them; ``GLOBAL_USER`` keys it by user across chats, so the user does.
+    chat orders them; ``GLOBAL_USER`` keys it by user across chats, so the user does. An update
+    without a chat (an inline query, a callback from an inline message) is keyed by aiogram on the
+    user's private chat (``FSMContextMiddleware.resolve_context``: chat_id = user_id), so it queues
+    behind that chat: ``c:<user>``.
     """
     context = UserContextMiddleware.resolve_event_context(update)
     if strategy is FSMStrategy.GLOBAL_USER and context.user is not None:
@@ -66,7 +69,7 @@ def chat_key(update: Update, strategy: FSMStrategy = FSMStrategy.USER_IN_CHAT) -
     if context.chat is not None:
         return f"c:{context.chat.id}"
     if context.user is not None:
-        return f"u:{context.user.id}"
+        return f"c:{context.user.id}"
     return None
 
 
@@ -94,6 +97,7 @@ class UpdatePipeline:
         on_drain_deadline: Callable[[], object] | None = None,
         state_writes: UpdateWrites | None = None,
         poison_after: int = POISON_AFTER_DEFAULT,
+        sweep_unclaimed: bool = True,
     ) -> None:
         self.bot = bot
         self.dp = dispatcher
@@ -106,6 +110,8 @@ class UpdatePipeline:
         self.inbox_max = inbox_max
         #: Called at the drain deadline, before handlers are cancelled (the flood limiter ends
         #: the sends still waiting for a slot, so those handlers end without sending).
+        #: Look for unclaimed rows on a timer (False where another loop adopts them: webhook mode).
+        self.sweep_unclaimed = sweep_unclaimed
         self.on_drain_deadline = on_drain_deadline
         #: The FSM storage's writes ride on the done marks (utils/state/fsm.py).
         self.state_writes: UpdateWrites = state_writes or NoWrites()
@@ -311,11 +317,13 @@ class UpdatePipeline:
             self._push([self._from_entry(e) for e in page], backlog=True)
         deferred, self._deferred = self._deferred, []
         self._push(deferred)
-        await self._sweep_unclaimed()
+        if self.sweep_unclaimed:
+            await self._sweep_unclaimed()
 
     async def _sweep_unclaimed(self) -> None:
-        """Take rows nobody claimed (an operator's ``inbox retry``; webhook replicas' rows, which
-        the webhook role also takes at once) every :data:`UNCLAIMED_SWEEP`: one indexed query."""
+        """Take rows nobody claimed (an operator's ``inbox retry``) every :data:`UNCLAIMED_SWEEP`:
+        one indexed query. Polling mode only: in webhook mode the webhook role's adoption loop
+        takes every unclaimed row already."""
         while not self._stopping:
             await asyncio.sleep(UNCLAIMED_SWEEP)
             try:
@@ -405,7 +413,7 @@ class UpdatePipeline:
         failures = 0
         while (lease := self._lease) is not None and not self._stopping:
             try:
-                await self._recovery.before_run(item.seq, lease, alone=self._queues.concurrency == 1)
+                await self._recovery.before_run(item.seq, lease, alone=self._recovery.book.alone_phase)
                 return True
             except FencedError as exc:
                 self.step_down(f"fenced while recording a started update: {exc}")
@@ -419,13 +427,26 @@ class UpdatePipeline:
         return False
 
     async def _after_run(self, item: QueuedUpdate) -> bool:
-        """True if the update is durably done already (a tracked one); else the group commit does it."""
-        lease = self._lease
-        try:
-            return lease is not None and await self._recovery.after_run(item.seq, lease, self._mark_done)
-        except Exception as exc:  # noqa: BLE001 - the group commit retries it
-            log.debug("update %d: immediate done mark failed (%s)", item.update_id, exc)
-            return False
+        """True if the update is durably done already (one that ran alone); else the group commit
+        does it. An update that ran alone holds its slot until its done mark is durable: if the
+        others started first, a death before that mark would be counted as an alone death
+        against an update that had finished (utils/updates/poison.py)."""
+        failures = 0
+        while (lease := self._lease) is not None:
+            try:
+                return await self._recovery.after_run(item.seq, lease, self._mark_done)
+            except FencedError as exc:
+                self.step_down(f"fenced while recording an update done: {exc}")
+                return False
+            except Exception as exc:  # noqa: BLE001 - nothing else starts meanwhile; retried
+                if self._stopping:
+                    break
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "update %d ran alone: could not record it as done (%s); retrying",
+                        item.update_id, self.store.describe_error(exc))
+                await asyncio.sleep(FLUSH_RETRY)
+        return False  # stopping or lease gone: the final flush (or the next leader) records it
 
     async def _mark_done(self, seqs: Sequence[int], epoch: int) -> None:
         """Record *seqs* as done, with the FSM state their handlers wrote, in one fenced transaction."""

@@ -111,8 +111,8 @@ class Recovery:
         death counts that death "with others": it runs alone once more, nothing worse)."""
         if seq not in self._ran_alone:
             return False
-        self._ran_alone.discard(seq)
         await mark_done([seq], lease.epoch)  # with the state its handler wrote (utils/state/fsm.py)
+        self._ran_alone.discard(seq)
         return True
 
     async def end_alone_phase(self, seq: int, lease: Lease) -> None:
