@@ -3,6 +3,7 @@ PostgreSQL: committed with the done marks, fenced, every StorageKey field, expir
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.conftest import DATABASE_URL
 from tests.test_postgres import TABLES
 from utils.locking.lease import Lease, LeaseLost
 from utils.state.database import DatabaseTarget
-from utils.state.fsm import DurableStorage, FsmDataError
+from utils.state.fsm import BatchedReads, DurableStorage, FsmDataError
 from utils.state.fsm_journal import FsmJournal, FsmRecord
 from utils.state.inbox import NewUpdate
 from utils.state.store import FencedError, StateStore
@@ -118,6 +119,29 @@ def test_ordering_key_follows_the_fsm_strategy() -> None:
     inline = Update.model_validate({"update_id": 2, "inline_query": {
         "id": "q", "from": {"id": 7, "is_bot": False, "first_name": "u"}, "query": "", "offset": ""}})
     assert chat_key(inline, FSMStrategy.USER_IN_CHAT) == "c:7", "aiogram keys it on the user's private chat"
+
+
+async def test_reads_asked_for_together_go_in_one_query_and_share_its_error() -> None:
+    queries: list[list[tuple]] = []
+    fail = False
+
+    async def read_many(keys):
+        queries.append(list(keys))
+        await asyncio.sleep(0)
+        if fail:
+            raise RuntimeError("database away")
+        return {k: rec(f"s{k[1]}") for k in keys if k[1] % 2 == 0}
+
+    reads = BatchedReads(read_many, max_batch=3)
+    keys = [(1, n, n, 0, "", "default") for n in range(5)]
+    got = await asyncio.gather(*(reads.get(k) for k in keys), reads.get(keys[0]))
+    assert got == [rec("s0"), None, rec("s2"), None, rec("s4"), rec("s0")]
+    assert queries == [keys[:3], keys[3:]], "one query per round, a key asked twice read once"
+    fail = True
+    results = await asyncio.gather(reads.get(keys[1]), reads.get(keys[2]), return_exceptions=True)
+    assert [str(r) for r in results] == ["database away"] * 2
+    fail = False
+    assert await reads.get(keys[2]) == rec("s2"), "a failed round leaves nothing behind"
 
 
 # -- DurableStorage on both backends ------------------------------------------------------------

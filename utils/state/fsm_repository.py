@@ -46,16 +46,20 @@ class FsmRepository:
             set_={name: statement.excluded[name] for name in
                   ("state", "data", "state_expires_at", "data_expires_at", "epoch", "updated_at")},
         )
-        self._read = sa.select(fsm_table.c.state, fsm_table.c.data, fsm_table.c.state_expires_at,
-                               fsm_table.c.data_expires_at).where(
-            *(fsm_table.c[name] == sa.bindparam(name) for name in KEY_COLUMNS))
+        self._key = sa.tuple_(*(fsm_table.c[name] for name in KEY_COLUMNS))
+        self._read_many = sa.select(*(fsm_table.c[name] for name in KEY_COLUMNS), fsm_table.c.state,
+                                    fsm_table.c.data, fsm_table.c.state_expires_at, fsm_table.c.data_expires_at)
 
     async def read(self, key: KeyTuple) -> FsmRecord | None:
+        return (await self.read_many([key])).get(key)
+
+    async def read_many(self, keys: Sequence[KeyTuple]) -> dict[KeyTuple, FsmRecord]:
+        """The stored records of *keys* (absent ones left out), in one query."""
         async with self.engine.connect() as conn:
-            row = (await conn.execute(self._read, dict(zip(KEY_COLUMNS, key, strict=True)))).first()
-        if row is None:
-            return None
-        return FsmRecord(row.state, row.data, _unix(row.state_expires_at), _unix(row.data_expires_at))
+            rows = (await conn.execute(self._read_many.where(self._key.in_(list(keys))))).all()
+        return {tuple(getattr(row, name) for name in KEY_COLUMNS):
+                FsmRecord(row.state, row.data, _unix(row.state_expires_at), _unix(row.data_expires_at))
+                for row in rows}
 
     def _rows(self, records: Sequence[tuple[Hashable, FsmRecord]], epoch: int) -> list[dict[str, Any]]:
         now = utcnow()
