@@ -21,6 +21,7 @@ from utils.locking.lease import Lease, LeaseLost
 from utils.state.database import DatabaseTarget
 from utils.state.fsm import BatchedReads, DurableStorage, FsmDataError
 from utils.state.fsm_journal import FsmJournal, FsmRecord
+from utils.state.fsm_repository import KeyTuple
 from utils.state.inbox import NewUpdate
 from utils.state.store import FencedError, StateStore
 from utils.updates.pipeline import chat_key
@@ -122,7 +123,7 @@ def test_ordering_key_follows_the_fsm_strategy() -> None:
 
 
 async def test_reads_asked_for_together_go_in_one_query_and_share_its_error() -> None:
-    queries: list[list[tuple]] = []
+    queries: list[list[KeyTuple]] = []
     fail = False
 
     async def read_many(keys):
