@@ -24,7 +24,7 @@ import pytest
 from tests.balancer import Nginx
 from tests.conftest import BOT_ID, ROOT, START_WAIT, TOKEN, BotProcess, free_port, wait_until
 from tests.fake_bot_api import FakeBotAPI
-from tests.test_postgres import TABLES
+from tests.test_postgres import drop_tables
 
 Spawn = Callable[..., BotProcess]
 EXAMPLE = {"BOT_MODULE": "examples.conversation_bot"}
@@ -55,9 +55,7 @@ def wait_answers(fake: FakeBotAPI, chats: range, count: int, what: str) -> None:
 @pytest.fixture
 def pg_clean(worker_database: str) -> str:
     """This worker's PostgreSQL database with solobot's tables dropped."""
-    with psycopg.connect(worker_database, autocommit=True) as conn:
-        for table in TABLES:
-            conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+    drop_tables(worker_database)
     return worker_database
 
 

@@ -8,17 +8,14 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from aiogram.exceptions import DataNotDictLikeError
 from aiogram.fsm.storage.base import StorageKey
 from aiogram.fsm.strategy import FSMStrategy
 from aiogram.types import Update
 
-from tests.conftest import DATABASE_URL
-from tests.test_postgres import TABLES
+from tests.test_state_store import fresh_store
 from utils.locking.lease import Lease, LeaseLost
-from utils.state.database import DatabaseTarget
 from utils.state.fsm import BatchedReads, DurableStorage, FsmDataError
 from utils.state.fsm_journal import FsmJournal, FsmRecord
 from utils.state.fsm_repository import KeyTuple
@@ -149,14 +146,7 @@ async def test_reads_asked_for_together_go_in_one_query_and_share_its_error() ->
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    if request.param == "postgres":
-        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-            for table in TABLES:
-                conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
-        s = StateStore.create(DatabaseTarget.parse(DATABASE_URL, tmp_path), 42, "test")
-    else:
-        s = StateStore.create(DatabaseTarget.parse(None, tmp_path / "state"), 42, "test")
-    await s.migrate()
+    s = await fresh_store(request.param, tmp_path)
     yield s
     await s.close()
 

@@ -39,13 +39,18 @@ TABLES = ("solobot_posts", "solobot_flags", "solobot_inbox", "solobot_processed"
           "solobot_leader", "solobot_schema", "solobot_fsm")
 
 
+def drop_tables(url: str) -> None:
+    """solobot's tables dropped from *url*'s database, so a test starts from nothing."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+
+
 @pytest.fixture
 def pg(worker_database: str) -> Iterator[str]:
     """The real PostgreSQL (this xdist worker's own database), solobot's tables dropped so each test starts clean."""
     assert worker_database == DATABASE_URL
-    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        for table in TABLES:
-            conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+    drop_tables(DATABASE_URL)
     yield DATABASE_URL
 
 

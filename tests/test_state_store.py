@@ -6,26 +6,29 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from tests.conftest import DATABASE_URL
-from tests.test_postgres import TABLES
+from tests.test_postgres import drop_tables
 from utils.state.database import DatabaseTarget
 from utils.state.inbox import NewUpdate
 from utils.state.store import FencedError, StateStore
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    if request.param == "postgres":
-        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-            for table in TABLES:
-                conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+async def fresh_store(backend: str, tmp_path: Path) -> StateStore:
+    """A migrated state store with nothing in it: SQLite in *tmp_path*, or this worker's PostgreSQL."""
+    if backend == "postgres":
+        drop_tables(DATABASE_URL)
         s = StateStore.create(DatabaseTarget.parse(DATABASE_URL, tmp_path), 42, "test")
     else:
         s = StateStore.create(DatabaseTarget.parse(None, tmp_path / "state"), 42, "test")
     await s.migrate()
+    return s
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
+    s = await fresh_store(request.param, tmp_path)
     s._migrated = False
     await s.migrate()  # idempotent
     yield s

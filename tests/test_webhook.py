@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
-import psycopg
 import pytest
 from aiogram.types import WebhookInfo
 from aiohttp import web
@@ -31,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.balancer import Nginx
 from tests.conftest import BOT_ID, DATABASE_URL, START_WAIT, TOKEN, BotProcess, free_port, wait_until
 from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
-from tests.test_postgres import TcpProxy
+from tests.test_postgres import TcpProxy, drop_tables
 from utils.config import ConfigError, derive_webhook_secret, load_settings
 from utils.state.database import DatabaseTarget
 from utils.state.store import StateStore
@@ -40,8 +39,6 @@ from utils.updates.webhook import Registration, WebhookReceiver
 
 Spawn = Callable[..., BotProcess]
 HOOK_PATH = "/tg/hook"
-TABLES = ("solobot_posts", "solobot_flags", "solobot_inbox", "solobot_processed", "solobot_offset",
-          "solobot_leader", "solobot_schema")
 #: The stream of the "done when": one /ping every 20 ms, round robin over 7 chats, for 6 s.
 STREAM_CHATS = 7
 STREAM_INTERVAL = 0.02
@@ -77,9 +74,7 @@ def balancer(tmp_path: Path) -> Iterator[Callable[[list[int]], Nginx]]:
 
 @pytest.fixture
 def pg(worker_database: str) -> str:
-    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        for table in TABLES:
-            conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+    drop_tables(DATABASE_URL)
     return DATABASE_URL
 
 
