@@ -43,17 +43,17 @@ from aiogram import Bot, Dispatcher  # noqa: E402
 from aiogram.client.telegram import TelegramAPIServer  # noqa: E402
 
 from utils.autoposter.role import Autoposter  # noqa: E402
+from utils.base.lease import LeaseGate  # noqa: E402
+from utils.base.lookup import BoundedLookup  # noqa: E402
+from utils.base.private_path import UnsafePathError  # noqa: E402
 from utils.config import EX_CONFIG, Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
-from utils.locking.lease import LeaseGate  # noqa: E402
 from utils.ops.bot_module import BotContext, BotModuleError, load_bot_module  # noqa: E402
 from utils.ops.health import OPS_HTTP_CONNECTIONS, HealthServer, RouteServer, scrubber  # noqa: E402
 from utils.ops.http_listener import ListenError  # noqa: E402
-from utils.ops.lookup import BoundedLookup  # noqa: E402
 from utils.ops.metrics import Metrics  # noqa: E402
-from utils.ops.private_path import UnsafePathError  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
 from utils.sending.limiter import FloodControl, FloodLimiter  # noqa: E402
@@ -175,7 +175,7 @@ class App:
             role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
         )
         # The database lookups of /health and /metrics: each answers within HEALTH_LOOKUP_TIMEOUT or
-        # says it could not, and a stuck one is never started twice (utils/ops/lookup.py). One inbox
+        # says it could not, and a stuck one is never started twice (utils/base/lookup.py). One inbox
         # lookup serves both endpoints.
         self._inbox_lookup = BoundedLookup(self.store.inbox.depth, HEALTH_LOOKUP_TIMEOUT, name="inbox depth")
         self._set_aside_lookup = BoundedLookup(self.store.recovery.count_set_aside, HEALTH_LOOKUP_TIMEOUT,

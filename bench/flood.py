@@ -1,6 +1,6 @@
 """Send limits: the issue's burst against a fake Bot API that enforces Telegram's limits.
 
-316 x /ping at once (150 private chats x 2, two groups x 8; tests/fake_bot_api.py ``flood_burst``)
+316 x /ping at once (150 private chats x 2, two groups x 8; testbed/fake_bot_api.py ``flood_burst``)
 to a fake that refuses, as Telegram does, what goes past 30 messages/s overall (burst 30), 1/s in a
 private chat (burst 3) or 20/min in a group (burst 5): 429 with ``retry_after``, not delivered.
 Candidates, each in a fresh fake and a fresh process, in an order that rotates each round:
@@ -48,7 +48,7 @@ from bench.harness import (
     unique_bot_id,
     wait_until,
 )
-from tests.fake_bot_api import FakeBotAPI, SendLimits, flood_burst, limits_allow
+from testbed.fake_bot_api import FakeBotAPI, SendLimits, flood_burst, limits_allow
 
 AIOGRAM = "aiogram start_polling (no limiter)"
 PTB = "python-telegram-bot AIORateLimiter(max_retries=5)"

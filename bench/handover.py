@@ -2,7 +2,7 @@
 and whether any /ping is lost or answered twice.
 
 Real ``python main.py`` processes (each in its own process group, all killed at the end)
-against the fake Bot API (tests/fake_bot_api.py, in this process). Per case (backend x signal):
+against the fake Bot API (testbed/fake_bot_api.py, in this process). Per case (backend x signal):
 
 * one active instance, then ROUNDS rounds of: start a fresh standby, wait until it waits for the
   lock, signal the active one while handlers are running, and measure the gap from the signal
@@ -57,7 +57,7 @@ from bench.harness import (
     unique_bot_id,
     wait_until,
 )
-from tests.fake_bot_api import FakeBotAPI
+from testbed.fake_bot_api import FakeBotAPI
 
 ANCHORS = [
     ("seed 000: passive retry every 60-90 s", "60 000-90 000 ms"),

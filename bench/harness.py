@@ -32,9 +32,9 @@ if str(ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
-from tests.fake_bot_api import UNLIMITED_SENDS_ENV, FakeBotAPI, Poll, Sent  # noqa: E402
-from tests.waiting import free_port, get_health  # noqa: E402
-from tests.waiting import wait_until as shared_wait_until  # noqa: E402
+from testbed.fake_bot_api import UNLIMITED_SENDS_ENV, FakeBotAPI, Poll, Sent  # noqa: E402
+from testbed.waiting import free_port, get_health  # noqa: E402
+from testbed.waiting import wait_until as shared_wait_until  # noqa: E402
 
 #: The secret half of every bench token (the fake accepts any of 30+ characters).
 TOKEN_SECRET = "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"

@@ -68,7 +68,7 @@ from bench.harness import (
     wait_all_answered,
     wait_until,
 )
-from tests.fake_bot_api import FakeBotAPI
+from testbed.fake_bot_api import FakeBotAPI
 
 AIOGRAM = "aiogram start_polling"
 SOLOBOT_FILE = "solobot file+SQLite"

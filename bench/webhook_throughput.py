@@ -5,7 +5,7 @@ For every round and every case, in an order that rotates each round:
 
 1. a fresh fake Bot API delivering webhooks as telegram-bot-api's ``WebhookActor`` does (one
    update in flight per chat, chats in parallel up to ``max_connections``, 40), a fresh bot id,
-   Debian's nginx on a free port (tests/balancer.py) in front of two fresh replicas:
+   Debian's nginx on a free port (testbed/balancer.py) in front of two fresh replicas:
    * aiogram ``SimpleRequestHandler`` with ``handle_in_background=True`` (bench/aiogram_webhook.py):
      200 at once, the handler afterwards, in whichever replica got the delivery (no leader);
      also with one replica, which is what one process does (solobot handles on its leader only);
@@ -62,9 +62,9 @@ from bench.harness import (
     wait_all_answered,
     wait_until,
 )
-from tests.balancer import Nginx
-from tests.fake_bot_api import FakeBotAPI
-from tests.waiting import free_port, listening
+from testbed.balancer import Nginx
+from testbed.fake_bot_api import FakeBotAPI
+from testbed.waiting import free_port, listening
 from utils.config import derive_webhook_secret
 
 AIOGRAM = "aiogram SimpleRequestHandler (background), 2 replicas"

@@ -30,8 +30,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.fake_bot_api import UNLIMITED_SENDS_ENV, FakeBotAPI
-from tests.waiting import free_port, get_health, wait_until
+from testbed.fake_bot_api import UNLIMITED_SENDS_ENV, FakeBotAPI
+from testbed.waiting import free_port, get_health, wait_until
 
 __all__ = ["free_port", "get_health", "wait_until"]  # the tests import them from here
 

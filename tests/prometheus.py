@@ -1,6 +1,6 @@
 """A real Prometheus for the alert tests: Debian's ``prometheus``, started on a free port.
 
-Like tests/balancer.py's nginx: it runs in its own session with its config, rule file and TSDB in
+Like testbed/balancer.py's nginx: it runs in its own session with its config, rule file and TSDB in
 a directory of the caller's, and :meth:`Prometheus.stop` kills its process group. The test talks
 to it only through its HTTP API (``/api/v1/...``), as an operator's tooling would.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from tests.waiting import free_port
+from testbed.waiting import free_port
 
 #: How long Prometheus may take to answer /-/ready.
 READY_TIMEOUT = 30.0

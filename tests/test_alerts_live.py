@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import START_WAIT, BotProcess, free_port, wait_until
-from tests.fake_bot_api import FakeBotAPI
 from tests.prometheus import (
     DASHBOARD,
     RULES,

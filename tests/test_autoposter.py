@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.fake_bot_api import FakeBotAPI, Sent
 from tests.conftest import ADMIN_ID, BOT_ID, BotProcess, start_pair, wait_until
-from tests.fake_bot_api import FakeBotAPI, Sent
 
 Spawn = Callable[..., BotProcess]
 CHANNEL = "@solochan"

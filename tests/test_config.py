@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TOKEN
+from utils.base.redact import mask_token
 from utils.config import ConfigError, default_lock_dir, load_settings
-from utils.ops.redact import mask_token
 
 
 def test_defaults() -> None:

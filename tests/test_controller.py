@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import utils.locking.controller as controller_module
+from utils.base.lease import Lease, LeaseLost
 from utils.locking.backend import HolderInfo, LockBackend
 from utils.locking.controller import LeadershipController, Mode
-from utils.locking.lease import Lease, LeaseLost
 from utils.state.database import DatabaseTarget
 from utils.state.store import StateStore
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.balancer import Nginx
+from testbed.balancer import Nginx
+from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import BOT_ID, ROOT, START_WAIT, TOKEN, BotProcess, free_port, wait_until
-from tests.fake_bot_api import FakeBotAPI
 from tests.test_postgres import drop_tables
 
 Spawn = Callable[..., BotProcess]

@@ -21,8 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import BOT_ID, TOKEN, free_port, wait_until
-from tests.fake_bot_api import (
+from testbed.fake_bot_api import (
     CONFLICT_TEXT,
     FIRST_UPDATE_ID,
     OFFSET_FUTURE_SLACK,
@@ -32,6 +31,7 @@ from tests.fake_bot_api import (
     WEBHOOK_TEXT,
     FakeBotAPI,
 )
+from tests.conftest import BOT_ID, TOKEN, free_port, wait_until
 
 #: Webhook retries in these tests start at 50 ms instead of 1 s.
 RETRY_BASE = 0.05

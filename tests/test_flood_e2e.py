@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
+from testbed.fake_bot_api import FakeBotAPI, SendLimits, Sent, flood_burst, limits_allow
+from testbed.waiting import wait_until
 from tests.conftest import BOT_ID, BotProcess
-from tests.fake_bot_api import FakeBotAPI, SendLimits, Sent, flood_burst, limits_allow
 from tests.test_postgres import pg, pg_env  # noqa: F401 - the fixture, for the PostgreSQL backend
-from tests.waiting import wait_until
 
 Spawn = Callable[..., BotProcess]
 #: Telegram's limits back on (the harness turns the bot's off for the other tests).

@@ -16,9 +16,9 @@ from aiogram import Bot
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import TelegramRetryAfter
 
-from tests.fake_bot_api import FakeBotAPI, SendLimits
+from testbed.fake_bot_api import FakeBotAPI, SendLimits
+from utils.base.lease import Lease, LeaseGate, LeaseLost
 from utils.locking.gated_session import GatedAiohttpSession
-from utils.locking.lease import Lease, LeaseGate, LeaseLost
 from utils.sending import flood
 from utils.sending.limiter import FloodControl, FloodLimiter, SendsClosed
 

@@ -15,7 +15,7 @@ from aiogram.fsm.strategy import FSMStrategy
 from aiogram.types import Update
 
 from tests.test_state_store import fresh_store
-from utils.locking.lease import Lease, LeaseLost
+from utils.base.lease import Lease, LeaseLost
 from utils.state.fsm import BatchedReads, DurableStorage, FsmDataError
 from utils.state.fsm_journal import FsmJournal, FsmRecord
 from utils.state.fsm_repository import KeyTuple

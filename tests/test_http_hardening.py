@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.balancer import Nginx
+from testbed.balancer import Nginx
+from testbed.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from tests.conftest import BOT_ID, DATABASE_URL, TOKEN, BotProcess, free_port, wait_until
-from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from utils.config import derive_webhook_secret
 from utils.locking.backend import HEARTBEAT_INTERVAL
 from utils.ops.http_listener import (

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from utils.base.private_path import UnsafePathError
 from utils.locking.instance_lock import InstanceLock, process_start_time
-from utils.ops.private_path import UnsafePathError
 
 
 def make(tmp_path: Path, name: str = "i1") -> InstanceLock:

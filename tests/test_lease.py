@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from utils.locking.lease import Lease, LeaseGate, LeaseLost
+from utils.base.lease import Lease, LeaseGate, LeaseLost
 
 
 class Clock:

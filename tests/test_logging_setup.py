@@ -19,8 +19,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy.engine import make_url
 
 from tests.conftest import ROOT, TOKEN, free_port, wait_until
+from utils.base.redact import MIN_BARE_SECRET_LENGTH, Redactor, database_password
 from utils.ops.logging_setup import configure_logging
-from utils.ops.redact import MIN_BARE_SECRET_LENGTH, Redactor, database_password
 
 PASSWORD = "s3cretPW"
 URL = f"postgresql://postgres:{PASSWORD}@db.internal:5432/solobot"

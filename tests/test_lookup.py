@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from utils.ops.lookup import BoundedLookup
+from utils.base.lookup import BoundedLookup
 
 LIMIT = 0.05
 

@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import free_port
+from utils.base.lookup import BoundedLookup
 from utils.locking.controller import Mode
 from utils.ops.health import HealthServer
-from utils.ops.lookup import BoundedLookup
 from utils.ops.metrics import Metrics
 from utils.updates.stats import HANDLER_BUCKETS, UpdateStats
 from utils.updates.webhook import ReceiverStats

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import BOT_ID, BotProcess, start_pair, wait_until
-from tests.fake_bot_api import FakeBotAPI
 
 Spawn = Callable[..., BotProcess]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import BOT_ID, ROOT, TOKEN, BotProcess, wait_until
-from tests.fake_bot_api import FakeBotAPI
 from tests.test_postgres import pg, pg_env  # noqa: F401 - the pg fixture, for the PostgreSQL runs
 
 Spawn = Callable[..., BotProcess]

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from testbed.fake_bot_api import FakeBotAPI, Poll
 from tests.conftest import (
     BOT_ID,
     DATABASE_URL,
@@ -32,7 +33,6 @@ from tests.conftest import (
     start_pair,
     wait_until,
 )
-from tests.fake_bot_api import FakeBotAPI, Poll
 
 Spawn = Callable[..., BotProcess]
 TABLES = ("solobot_posts", "solobot_flags", "solobot_inbox", "solobot_processed", "solobot_offset",

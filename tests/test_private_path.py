@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from utils.locking.kernel_locks import exclusive_holders, flock_writers
-from utils.ops.private_path import (
+from utils.base.private_path import (
     UnsafePathError,
     create_private_file,
     dir_problem,
     ensure_private_dir,
     file_problem,
 )
+from utils.locking.kernel_locks import exclusive_holders, flock_writers
 from utils.state.database import prepare_sqlite_files
 
 ME, OTHER = 1000, 65534

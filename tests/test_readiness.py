@@ -6,8 +6,8 @@ import json
 import time
 from collections.abc import Callable
 
+from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import BotProcess, wait_until
-from tests.fake_bot_api import FakeBotAPI
 from tests.test_postgres import TcpProxy
 
 Spawn = Callable[..., BotProcess]

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import ROOT, TOKEN, BotProcess, free_port, wait_until
-from utils.ops.redact import Redactor
+from utils.base.redact import Redactor
 
 Spawn = Callable[..., BotProcess]
 PASSWORD = "Hunter2@Wolf Pack\"Quo'te%Perc"
@@ -116,7 +116,7 @@ def test_redactor_masks_every_form_unconfigured_too(text: str) -> None:
 ])
 def test_one_rule_for_where_the_password_ends(url: str, user: str | None, password: str | None,
                                               hosts: str, database: str) -> None:
-    from utils.state.dsn import parse_database_url
+    from utils.base.dsn import parse_database_url
 
     parts = parse_database_url(url)
     assert parts is not None and (parts.user, parts.password, parts.hosts, parts.database) == \

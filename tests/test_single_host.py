@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import (
     BOT_ID,
     ROOT,
@@ -27,7 +28,6 @@ from tests.conftest import (
     start_pair,
     wait_until,
 )
-from tests.fake_bot_api import FakeBotAPI
 
 Spawn = Callable[..., BotProcess]
 

@@ -7,8 +7,8 @@ import signal
 from collections import defaultdict
 from collections.abc import Callable
 
+from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import BOT_ID, BotProcess, start_pair, wait_until
-from tests.fake_bot_api import FakeBotAPI
 from utils.updates.recovery import BACKLOG_AHEAD, BACKLOG_PAGE
 
 Spawn = Callable[..., BotProcess]

@@ -27,9 +27,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.balancer import Nginx
+from testbed.balancer import Nginx
+from testbed.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from tests.conftest import BOT_ID, DATABASE_URL, START_WAIT, TOKEN, BotProcess, free_port, wait_until
-from tests.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from tests.test_postgres import TcpProxy, drop_tables
 from utils.config import ConfigError, derive_webhook_secret, load_settings
 from utils.state.database import DatabaseTarget

@@ -18,9 +18,9 @@ from functools import cached_property
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from utils.ops.redact import Redactor, mask_token
+from utils.base.dsn import SCHEMES, parse_database_url
+from utils.base.redact import Redactor, mask_token
 from utils.sending.flood import Rate, SendLimits
-from utils.state.dsn import SCHEMES, parse_database_url
 from utils.state.errors import database_location
 from utils.updates.poison import POISON_AFTER_DEFAULT  # pure, light: config stays quick
 

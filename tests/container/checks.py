@@ -4,7 +4,7 @@
     python -m tests.container.checks     this alone (podman and the base images already there)
     python -m tests.container.checks early pair    some groups only: config early pair compose
 
-What it checks, each against tests/fake_bot_api.py:
+What it checks, each against testbed/fake_bot_api.py:
 
 * a bad configuration exits 78, the process living under 0.5 s;
 * ``podman stop`` 0.1 s, 0.5 s and more after start (during the heavy imports) exits 0 within 2 s;
@@ -47,9 +47,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from tests.fake_bot_api import FakeBotAPI
-from tests.waiting import free_port, get_health
-from tests.waiting import wait_until as shared_wait_until
+from testbed.fake_bot_api import FakeBotAPI
+from testbed.waiting import free_port, get_health
+from testbed.waiting import wait_until as shared_wait_until
 
 T = TypeVar("T")
 
@@ -457,6 +457,7 @@ services:
     entrypoint: ["python", "-m", "tests.container.fake_server", "--port", "{FAKE_PORT_IN_COMPOSE}"]
     volumes:
       - {ROOT / "tests"}:/app/tests:ro
+      - {ROOT / "testbed"}:/app/testbed:ro
     # The image's volumes as tmpfs: no anonymous volume left behind by the fake.
     tmpfs:
       - /run/solobot

@@ -1,6 +1,6 @@
 """The fake Bot API on a chosen address: as a service on compose's network in the container test.
 
-``python -m tests.fake_bot_api serve`` listens on 127.0.0.1 only, which the bots in other
+``python -m testbed.fake_bot_api serve`` listens on 127.0.0.1 only, which the bots in other
 containers cannot reach; this listens where it is told (``--host 0.0.0.0`` inside its container).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from tests.fake_bot_api import FakeBotAPI
+from testbed.fake_bot_api import FakeBotAPI
 
 
 async def serve(host: str, port: int) -> None:

@@ -49,7 +49,7 @@ from apscheduler.triggers.date import DateTrigger
 
 from utils.autoposter import schedule as slots
 from utils.autoposter.schedule import CronSchedule, IntervalSchedule, Schedule
-from utils.ops.redact import mask_token
+from utils.base.redact import mask_token
 from utils.state.store import FencedError, Post, StateStore
 
 log = logging.getLogger("solobot.autoposter")

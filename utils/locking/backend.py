@@ -9,7 +9,7 @@ subclasses only ``_acquire``/``_release``):
   process cannot keep the bot down. Nothing on the way to the lock wait touches a lock that a
   hung holder may hold: the schema and the epoch are written only once the lock is ours.
 * each acquisition takes a new *epoch* from the state store; every durable write carries it.
-* the active term is a :class:`~utils.locking.lease.Lease`; ``heartbeat`` is its verification
+* the active term is a :class:`~utils.base.lease.Lease`; ``heartbeat`` is its verification
   and ``hold`` renews it every second while active.
 
 Mechanisms: ``utils.locking.file_backend.FileLockBackend`` (one host) and
@@ -27,8 +27,8 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from utils.locking.lease import RENEW_FRACTION, Lease
-from utils.ops.lookup import retrieve_quietly
+from utils.base.lease import RENEW_FRACTION, Lease
+from utils.base.lookup import retrieve_quietly
 from utils.state.leader import Takeover
 from utils.state.store import StateStore
 

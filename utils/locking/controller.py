@@ -6,7 +6,7 @@ metrics) are told. Health, /status and metrics read :meth:`snapshot`; nothing ke
 
 While active, *roles* run (polling, the autoposter): started in order on becoming active,
 stopped in reverse order before the lock is released. The term is a
-:class:`~utils.locking.lease.Lease`: the controller puts it in the :class:`LeaseGate` of the bot's
+:class:`~utils.base.lease.Lease`: the controller puts it in the :class:`LeaseGate` of the bot's
 session while the roles run, so no Bot API call leaves without a recently verified lease, and
 ends it only after the roles stopped (draining handlers still reply).
 """
@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from utils.base.lease import Lease, LeaseGate
+from utils.base.lookup import BoundedLookup
 from utils.locking.backend import HolderInfo, LockBackend
-from utils.locking.lease import Lease, LeaseGate
-from utils.ops.lookup import BoundedLookup
 from utils.state.leader import Takeover
 
 log = logging.getLogger("solobot.leadership")

@@ -1,13 +1,13 @@
 """The bot's HTTP session, gated by the lease twice: when a call starts, and at the last moment.
 
-:class:`~utils.locking.lease.LeaseGate` checks the lease as an aiogram request middleware, when a
+:class:`~utils.base.lease.LeaseGate` checks the lease as an aiogram request middleware, when a
 Bot API call starts. Between that check and the bytes leaving the socket a busy event loop runs
 other tasks (handlers parsing, replying) for milliseconds, and a process paused (SIGSTOP) in that
 window would send a stale request when it resumes. So the lease is checked once more when aiohttp
 has a connection in hand, right before it writes the request (the connector's ``connect``): what
 remains is a few microseconds of code with no wait in it. A stale lease is verified again there
 (one round trip on the lock's own connection) or the request is refused with
-:class:`~utils.locking.lease.LeaseLost`, and the connection goes back to the pool unused.
+:class:`~utils.base.lease.LeaseLost`, and the connection goes back to the pool unused.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from aiogram.methods import Response, TelegramMethod
 from aiohttp import ClientRequest, ClientTimeout, TCPConnector
 from aiohttp.connector import Connection
 
-from utils.locking.lease import LeaseGate
+from utils.base.lease import LeaseGate
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ from typing import Any
 import filelock
 import psutil
 
-from utils.ops.private_path import UnsafePathError, check_private_file, ensure_private_dir
+from utils.base.private_path import UnsafePathError, check_private_file, ensure_private_dir
 
 log = logging.getLogger("solobot.lock")
 
@@ -108,7 +108,7 @@ class InstanceLock:
     def prepare(self) -> None:
         """Create the directory (0700) and refuse one someone else could control (a symlink, not
         ours or root's, writable by others), and lock or PID files that are symlinks or not ours
-        (:mod:`utils.ops.private_path`): whoever controls them could forge the record we act on."""
+        (:mod:`utils.base.private_path`): whoever controls them could forge the record we act on."""
         ensure_private_dir(self.lock_dir, "LOCK_DIR")
         for path in (self.lock_path, self.pid_path):
             check_private_file(path, "lock file" if path == self.lock_path else "PID file")

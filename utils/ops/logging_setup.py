@@ -2,7 +2,7 @@
 
 Masking is a filter on the one handler, not a convention at call sites: a third-party library that
 logs a URL, a DSN or an exception with the token in it is masked too (what is masked, and in which
-forms: utils/ops/redact.py). The filter masks the rendered message, the traceback and the stack
+forms: utils/base/redact.py). The filter masks the rendered message, the traceback and the stack
 before any formatter sees them, so the text and the JSON formats print the same masked text.
 
 What would bypass the handler is routed through it: an uncaught exception (the interpreter would
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from utils.ops.redact import Redactor
+from utils.base.redact import Redactor
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LIBRARY_LOGGERS = ("aiohttp.access", "apscheduler.scheduler", "apscheduler.executors.default")

@@ -177,7 +177,7 @@ def send_metrics(sends: SendsSource) -> Iterator[Metric]:
 
 
 #: The shared inbox (every replica's rows): waiting rows and the oldest one's age; raises when
-#: it cannot tell in time (``utils.ops.lookup.BoundedLookup`` over ``InboxRepository.depth``).
+#: it cannot tell in time (``utils.base.lookup.BoundedLookup`` over ``InboxRepository.depth``).
 InboxDepth = Callable[[], Awaitable[tuple[int, float | None]]]
 #: Poison updates set aside in the shared inbox now (bounded like :data:`InboxDepth`).
 SetAsideCount = Callable[[], Awaitable[int]]

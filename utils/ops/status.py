@@ -126,8 +126,8 @@ def run_status(settings: Settings, started: float | None = None) -> int:
 def run_command(command: Coroutine[Any, Any, int]) -> int:
     """Run a command of ``main.py`` that reads the state (``status``, ``inbox``): a lock or state
     directory that is not ours alone is a configuration error (exit 78, one line), as for the bot."""
+    from utils.base.private_path import UnsafePathError
     from utils.config import EX_CONFIG
-    from utils.ops.private_path import UnsafePathError
 
     try:
         return asyncio.run(command)

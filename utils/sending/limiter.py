@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiogram.exceptions import TelegramRetryAfter
 
-from utils.locking.lease import LeaseGate, LeaseLost
+from utils.base.lease import LeaseGate, LeaseLost
 from utils.sending.flood import (
     FAILED,
     WAITING,

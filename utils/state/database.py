@@ -20,9 +20,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from utils.ops.private_path import check_private_file, create_private_file, ensure_private_dir
-from utils.ops.redact import Redactor
-from utils.state.dsn import parse_database_url
+from utils.base.dsn import parse_database_url
+from utils.base.private_path import check_private_file, create_private_file, ensure_private_dir
+from utils.base.redact import Redactor
 from utils.state.errors import SQLITE_LOCATION, database_location
 
 log = logging.getLogger("solobot.state")
@@ -82,7 +82,7 @@ class DatabaseTarget:
         parts = parse_database_url(database_url)
         if parts is None:  # configuration refuses it first; never echo it
             raise ValueError("DATABASE_URL is not a postgresql:// URL")
-        # Built from the parts (utils/state/dsn.py: the one rule for where a password ends), not
+        # Built from the parts (utils/base/dsn.py: the one rule for where a password ends), not
         # re-parsed by SQLAlchemy's own rule, which splits a password with "@" differently.
         query = {k: v for k, v in parts.query.items() if k != "password"}
         single_host, _, port_text = parts.hosts.rpartition(":") if _has_port(parts.hosts) else (parts.hosts, "", "")
@@ -165,7 +165,7 @@ def prepare_sqlite_files(path: Path) -> None:
     The directory is created 0700 (refused when a symlink, someone else's or writable by others);
     the database file is created 0600 before SQLite does (its -wal/-shm then inherit the mode);
     an existing database, -wal or -shm of someone else is refused, one of ours open to others is
-    tightened to 0600 (:mod:`utils.ops.private_path`). Whoever could write them could insert
+    tightened to 0600 (:mod:`utils.base.private_path`). Whoever could write them could insert
     updates "from" an admin.
     """
     ensure_private_dir(path.parent, "STATE_DIR")

@@ -6,7 +6,7 @@ error" link). :func:`describe_database_error` gives ``PostgreSQL 10.0.0.5:5432/s
 solobot): Connection refused`` for every failure a caller can meet on the way to the database:
 psycopg and SQLAlchemy errors (the driver's own is used), ``OSError`` and ``TimeoutError``. The
 password never appears: the location is built without it, and the reason is passed through
-:class:`utils.ops.redact.Redactor` as well (a server may quote a DSN back).
+:class:`utils.base.redact.Redactor` as well (a server may quote a DSN back).
 
 Standard library only (and the stdlib-only redactor): it is used where the driver may not even
 import, and in log lines of every layer.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 
-from utils.ops.redact import Redactor
-from utils.state.dsn import DEFAULT_PG_PORT, parse_database_url
+from utils.base.dsn import DEFAULT_PG_PORT, parse_database_url
+from utils.base.redact import Redactor
 
 #: The location of the default state database (SQLite in STATE_DIR) in error lines.
 SQLITE_LOCATION = "SQLite state database"

@@ -36,7 +36,7 @@ from aiogram.exceptions import DataNotDictLikeError
 from aiogram.fsm.state import State
 from aiogram.fsm.storage.base import BaseStorage, StateType, StorageKey
 
-from utils.locking.lease import Lease, LeaseLost
+from utils.base.lease import Lease, LeaseLost
 from utils.state.fsm_journal import EMPTY, FsmJournal, FsmRecord
 from utils.state.fsm_repository import FsmRepository, KeyTuple, TransactionStep
 from utils.state.schema import FSM_NO_CONNECTION, FSM_NO_THREAD

@@ -26,7 +26,7 @@ from aiogram.fsm.strategy import FSMStrategy
 from aiogram.methods import TelegramMethod
 from aiogram.types import Update
 
-from utils.locking.lease import Lease, LeaseLost
+from utils.base.lease import Lease, LeaseLost
 from utils.state.fencing import FencedError
 from utils.state.fsm import NoWrites, UpdateWrites
 from utils.state.inbox import InboxEntry, NewUpdate

@@ -10,7 +10,7 @@ Here the fetch loop does only fetching and the conflict policy; the pipeline
 * a batch is stored (one transaction, with its offset) before the next getUpdates confirms it;
   the offset never waits for handlers;
 * every getUpdates, each retry included, goes through the lease gate: it leaves only with a
-  recently verified lease (:mod:`utils.locking.lease`);
+  recently verified lease (:mod:`utils.base.lease`);
 * ``TelegramConflictError`` (another poller): the lease is verified again. One 409 with a valid
   lease is most likely the last request of a fenced instance: retry at once. 409s that persist
   (a poller outside solobot) back off with tenacity, 5 s -> 300 s with jitter, one WARNING per
@@ -50,7 +50,7 @@ from tenacity import (
     wait_random,
 )
 
-from utils.locking.lease import Lease, LeaseLost
+from utils.base.lease import Lease, LeaseLost
 from utils.state.fencing import FencedError
 from utils.state.store import StateStore
 from utils.updates.ledger import OffsetBook

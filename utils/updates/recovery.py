@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from utils.locking.lease import Lease
+from utils.base.lease import Lease
 from utils.state.inbox import InboxEntry
 from utils.state.recovery import STARTED_ALONE, STARTED_WITH_OTHERS
 from utils.state.store import StateStore

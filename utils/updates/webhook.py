@@ -46,8 +46,8 @@ from aiogram.types import Update, WebhookInfo
 from aiohttp import web
 from pydantic import ValidationError
 
-from utils.locking.lease import Lease, LeaseLost
-from utils.ops.lookup import BoundedLookup
+from utils.base.lease import Lease, LeaseLost
+from utils.base.lookup import BoundedLookup
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
 from utils.state.inbox import NewUpdate, is_row_error, unstorable

@@ -1,5 +1,5 @@
 """Waiting for a positive marker, reading a bot's /health, free and listening ports: shared by the
-tests, the container checks (tests/container/checks.py), the load balancer (tests/balancer.py)
+tests, the container checks (tests/container/checks.py), the load balancer (testbed/balancer.py)
 and the benchmarks (bench/harness.py). No pytest here."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ masks, in this order:
 
 Every way out of the process passes through one :class:`Redactor`: the log handler's filter,
 configuration errors (:class:`utils.config.ConfigError`) and the lines of ``main.py status``.
-The URL is taken apart by :mod:`utils.state.dsn` only (one rule for where a password ends).
+The URL is taken apart by :mod:`utils.base.dsn` only (one rule for where a password ends).
 
 Standard library only: logging is set up before the heavy imports (utils/ops/bootstrap.py).
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from utils.state.dsn import parse_database_url
+from utils.base.dsn import parse_database_url
 
 MASK = "***"
 #: A Telegram bot token anywhere in a text (``<bot id>:<secret>``), even one not configured.

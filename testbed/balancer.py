@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.waiting import free_port, listening
+from testbed.waiting import free_port, listening
 
 #: How long nginx may take to listen.
 LISTEN_TIMEOUT = 10.0

@@ -27,8 +27,8 @@ Where it says "as the real server", the reference is tdlib/telegram-bot-api (``C
   the *tag* of the caller: instances are pointed at ``http://host:port/<tag>`` so the log says
   which process did what.
 
-Run it by hand:  ``python -m tests.fake_bot_api serve --port 8081``
-and talk to it:  ``python -m tests.fake_bot_api send --port 8081 --text /ping``
+Run it by hand:  ``python -m testbed.fake_bot_api serve --port 8081``
+and talk to it:  ``python -m testbed.fake_bot_api send --port 8081 --text /ping``
 """
 
 from __future__ import annotations
@@ -1067,7 +1067,7 @@ async def _tcp_problem(url: urllib.parse.SplitResult) -> str:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.fake_bot_api", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m testbed.fake_bot_api", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the fake server")
