@@ -78,6 +78,7 @@ class Role:
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
     s = StateStore.create(DatabaseTarget.parse(None, tmp_path), 1, "me")
+    await s.open()
     yield s
     await s.close()
 

@@ -338,6 +338,7 @@ async def test_a_delivery_that_cannot_be_stored_is_refused_alone(tmp_path: Path)
     from utils.updates.webhook import WebhookReceiver
 
     store = StateStore.create(DatabaseTarget.parse(None, tmp_path), BOT_ID, "unit")
+    await store.open()
     await store.migrate()
     receiver = WebhookReceiver(store, path=HOOK_PATH, secret=SECRET, on_stored=lambda: True)
     listener = GuardedListener("TEST_PORT", "127.0.0.1", 0, max_connections=64)
@@ -364,6 +365,7 @@ async def test_out_of_range_rows_are_row_errors(tmp_path: Path, backend: str) ->
 
     url = DATABASE_URL if backend == "postgres" else None
     store = StateStore.create(DatabaseTarget.parse(url, tmp_path), BOT_ID, "unit")
+    await store.open()
     await store.migrate()
     try:
         with pytest.raises(Exception) as raised:

@@ -99,6 +99,7 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
 
 async def make_store(tmp_path: Path) -> StateStore:
     store = StateStore.create(DatabaseTarget.parse(None, tmp_path), 123456, "test")
+    await store.open()
     await store.migrate()
     await store.leader.advance_epoch(instance_id="a", host="h", pid=1)
     return store
@@ -191,6 +192,7 @@ def test_drop_makes_it_an_ordinary_done_row(tmp_path: Path) -> None:
 def test_before_the_first_run_there_is_nothing_set_aside(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = StateStore.create(DatabaseTarget.parse(None, tmp_path), 123456, "test")
+        await store.open()
         assert not await store.recovery.exists()
         await store.close()
 
@@ -201,6 +203,7 @@ def test_a_version_2_inbox_gains_the_columns(tmp_path: Path) -> None:
     """An inbox from before poison updates (schema 2) is migrated in place, its rows kept."""
     async def scenario() -> None:
         store = StateStore.create(DatabaseTarget.parse(None, tmp_path), 123456, "test")
+        await store.open()
         async with store.engine.begin() as conn:
             await conn.execute(sa.text(
                 "CREATE TABLE solobot_inbox (seq INTEGER PRIMARY KEY, bot_id BIGINT NOT NULL, "

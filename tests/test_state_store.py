@@ -20,8 +20,10 @@ async def fresh_store(backend: str, tmp_path: Path) -> StateStore:
     if backend == "postgres":
         drop_tables(DATABASE_URL)
         s = StateStore.create(DatabaseTarget.parse(DATABASE_URL, tmp_path), 42, "test")
+        await s.open()
     else:
         s = StateStore.create(DatabaseTarget.parse(None, tmp_path / "state"), 42, "test")
+        await s.open()
     await s.migrate()
     return s
 
@@ -117,6 +119,7 @@ async def test_post_claim_is_fenced_and_exclusive(store: StateStore) -> None:
 
 async def test_sqlite_state_is_private(tmp_path: Path) -> None:
     store = StateStore.create(DatabaseTarget.parse(None, tmp_path / "state"), 42, "test")
+    await store.open()
     await store.migrate()
     await store.close()
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700

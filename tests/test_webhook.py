@@ -219,6 +219,7 @@ class FailingInbox:
 async def test_receiver_stores_then_answers(tmp_path: Path) -> None:
     target = DatabaseTarget.parse(None, tmp_path)
     store = StateStore.create(target, BOT_ID, "unit")
+    await store.open()
     await store.migrate()
     woken: list[int] = []
 
@@ -275,6 +276,7 @@ def test_passive_notice_throttle() -> None:
 async def test_passive_notice_while_nobody_leads(tmp_path: Path) -> None:
     """No leader takes the rows: the 200 carries sendMessage (Telegram runs it), once per chat."""
     store = StateStore.create(DatabaseTarget.parse(None, tmp_path), BOT_ID, "unit")
+    await store.open()
     await store.migrate()
     receiver = WebhookReceiver(store, path=HOOK_PATH, secret="s3cret", on_stored=lambda: False,
                                notice=PassiveNotice("back in a minute", after=0.0))

@@ -286,5 +286,9 @@ class LockBackend(abc.ABC):
     async def _pause_between_heartbeats(self) -> None:
         await asyncio.sleep(HEARTBEAT_INTERVAL)
 
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Check or create what the mechanism needs on disk, before the first acquire (no I/O in
+        the constructor: a start-up that fails later unwinds only what was opened)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Free resources (connections); the lock must already be released."""

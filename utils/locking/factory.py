@@ -13,8 +13,8 @@ from utils.state.store import StateStore
 
 
 def make_backend(settings: Settings, store: StateStore, instance_id: str) -> LockBackend:
-    """The lock backend of *settings*; the file backend's directory is checked (may raise
-    :class:`~utils.locking.instance_lock.LockSetupError`)."""
+    """The lock backend of *settings*, built without touching anything: its ``open()`` checks the
+    file backend's directory (may raise :class:`~utils.locking.instance_lock.LockSetupError`)."""
     common: dict[str, Any] = dict(
         instance_id=instance_id,
         stale_seconds=settings.lock_stale_seconds,
@@ -23,6 +23,4 @@ def make_backend(settings: Settings, store: StateStore, instance_id: str) -> Loc
     if settings.lock_backend == "postgres":
         assert store.target is not None and store.target.is_postgres
         return PostgresLockBackend(store.target, settings.bot_id, store, **common)
-    lock = InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id)
-    lock.prepare()
-    return FileLockBackend(lock, store, **common)
+    return FileLockBackend(InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id), store, **common)

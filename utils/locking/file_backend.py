@@ -55,7 +55,12 @@ class FileLockBackend(LockBackend):
     def __init__(self, lock: InstanceLock, store: StateStore, **kwargs: object) -> None:
         super().__init__(store, **kwargs)  # type: ignore[arg-type]
         self.lock = lock
-        lock.state_id = self.state_id = state_identity(store)
+
+    async def open(self) -> None:
+        """The lock directory, private to this user (:meth:`InstanceLock.prepare`), and the state
+        database's identity for our record (the state directory exists once the store is open)."""
+        self.lock.prepare()
+        self.lock.state_id = self.state_id = state_identity(self.store)
 
     async def _lock_acquire(self) -> None:
         await self.lock.acquire()

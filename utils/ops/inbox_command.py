@@ -54,6 +54,7 @@ async def _with_store(settings: Settings, started: float, work: Callable[..., Aw
 
     store = StateStore.create(DatabaseTarget.parse(settings.database_url, settings.state_dir),
                               settings.bot_id, "inbox-command")
+    await store.open()  # a state directory not ours alone: exit 78 (run_command), nothing open yet
     timeout = query_timeout(time.monotonic(), started)
     try:
         return await asyncio.wait_for(work(store), timeout)

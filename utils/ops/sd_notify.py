@@ -22,8 +22,6 @@ class SystemdNotifier:
         self.watchdog_interval = watchdog_usec / 2_000_000 if watchdog_usec else None
         self._sock: socket.socket | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        if address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     @classmethod
     def from_environment(cls) -> SystemdNotifier:
@@ -36,8 +34,10 @@ class SystemdNotifier:
         return cls(address, int(usec) if usec.isdigit() and int(usec) > 0 else None)
 
     def notify(self, message: str) -> bool:
-        if self._sock is None or self.address is None:
+        if self.address is None:
             return False
+        if self._sock is None:  # on first use, not in the constructor
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         # A leading "@" names an abstract socket (a leading NUL byte on the wire).
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
@@ -47,8 +47,14 @@ class SystemdNotifier:
             log.warning("sd_notify %r failed: %s", message.split("=")[0], exc)
             return False
 
+    def close(self) -> None:
+        """Close the socket (a later notify opens a new one)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
     def start_watchdog(self) -> None:
-        if self.watchdog_interval and self._sock is not None and self._watchdog is None:
+        if self.watchdog_interval and self.address and self._watchdog is None:
             self._watchdog = asyncio.create_task(self._ping(), name="solobot-watchdog")
 
     async def _ping(self) -> None:

@@ -8,7 +8,10 @@ immediate exit with :data:`EXIT_FORCED`. When the stop is over the previous hand
 
 Stages, modelled on aiohttp's runner cleanup: each ``register(name, callback)`` adds a named stage;
 they run once, last registered first (resources are torn down in the reverse order of their
-creation), each under its own timeout, all under one overall deadline. A stage that fails, times
+creation), each under its own timeout, all under one overall deadline. ``await enter(name, open,
+close)`` opens a resource and registers its teardown in the same place, as
+``contextlib.AsyncExitStack.enter_async_context`` does: a start-up that fails at any step unwinds
+exactly what was made before it, in reverse, with the same deadlines and the errors collected. A stage that fails, times
 out or raises ``CancelledError`` is logged and collected, and the remaining stages still run; only
 ``KeyboardInterrupt`` and ``SystemExit`` pass through.
 
@@ -73,6 +76,17 @@ class ShutdownManager:
     def register(self, name: str, callback: Callback, *, timeout: float | None = None) -> None:
         """Add stage *name*: *callback* (sync or async) runs at shutdown; later ones run first."""
         self._stages.append(Stage(name, callback, timeout or self.callback_timeout))
+
+    async def enter(self, name: str, open_: Callback, close: Callback, *, timeout: float | None = None) -> None:
+        """Run *open_* (sync or async); once it succeeded, register *close* as stage *name*.
+
+        A resource that *open_* could not make is not torn down (its opener cleans up after
+        itself); everything entered before it is, by :meth:`run`.
+        """
+        result = open_()
+        if inspect.isawaitable(result):
+            await result
+        self.register(name, close, timeout=timeout)
 
     @property
     def stages(self) -> list[str]:

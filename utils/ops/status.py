@@ -78,6 +78,10 @@ async def query_holder(settings: Settings, started: float) -> tuple[str, HolderI
     store = StateStore.create(DatabaseTarget.parse(settings.database_url, settings.state_dir),
                               settings.bot_id, "status-query")
     backend = make_backend(settings, store, "status-query")
+    # Before any connection: a state or lock directory that is not ours alone is a configuration
+    # error (run_command), not a "cannot tell"; nothing is open yet to close.
+    await store.open()
+    await backend.open()
     timeout = query_timeout(time.monotonic(), started)
     try:
         holder, live = await asyncio.wait_for(_ask(backend), timeout)

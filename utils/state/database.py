@@ -119,9 +119,8 @@ class DatabaseTarget:
         return str(self.sqlite_path)
 
     def create_engine(self, *, bot_id: int, instance_id: str) -> AsyncEngine:
+        """The engine, without connecting (SQLite's files are prepared by ``StateStore.open``)."""
         if not self.is_postgres:
-            assert self.sqlite_path is not None
-            prepare_sqlite_files(self.sqlite_path)
             engine = create_async_engine(self.sqlalchemy_url,
                                          connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
             _sqlite_serialised_writes(engine)

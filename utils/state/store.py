@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from utils.state.database import DatabaseTarget
+from utils.state.database import DatabaseTarget, prepare_sqlite_files
 from utils.state.errors import describe_database_error
 from utils.state.fencing import FencedError, fenced, hold_epoch, raise_if_fenced
 from utils.state.fsm_repository import FsmRepository
@@ -62,8 +62,16 @@ class StateStore:
 
     @classmethod
     def create(cls, target: DatabaseTarget, bot_id: int, instance_id: str) -> StateStore:
-        """Build the store; nothing connects until the first statement."""
+        """Build the store without touching anything: :meth:`open` prepares the files, and
+        nothing connects until the first statement."""
         return cls(target.create_engine(bot_id=bot_id, instance_id=instance_id), bot_id, target)
+
+    async def open(self) -> None:
+        """SQLite: the state directory and the database file, private to this user, before SQLite
+        opens them (may raise :class:`~utils.base.private_path.UnsafePathError`; idempotent).
+        PostgreSQL: nothing (the first statement connects)."""
+        if self.target is not None and self.target.sqlite_path is not None:
+            prepare_sqlite_files(self.target.sqlite_path)
 
     async def close(self) -> None:
         await self.engine.dispose()
