@@ -3,15 +3,20 @@ again in one process, and a start-up that fails at any step exits with its code 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from testbed.fake_bot_api import FakeBotAPI
 from testbed.waiting import free_port, listening
-from tests.conftest import BOT_ID
+from tests.conftest import BOT_ID, DATABASE_URL
 from tests.daemon import InProcessDaemon, StartDaemon, daemon_env, in_process, wait_for  # noqa: F401
+from utils.config import EX_CONFIG
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -76,3 +81,139 @@ async def test_webhook_mode_starts_and_answers(webhook_fake: FakeBotAPI, tmp_pat
         assert health is not None and health["updates"]["delivery"] == "webhook"
     finally:
         assert await daemon.stop() == EXIT_OK
+
+
+# -- a start-up that fails at each step: its exit code, and nothing left open ---------------------
+
+def open_files() -> dict[int, str]:
+    """This process's open file descriptors and what they are (``/proc/self/fd``)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the directory listing's own descriptor, closed meanwhile
+            continue
+        if not target.startswith("/proc/"):
+            found[int(name)] = target
+    return found
+
+
+def other_tasks() -> set[asyncio.Task[object]]:
+    return {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+
+
+def database_sessions(instance_id: str) -> int:
+    """PostgreSQL sessions of one daemon instance (every one carries its id in application_name)."""
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s",
+                           (f"solobot-%-{instance_id}-%",)).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def assert_nothing_left_open(daemon: InProcessDaemon, files_before: dict[int, str],
+                                   held_elsewhere: int | None = None) -> None:
+    """No listener on its health port (unless another holds it: *held_elsewhere*), no task of its
+    own, no file beyond *files_before*, no database session."""
+    import bot as user_bot
+
+    assert not daemon.running
+    if daemon.port != held_elsewhere:
+        assert not listening(daemon.port), "the health port is closed"
+    assert not other_tasks(), f"tasks left behind: {other_tasks()}"
+    # The fake Bot API (another thread of this process) closes its end of a connection when it
+    # sees ours close: wait for that, then compare.
+    await wait_for(lambda: open_files() == files_before, message="the files open before the start",
+                   timeout=10)
+    assert user_bot.router.parent_router is None, "the user's router is detached"
+    if daemon.settings.database_url:
+        assert database_sessions(daemon.instance_id) == 0
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    """A port something else listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+async def start_and_fail(fake: FakeBotAPI, tmp_path: Path, expected: int, held_elsewhere: int | None = None,
+                         **env: str) -> InProcessDaemon:
+    """Start a daemon that fails to start: it exits with *expected* and leaves nothing open."""
+    before = open_files()
+    daemon = await InProcessDaemon("failing", daemon_env(fake, tmp_path / "lock", tmp_path / "state",
+                                                          "failing", **env)).start()
+    assert await daemon.wait_exit() == expected, daemon.log()
+    await assert_nothing_left_open(daemon, before, held_elsewhere)
+    return daemon
+
+
+async def test_state_store_step_fails_with_exit_78(fake: FakeBotAPI, tmp_path: Path) -> None:
+    """STATE_DIR not ours alone (a symlink): a configuration error, before anything else is open."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "state-link").symlink_to(tmp_path / "elsewhere")
+    daemon = await start_and_fail(fake, tmp_path, EX_CONFIG, STATE_DIR=str(tmp_path / "state-link"))
+    assert "STATE_DIR" in daemon.log()
+
+
+async def test_lock_backend_step_fails_with_exit_78(fake: FakeBotAPI, tmp_path: Path) -> None:
+    """LOCK_DIR not ours alone: exit 78, and the state store opened before it is closed again."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "lock-link").symlink_to(tmp_path / "elsewhere")
+    daemon = await start_and_fail(fake, tmp_path, EX_CONFIG, LOCK_DIR=str(tmp_path / "lock-link"))
+    assert "LOCK_DIR" in daemon.log()
+    assert "close state store" not in daemon.log(), "its teardown ran without an error"
+
+
+async def test_health_port_step_fails_with_exit_1(fake: FakeBotAPI, tmp_path: Path, port_in_use: int) -> None:
+    daemon = await start_and_fail(fake, tmp_path, EXIT_FAILURE, port_in_use, HEALTH_PORT=str(port_in_use))
+    assert f"HEALTH_PORT {port_in_use}" in daemon.log() and "cannot listen" in daemon.log()
+
+
+async def test_health_port_step_fails_on_postgresql_too(fake: FakeBotAPI, tmp_path: Path,
+                                                        port_in_use: int) -> None:
+    await start_and_fail(fake, tmp_path, EXIT_FAILURE, port_in_use, HEALTH_PORT=str(port_in_use),
+                         DATABASE_URL=DATABASE_URL, LOCK_BACKEND="postgres")
+
+
+async def test_webhook_port_step_fails_with_exit_1(fake: FakeBotAPI, tmp_path: Path, port_in_use: int) -> None:
+    """The webhook's own port in use: exit 1, and the health endpoint started before it is stopped."""
+    daemon = await start_and_fail(fake, tmp_path, EXIT_FAILURE, BOT_MODE="webhook",
+                                  WEBHOOK_URL="http://127.0.0.1:8443/tg/hook", WEBHOOK_PORT=str(port_in_use))
+    assert f"WEBHOOK_PORT {port_in_use}" in daemon.log()
+
+
+async def test_aiogram_startup_hook_fails_with_exit_1(fake: FakeBotAPI, tmp_path: Path) -> None:
+    from tests.startup_failure_bot import FAILURE, router
+
+    daemon = await start_and_fail(fake, tmp_path, EXIT_FAILURE, BOT_MODULE="tests.startup_failure_bot")
+    assert FAILURE in daemon.log()
+    assert router.parent_router is None
+
+
+async def test_webhook_registration_failing_keeps_the_daemon_up(webhook_fake: FakeBotAPI, tmp_path: Path) -> None:
+    """setWebhook refused for good (the URL does not answer): not a start-up failure. The daemon
+    stays up (it receives on every replica; the leader retries the registration with backoff), and
+    stops with exit 0 leaving nothing open."""
+    before = open_files()
+    unreachable = free_port()
+    env = daemon_env(webhook_fake, tmp_path / "lock", tmp_path / "state", "hook", BOT_MODE="webhook",
+                     WEBHOOK_URL=f"http://127.0.0.1:{unreachable}/tg/hook")
+    daemon = await InProcessDaemon("hook", env).start()
+    await daemon.wait_mode("active")
+    await wait_for(lambda: "webhook: registration failed" in daemon.log(), message="the refused setWebhook")
+    assert webhook_fake.webhook(BOT_ID) == ""
+    assert await daemon.stop() == EXIT_OK
+    await assert_nothing_left_open(daemon, before)
+
+
+async def test_a_stop_closes_every_database_session(fake: FakeBotAPI, tmp_path: Path) -> None:
+    before = open_files()
+    env = daemon_env(fake, tmp_path / "lock", tmp_path / "state", "pg", DATABASE_URL=DATABASE_URL,
+                     LOCK_BACKEND="postgres")
+    daemon = await InProcessDaemon("pg", env).start()
+    await daemon.wait_mode("active")
+    assert database_sessions(daemon.instance_id) > 0
+    assert await daemon.stop() == EXIT_OK
+    await assert_nothing_left_open(daemon, before)
