@@ -237,3 +237,12 @@ async def test_a_stop_closes_every_database_session(fake: FakeBotAPI, tmp_path: 
     assert database_sessions(daemon.instance_id) > 0
     assert await daemon.stop() == EXIT_OK
     await assert_nothing_left_open(daemon, before)
+
+
+def test_importing_main_installs_no_signal_handler() -> None:
+    """Only ``python main.py`` takes SIGTERM/SIGINT over; an import (a test, a tool) leaves them be."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    import main
+
+    assert main.EARLY_STOP is None and main.PREPARED is None
+    assert {sig: signal.getsignal(sig) for sig in before} == before
