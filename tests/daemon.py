@@ -86,9 +86,13 @@ _CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("solobot_t
 @overload
 async def wait_for(predicate: Callable[[], Awaitable[T | None]], timeout: float = ..., message: str = ...,
                    interval: float = ...) -> T: ...
+
+
 @overload
 async def wait_for(predicate: Callable[[], T | None], timeout: float = ..., message: str = ...,
                    interval: float = ...) -> T: ...
+
+
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
                    message: str = "condition", interval: float = 0.02) -> Any:
     """``testbed.waiting.wait_until`` for a test whose daemon runs on its own loop: poll *predicate*
