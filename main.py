@@ -44,7 +44,6 @@ from aiogram.client.telegram import TelegramAPIServer  # noqa: E402
 
 from utils.autoposter.role import Autoposter  # noqa: E402
 from utils.base.lease import LeaseGate  # noqa: E402
-from utils.base.lookup import BoundedLookup  # noqa: E402
 from utils.base.private_path import UnsafePathError  # noqa: E402
 from utils.config import EX_CONFIG, Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
@@ -56,6 +55,7 @@ from utils.ops.http_listener import ListenError  # noqa: E402
 from utils.ops.metrics import Metrics  # noqa: E402
 from utils.ops.sd_notify import SystemdNotifier  # noqa: E402
 from utils.ops.shutdown import ShutdownManager  # noqa: E402
+from utils.ops.status_report import StatusReporter  # noqa: E402
 from utils.sending.limiter import FloodControl, FloodLimiter  # noqa: E402
 from utils.state.database import DatabaseTarget  # noqa: E402
 from utils.state.fsm import DurableStorage  # noqa: E402
@@ -77,10 +77,6 @@ log = logging.getLogger("solobot")
 EXIT_OK, EXIT_FAILURE = 0, 1
 #: A role's stop is bounded by DRAIN_TIMEOUT plus this (the done marks' final flush, closing).
 ROLE_STOP_ALLOWANCE = 2.0
-#: /ready: a successful getUpdates within POLLING_TIMEOUT plus this, or not ready.
-READY_MARGIN = 5.0
-#: /health's database lookups (holder, pause flag) give up after this; they run concurrently.
-HEALTH_LOOKUP_TIMEOUT = 0.25
 #: Releasing the lock after the roles stopped (a database round trip or two).
 RELEASE_ALLOWANCE = 1.0
 
@@ -174,23 +170,18 @@ class App:
             self.backend, roles, instance_id=self.instance_id,
             role_stop_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE, gate=self.gate,
         )
-        # The database lookups of /health and /metrics: each answers within HEALTH_LOOKUP_TIMEOUT or
-        # says it could not, and a stuck one is never started twice (utils/base/lookup.py). One inbox
-        # lookup serves both endpoints.
-        self._inbox_lookup = BoundedLookup(self.store.inbox.depth, HEALTH_LOOKUP_TIMEOUT, name="inbox depth")
-        self._set_aside_lookup = BoundedLookup(self.store.recovery.count_set_aside, HEALTH_LOOKUP_TIMEOUT,
-                                               name="set-aside count")
-        self._paused_lookup = (BoundedLookup(self.autoposter.is_paused, HEALTH_LOOKUP_TIMEOUT, name="pause flag")
-                               if self.autoposter else None)
-        self.metrics = Metrics(controller=self.controller, stats=self.stats, autoposter=self.autoposter,
-                               backend=self.backend, inbox_depth=self._inbox_lookup,
-                               set_aside=self._set_aside_lookup,
-                               deliveries=self.receiver.stats if self.receiver else None,
-                               webhook=self.webhook, sends=self.sends)
+        # What /health, /ready, /metrics and /status read: one typed snapshot (utils/ops/status_report.py).
+        self.reporter = StatusReporter(
+            controller=self.controller, backend=self.backend, stats=self.stats,
+            inbox_depth=self.store.inbox.depth, set_aside=self.store.recovery.count_set_aside,
+            polling=self.polling, sends=self.sends, polling_timeout=settings.polling_timeout,
+            autoposter=self.autoposter, webhook=self.webhook, receiver=self.receiver,
+        )
+        self.metrics = Metrics(self.reporter.snapshot)
         self.notifier = SystemdNotifier.from_environment()
         self.controller.add_listener(self._on_mode)
         self.dp["admin_ids"] = settings.admin_ids
-        self.dp["status"] = self.status
+        self.dp["status"] = self.reporter.snapshot
         self.dp["autoposter"] = self.autoposter
         self.health: HealthServer | None = None
         # The webhook on a port of its own (WEBHOOK_PORT), else on HEALTH_PORT, which is then public.
@@ -202,7 +193,7 @@ class App:
         if settings.health_port:
             self.health = HealthServer(
                 settings.health_host, settings.health_port,
-                status=self.status, ready=self.ready, metrics=self.metrics.scrape,
+                status=self.reporter.health, ready=self.reporter.ready, metrics=self.metrics.scrape,
                 routes=self.receiver.routes() if self.receiver and shared else (),
                 scrub=scrubber(settings.redactor, public=shared),
                 max_connections=WEBHOOK_HTTP_CONNECTIONS if shared else OPS_HTTP_CONNECTIONS,
@@ -220,96 +211,6 @@ class App:
         words = {Mode.ACTIVE: f"active: {self.settings.bot_mode}", Mode.PASSIVE: "passive: standby",
                  Mode.STOPPING: "stopping"}[mode]
         self.notifier.notify(f"STATUS={words} ({detail})")
-
-    # -- what /health, /ready and /status read -----------------------------------------------
-
-    async def status(self) -> dict[str, Any]:
-        """What /health shows. The lookups that need the database run concurrently, each bounded
-        (HEALTH_LOOKUP_TIMEOUT): /health answers in well under a second whatever the database does."""
-        snap = self.controller.snapshot()
-        holder, paused, depth, set_aside = await asyncio.gather(
-            self.controller.holder(), self._paused_or_error(), self._inbox_lookup.or_reason(),
-            self._set_aside_lookup.or_reason())
-        stats = self.stats
-        autoposter = "off (no CHANNEL_ID)"
-        if self.autoposter is not None:
-            autoposter = self.autoposter.state
-            if paused is True:
-                autoposter = "paused"
-            elif isinstance(paused, str):
-                autoposter += f" (pause flag unknown: {paused})"
-        return {
-            "status": "ok",
-            **snap,
-            "lock": {
-                "backend": self.backend.name,
-                "holder": holder.as_dict() if holder else None,
-                "fenced_holders": self.backend.fenced_holders,
-            },
-            "polling": {
-                "active": stats.polling,
-                "seconds_since_ok": stats.seconds_since_ok(),
-                "conflicts": stats.conflicts,
-                "errors": dict(stats.errors),
-            },
-            "updates": {
-                "fetched": stats.fetched,
-                "handled": stats.handled,
-                "handler_errors": stats.handler_errors,
-                "duplicates_skipped": stats.duplicates,
-                "redelivered": stats.redelivered,
-                "waiting": stats.inbox_waiting,
-                "delivery": "webhook" if self.webhook else "polling",
-                "inbox_waiting": depth[0] if isinstance(depth, tuple) else None,
-                "inbox_oldest_age_s": depth[1] if isinstance(depth, tuple) else None,
-                **({"inbox_error": depth} if isinstance(depth, str) else {}),
-                "set_aside": set_aside,  # poison updates held now (python main.py inbox), or why unknown
-                "set_aside_total": stats.set_aside,
-                **({"webhook": self._webhook_status()} if self.webhook else {}),
-            },
-            "autoposter": {"state": autoposter},
-            "sends": {"waiting": self.sends.waiting, "rate_limited": self.sends.rate_limited},
-        }
-
-    def _webhook_status(self) -> dict[str, Any]:
-        """The receiver's counters, and on the leader getWebhookInfo as last fetched (cached)."""
-        assert self.webhook is not None and self.receiver is not None
-        received = self.receiver.stats
-        return {
-            "accepted": received.accepted,
-            "duplicates": received.duplicates,
-            "unauthorized": received.unauthorized,
-            "malformed": received.malformed,
-            "unavailable": received.unavailable,
-            "inbox_error": received.inbox_error,
-            "info": self.webhook.info,
-        }
-
-    async def _paused_or_error(self) -> bool | str | None:
-        if self._paused_lookup is None:  # no autoposter
-            return None
-        return await self._paused_lookup.or_reason()
-
-    def ready(self) -> tuple[bool, str]:
-        """200 only while active with a successful getUpdates within POLLING_TIMEOUT + a margin.
-
-        Webhook mode: 200 on every replica that can store deliveries (passive ones too: a
-        balancer should send updates to any of them)."""
-        if self.receiver is not None:
-            return self.receiver.ready()
-        if not self.controller.is_active:
-            return False, f"{self.controller.mode.value}: {self.controller.snapshot()['passive_reason']}"
-        stats = self.stats
-        since = stats.seconds_since_ok()
-        if not stats.polling:
-            return False, "active but not polling"
-        if since is None:
-            return False, "active, but no getUpdates has succeeded yet"
-        if since > self.settings.polling_timeout + READY_MARGIN:
-            failing = self.polling.outage.outage
-            why = f" ({failing.failures} failed attempts)" if failing else ""
-            return False, f"active, but no successful getUpdates for {since:.0f} s{why}"
-        return True, "active and polling"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
