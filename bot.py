@@ -6,6 +6,7 @@ Handlers get what they need from the dispatcher's workflow data (set in ``main.p
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
@@ -65,12 +66,11 @@ def delivery_line(delivery: Delivery, updates: UpdateCounts) -> str:
     if isinstance(delivery, PollingFacts):
         last_ok = "never" if delivery.seconds_since_ok is None else f"{delivery.seconds_since_ok:.0f} s ago"
         return f"polling: last ok {last_ok}, conflicts {updates[UpdateStats.conflicts]}"
-    received = delivery.received
-    line = (f"webhook: {received.accepted} accepted, {received.duplicates} duplicates, "
-            f"{received.unauthorized} unauthorized, {received.malformed} malformed, "
-            f"{received.unavailable} unavailable")
-    if received.inbox_error:
-        line += f"; inbox not writable: {received.inbox_error}"
+    received = dataclasses.asdict(delivery.received)  # the receiver's counters, as it declares them
+    line = "webhook: " + ", ".join(f"{count} {outcome}" for outcome, count in received.items()
+                                   if isinstance(count, int))
+    if delivery.received.inbox_error:
+        line += f"; inbox not writable: {delivery.received.inbox_error}"
     if delivery.info is not None:
         line += f"\nTelegram: {delivery.info.get('pending_update_count', '?')} pending"
         if delivery.info.get("last_error_message"):
