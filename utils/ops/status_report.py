@@ -5,10 +5,12 @@ lookups, the roles of the mode); ``/health``, ``/metrics``, the ``/status`` comm
 :meth:`StatusReporter.snapshot`, ``/ready`` :meth:`StatusReporter.ready`. What the facts mean and
 how they are shown lives in :mod:`utils.ops.status_snapshot` (pure); this module only reads them.
 
-The database lookups (holder, inbox depth, set-aside count, pause flag) run concurrently, each
-bounded by :data:`LOOKUP_TIMEOUT` (:class:`utils.base.lookup.BoundedLookup`): the snapshot is
-ready in well under a second whatever the database does, with :class:`Unknown` for what did not
-answer. A stuck lookup is never started twice; one lookup serves /health and /metrics alike.
+The database lookups (inbox depth, set-aside count, pause flag; the holder through the
+controller, which bounds and caches it) run concurrently, each bounded by
+:data:`~utils.base.lookup.STATUS_LOOKUP_TIMEOUT` (:class:`~utils.base.lookup.BoundedLookup`): the
+snapshot is ready in well under a second whatever the database does, with :class:`Unknown` for
+what did not answer. A stuck lookup is never started twice; one lookup serves /health, /metrics
+and /status alike.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
-from utils.base.lookup import BoundedLookup
+from utils.base.lookup import STATUS_LOOKUP_TIMEOUT, BoundedLookup
 from utils.locking.backend import HolderInfo
 from utils.ops.status_snapshot import (
     AutoposterFacts,
@@ -41,9 +43,6 @@ from utils.ops.status_snapshot import (
 from utils.updates.outage import OutageLog
 from utils.updates.stats import DurationHistogram, UpdateStats
 from utils.updates.webhook import ReceiverStats
-
-#: Each database lookup of a snapshot gives up after this; they run concurrently.
-LOOKUP_TIMEOUT = 0.25
 
 T = TypeVar("T")
 
@@ -138,7 +137,7 @@ class StatusReporter:
         autoposter: AutoposterSource | None = None,
         webhook: WebhookSource | None = None,
         receiver: ReceiverSource | None = None,
-        lookup_timeout: float = LOOKUP_TIMEOUT,
+        lookup_timeout: float = STATUS_LOOKUP_TIMEOUT,
     ) -> None:
         if (webhook is None) != (receiver is None):
             raise ValueError("webhook mode needs both the webhook role and the receiver")
@@ -182,7 +181,7 @@ class StatusReporter:
     # -- the whole snapshot ----------------------------------------------------------------
 
     async def snapshot(self) -> StatusSnapshot:
-        """Everything, the database lookups concurrent and each bounded (:data:`LOOKUP_TIMEOUT`)."""
+        """Everything; the database lookups concurrent, each bounded (``STATUS_LOOKUP_TIMEOUT``)."""
         term = self.term()
         depth_lookup, set_aside_lookup = _known(self._inbox_depth), _known(self._set_aside)
         holder, depth, set_aside, paused = await asyncio.gather(
