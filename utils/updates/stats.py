@@ -56,8 +56,9 @@ Section = Literal["updates", "polling"]
 class Count:
     """One counter (or gauge) of :class:`UpdateStats`, declared once with everything its readers need.
 
-    A data descriptor: ``stats.fetched += 1`` reads and writes an ``int`` in the instance (starting
-    at 0); ``UpdateStats.fetched`` is this declaration.
+    On the class, ``UpdateStats.fetched`` is this declaration; on an instance, an ``int`` from 0.
+    A non-data descriptor: it answers only until the first write, which puts a plain ``int`` in the
+    instance, so ``stats.fetched += 1`` on the pipeline's path costs what an attribute costs.
     """
 
     def __init__(self, metric: str, help_text: str, *, health: str, section: Section = "updates",
@@ -79,13 +80,7 @@ class Count:
     def __get__(self, instance: object, owner: type) -> int: ...
 
     def __get__(self, instance: object | None, owner: type) -> Count | int:
-        if instance is None:
-            return self
-        value: int = instance.__dict__.get(self.name, 0)
-        return value
-
-    def __set__(self, instance: object, value: int) -> None:
-        instance.__dict__[self.name] = value
+        return self if instance is None else 0  # not written yet (else the instance's value answers)
 
     def __repr__(self) -> str:
         return f"Count({self.name})"
@@ -127,7 +122,8 @@ class UpdateStats:
 
     def counts(self) -> tuple[tuple[Count, int], ...]:
         """Every declared count with its value now, in declaration order."""
-        return tuple((count, count.__get__(self, type(self))) for count in COUNTS)
+        values: dict[str, int] = vars(self)
+        return tuple((count, values.get(count.name, 0)) for count in COUNTS)
 
     def __repr__(self) -> str:
         values: dict[str, Any] = {count.name: value for count, value in self.counts()}
