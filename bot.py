@@ -1,27 +1,30 @@
 """The bot itself: command handlers and the autoposter's admin commands.
 
-Handlers get what they need from the dispatcher's workflow data (set in ``main.py``):
-``admin_ids``, ``status`` (the same snapshot /health serves) and ``autoposter`` (or None).
+Handlers get what they need from the dispatcher's workflow data (set in ``utils/ops/daemon_parts.py``):
+``admin_ids``, ``status`` (the typed snapshot /health serves) and ``autoposter`` (or None).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiogram import F, Router
 from aiogram.filters import Command, CommandObject, CommandStart
 from aiogram.types import Message
 
 from utils.autoposter.role import Autoposter, PostRejected
+from utils.ops.status_snapshot import AUTOPOSTER_OFF, Delivery, PollingFacts, StatusSnapshot, UpdateCounts
+from utils.updates.stats import UpdateStats
 
 log = logging.getLogger("solobot.bot")
 
 router = Router(name="solobot")
 
-StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+#: The daemon's status snapshot (``utils.ops.status_report.StatusReporter.snapshot``).
+StatusSource = Callable[[], Awaitable[StatusSnapshot]]
 
 HELP = (
     "I am a channel autoposter.\n"
@@ -57,24 +60,45 @@ def _age(seconds: float | None) -> str:
     return str(dt.timedelta(seconds=int(seconds)))
 
 
+def delivery_line(delivery: Delivery, updates: UpdateCounts) -> str:
+    """How updates arrive: getUpdates in polling mode; the receiver (and, on the leader,
+    Telegram's view from getWebhookInfo) in webhook mode."""
+    if isinstance(delivery, PollingFacts):
+        last_ok = "never" if delivery.seconds_since_ok is None else f"{delivery.seconds_since_ok:.0f} s ago"
+        return f"polling: last ok {last_ok}, conflicts {updates[UpdateStats.conflicts]}"
+    received = dataclasses.asdict(delivery.received)  # the receiver's counters, as it declares them
+    line = "webhook: " + ", ".join(f"{count} {outcome}" for outcome, count in received.items()
+                                   if isinstance(count, int))
+    if delivery.received.inbox_error:
+        line += f"; inbox not writable: {delivery.received.inbox_error}"
+    if delivery.info is not None:
+        line += f"\nTelegram: {delivery.info.get('pending_update_count', '?')} pending"
+        if delivery.info.get("last_error_message"):
+            line += f", last error: {delivery.info['last_error_message']}"
+    return line
+
+
+def describe_status(s: StatusSnapshot) -> str:
+    """The /status answer: who this is, who holds the lock, how updates arrive, the autoposter."""
+    term, holder = s.term, s.lock.holder
+    held = (f"held by instance {holder.instance_id} (pid {holder.pid} on {holder.host})" if holder is not None
+            else "no holder known")
+    return "\n".join([
+        f"mode: {term.mode.value} (epoch {term.epoch})",
+        f"instance: {term.instance_id} pid {term.pid} on {term.host}",
+        f"uptime: {_age(term.uptime_s)}",
+        f"lock: {s.lock.backend}, {held}",
+        delivery_line(s.delivery, s.updates),
+        f"autoposter: {s.autoposter.describe() if s.autoposter else AUTOPOSTER_OFF}",
+    ])
+
+
 @router.message(Command("status"))
 async def cmd_status(message: Message, admin_ids: frozenset[int], status: StatusSource) -> None:
     if not is_admin(message, admin_ids):
         await message.answer("Sorry, /status is for admins only.")
         return
-    s = await status()
-    holder = s["lock"].get("holder") or {}
-    lines = [
-        f"mode: {s['mode']} (epoch {s['epoch']})",
-        f"instance: {s['instance_id']} pid {s['pid']} on {s['host']}",
-        f"uptime: {_age(s['uptime_s'])}",
-        f"lock: {s['lock']['backend']}, held by instance {holder.get('instance_id', '?')} "
-        f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')})",
-        f"polling: last ok {s['polling']['seconds_since_ok']} s ago, "
-        f"conflicts {s['polling']['conflicts']}",
-        f"autoposter: {s['autoposter']['state']}",
-    ]
-    await message.answer("\n".join(lines))
+    await message.answer(describe_status(await status()))
 
 
 # -- autoposter admin commands --------------------------------------------------------------

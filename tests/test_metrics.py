@@ -1,53 +1,47 @@
-"""/metrics: parsed with prometheus_client's own parser; counters are counters; memory stays flat."""
+"""/metrics: parsed with prometheus_client's own parser; counters are counters; memory stays flat.
+
+The series are rendered from the status snapshot (utils/ops/status_report.py), here taken from
+stand-ins of the daemon's parts (tests/status_fakes.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import tracemalloc
 import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import free_port
-from utils.base.lookup import BoundedLookup
+from tests.status_fakes import (
+    LOOKUP_TIMEOUT,
+    FakeAutoposter,
+    FakeBackend,
+    FakeController,
+    FakeInbox,
+    FakeReceiver,
+    FakeWebhookRole,
+    busy_stats,
+    make_reporter,
+)
 from utils.locking.controller import Mode
 from utils.ops.health import HealthServer
 from utils.ops.metrics import Metrics
+from utils.ops.status_report import StatusReporter
 from utils.updates.stats import HANDLER_BUCKETS, UpdateStats
 from utils.updates.webhook import ReceiverStats
 
-
-@dataclass
-class FakeController:
-    mode: Mode = Mode.PASSIVE
-    epoch: int = 0
-    handovers: int = 0
+Families = dict[str, tuple[str, list[Sample]]]
 
 
-@dataclass
-class FakeAutoposter:
-    posts_sent: int = 0
-
-
-@dataclass
-class FakeBackend:
-    fenced_holders: int = 0
-
-
-#: The bound of the inbox lookup in these tests (main.py uses HEALTH_LOOKUP_TIMEOUT, 0.25 s).
-INBOX_LOOKUP_TIMEOUT = 0.25
-
-
-def parse(metrics: Metrics) -> dict[str, tuple[str, list[Sample]]]:
-    body, content_type = metrics.render()
+async def parse(reporter: StatusReporter) -> Families:
+    body, content_type = await Metrics(reporter.snapshot).scrape()
     assert content_type.startswith("text/plain; version=")
     return {f.name: (f.type, f.samples) for f in text_string_to_metric_families(body.decode())}
 
 
-def value(families: dict[str, tuple[str, list[Sample]]], sample_name: str, **labels: str) -> float:
+def value(families: Families, sample_name: str, **labels: str) -> float:
     family = sample_name.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
     for sample in families[family][1]:
         if sample.name == sample_name and sample.labels == labels:
@@ -55,22 +49,11 @@ def value(families: dict[str, tuple[str, list[Sample]]], sample_name: str, **lab
     raise KeyError(f"{sample_name}{labels}")
 
 
-def busy_stats() -> UpdateStats:
-    stats = UpdateStats(polling=True, conflicts=2, fetched=10, handled=9, handler_errors=1,
-                        duplicates=3, redelivered=1, inbox_waiting=1)
-    stats.count_error("conflict")
-    stats.count_error("network")
-    stats.count_error("network")
-    for seconds in (0.005, 0.2, 0.2, 3.0, 100.0):
-        stats.handler_seconds.observe(seconds)
-    return stats
-
-
-def test_types_names_and_values() -> None:
+async def test_types_names_and_values() -> None:
     controller = FakeController(Mode.ACTIVE, epoch=7, handovers=2)
-    metrics = Metrics(controller=controller, stats=busy_stats(), autoposter=FakeAutoposter(4),
-                      backend=FakeBackend(1))
-    families = parse(metrics)
+    reporter = make_reporter(controller=controller, stats=busy_stats(), autoposter=FakeAutoposter(4),
+                             backend=FakeBackend(fenced_holders=1), inbox=FakeInbox((5, 2.5), 1))
+    families = await parse(reporter)
     types = {name: kind for name, (kind, _) in families.items()}
     assert types == {
         "solobot_mode": "gauge",
@@ -87,7 +70,13 @@ def test_types_names_and_values() -> None:
         "solobot_inbox_waiting_updates": "gauge",
         "solobot_getupdates_errors": "counter",
         "solobot_handler_duration_seconds": "histogram",
+        "solobot_inbox_pending_updates": "gauge",
+        "solobot_inbox_oldest_pending_age_seconds": "gauge",
+        "solobot_inbox_set_aside_updates": "gauge",
         "solobot_fenced_holders": "counter",
+        "solobot_telegram_rate_limited": "counter",
+        "solobot_sends_waiting": "gauge",
+        "solobot_send_wait_seconds": "histogram",
         "solobot_posts_sent": "counter",
     }
     for name, (kind, samples) in families.items():
@@ -103,6 +92,8 @@ def test_types_names_and_values() -> None:
     assert value(families, "solobot_getupdates_errors_total", kind="conflict") == 1
     assert value(families, "solobot_fenced_holders_total") == 1
     assert value(families, "solobot_posts_sent_total") == 4
+    assert value(families, "solobot_inbox_pending_updates") == 5
+    assert value(families, "solobot_inbox_set_aside_updates") == 1
     histogram = families["solobot_handler_duration_seconds"][1]
     buckets = {s.labels["le"]: s.value for s in histogram if s.name.endswith("_bucket")}
     assert len(buckets) == len(HANDLER_BUCKETS) + 1
@@ -111,38 +102,38 @@ def test_types_names_and_values() -> None:
     assert abs(value(families, "solobot_handler_duration_seconds_sum") - 103.405) < 1e-9
 
 
-def test_optional_sources_absent_and_nothing_consumed_by_a_scrape() -> None:
-    metrics = Metrics(controller=FakeController(), stats=UpdateStats())
-    families = parse(metrics)
-    assert "solobot_posts_sent" not in families and "solobot_fenced_holders" not in families
+async def test_optional_series_absent_and_nothing_consumed_by_a_scrape() -> None:
+    reporter = make_reporter()
+    families = await parse(reporter)
+    assert "solobot_posts_sent" not in families, "no autoposter: no series rather than a fake 0"
+    assert "solobot_webhook_deliveries" not in families, "polling mode"
     assert "solobot_getupdates_last_success_timestamp_seconds" not in families, "never succeeded"
     assert value(families, "solobot_mode", mode="passive") == 1
     assert families["solobot_getupdates_errors"][1] == []
-    assert metrics.render() == metrics.render(), "a scrape changes nothing"
+    assert await parse(reporter) == families, "a scrape changes nothing"
 
 
-def test_reads_sources_at_scrape_time() -> None:
+async def test_reads_sources_at_scrape_time() -> None:
     controller = FakeController()
     stats = UpdateStats()
-    metrics = Metrics(controller=controller, stats=stats)
+    reporter = make_reporter(controller=controller, stats=stats)
     controller.mode, controller.handovers = Mode.ACTIVE, 1
     stats.handled += 1
     stats.handler_seconds.observe(0.3)
-    families = parse(metrics)
+    families = await parse(reporter)
     assert value(families, "solobot_mode", mode="active") == 1
     assert value(families, "solobot_handovers_total") == 1
     assert value(families, "solobot_updates_handled_total") == 1
     assert value(families, "solobot_handler_duration_seconds_count") == 1
 
 
-def structure_size(metrics: Metrics, stats: UpdateStats) -> tuple[Any, ...]:
-    return (len(stats.handler_seconds.counts), len(stats.errors), len(vars(metrics.collector)),
-            len(list(metrics.registry.collect())))
+def structure_size(reporter: StatusReporter, stats: UpdateStats) -> tuple[Any, ...]:
+    return len(stats.handler_seconds.counts), len(stats.errors), len(vars(stats)), len(vars(reporter))
 
 
-def test_memory_flat_after_10000_updates_without_a_scrape() -> None:
+async def test_memory_flat_after_10000_updates_without_a_scrape() -> None:
     stats = UpdateStats()
-    metrics = Metrics(controller=FakeController(), stats=stats, autoposter=FakeAutoposter())
+    reporter = make_reporter(stats=stats, autoposter=FakeAutoposter())
 
     def one_update(i: int) -> None:  # what the pipeline does per update
         stats.fetched += 1
@@ -152,7 +143,7 @@ def test_memory_flat_after_10000_updates_without_a_scrape() -> None:
             stats.count_error("network")
 
     one_update(0)
-    before = structure_size(metrics, stats)
+    before = structure_size(reporter, stats)
     tracemalloc.start()
     try:
         baseline, _ = tracemalloc.get_traced_memory()
@@ -161,22 +152,18 @@ def test_memory_flat_after_10000_updates_without_a_scrape() -> None:
         grown = tracemalloc.get_traced_memory()[0] - baseline
     finally:
         tracemalloc.stop()
-    assert structure_size(metrics, stats) == before
+    assert structure_size(reporter, stats) == before
     assert grown < 4096, f"{grown} bytes retained by 10000 updates"
-    families = parse(metrics)
+    families = await parse(reporter)
     assert value(families, "solobot_handler_duration_seconds_count") == 10_000
     assert value(families, "solobot_updates_handled_total") == 10_000
 
 
 async def test_health_server_serves_parseable_metrics() -> None:
-    metrics = Metrics(controller=FakeController(Mode.ACTIVE, 3, 1), stats=busy_stats())
-
-    async def status() -> dict[str, Any]:
-        return {}
-
+    reporter = make_reporter(controller=FakeController(Mode.ACTIVE, 3, 1), stats=busy_stats())
     port = free_port()
-    server = HealthServer("127.0.0.1", port, status=status, ready=lambda: (True, "ok"),
-                          metrics=metrics.scrape)
+    server = HealthServer("127.0.0.1", port, status=reporter.health, ready=reporter.ready,
+                          metrics=Metrics(reporter.snapshot).scrape)
     await server.start()
     try:
         def scrape() -> tuple[str, str]:
@@ -192,39 +179,12 @@ async def test_health_server_serves_parseable_metrics() -> None:
     assert "solobot_handovers_total 1.0" in text
 
 
-@dataclass
-class FakeWebhookRole:
-    info: dict[str, Any] | None = None
-
-
-class FakeInbox:
-    def __init__(self, depth: tuple[int, float | None] | None) -> None:
-        self._depth = depth  # None: the database does not answer
-
-    async def depth(self) -> tuple[int, float | None]:
-        if self._depth is None:
-            await asyncio.Event().wait()  # hangs, as a stopped database's connect can
-        assert self._depth is not None
-        return self._depth
-
-    async def set_aside(self) -> int:
-        """The set-aside count: the depth's first number here."""
-        return (await self.depth())[0]
-
-
-async def scrape_families(metrics: Metrics) -> dict[str, tuple[str, list[Sample]]]:
-    body, _ = await metrics.scrape()
-    return {f.name: (f.type, f.samples) for f in text_string_to_metric_families(body.decode())}
-
-
 async def test_webhook_deliveries_inbox_depth_and_telegrams_view() -> None:
-    deliveries = ReceiverStats(accepted=40, duplicates=2, unauthorized=3, malformed=1, unavailable=5)
+    receiver = FakeReceiver(ReceiverStats(accepted=40, duplicates=2, unauthorized=3, malformed=1, unavailable=5))
     role = FakeWebhookRole()
-    metrics = Metrics(controller=FakeController(Mode.ACTIVE, 2, 1), stats=UpdateStats(),
-                      deliveries=deliveries, webhook=role,
-                      inbox_depth=BoundedLookup(FakeInbox((12, 3.5)).depth, INBOX_LOOKUP_TIMEOUT),
-                      set_aside=BoundedLookup(FakeInbox((2, None)).set_aside, INBOX_LOOKUP_TIMEOUT))
-    families = await scrape_families(metrics)
+    reporter = make_reporter(controller=FakeController(Mode.ACTIVE, 2, 1), receiver=receiver, webhook=role,
+                             inbox=FakeInbox((12, 3.5), 2))
+    families = await parse(reporter)
     assert value(families, "solobot_inbox_set_aside_updates") == 2
     for outcome, count in (("accepted", 40), ("duplicate", 2), ("unauthorized", 3), ("malformed", 1),
                            ("unavailable", 5)):
@@ -233,12 +193,13 @@ async def test_webhook_deliveries_inbox_depth_and_telegrams_view() -> None:
     assert value(families, "solobot_webhook_inbox_writable") == 1
     assert value(families, "solobot_inbox_pending_updates") == 12
     assert value(families, "solobot_inbox_oldest_pending_age_seconds") == 3.5
+    assert value(families, "solobot_polling") == 0, "webhook mode: no getUpdates loop"
     assert "solobot_telegram_webhook_pending_updates" not in families, "no getWebhookInfo yet"
 
-    deliveries.inbox_error = "OperationalError: connection refused"
+    receiver.stats.inbox_error = "OperationalError: connection refused"
     role.info = {"pending_update_count": 7, "last_error_message": "Connection timed out",
                  "last_error_date": 1_700_000_000.0}
-    families = await scrape_families(metrics)
+    families = await parse(reporter)
     assert value(families, "solobot_webhook_inbox_writable") == 0
     assert value(families, "solobot_telegram_webhook_pending_updates") == 7
     assert value(families, "solobot_telegram_webhook_last_error_timestamp_seconds") == 1_700_000_000.0
@@ -246,19 +207,17 @@ async def test_webhook_deliveries_inbox_depth_and_telegrams_view() -> None:
 
 
 async def test_a_silent_database_costs_a_scrape_only_the_inbox_series() -> None:
-    metrics = Metrics(controller=FakeController(), stats=UpdateStats(),
-                      inbox_depth=BoundedLookup(FakeInbox(None).depth, INBOX_LOOKUP_TIMEOUT),
-                      set_aside=BoundedLookup(FakeInbox(None).set_aside, INBOX_LOOKUP_TIMEOUT))
+    reporter = make_reporter(inbox=FakeInbox(None, None))
     loop = asyncio.get_running_loop()
     started = loop.time()
-    families = await scrape_families(metrics)
+    families = await parse(reporter)
     took = loop.time() - started
     assert "solobot_inbox_pending_updates" not in families and "solobot_inbox_set_aside_updates" not in families
     assert value(families, "solobot_mode", mode="passive") == 1
-    assert INBOX_LOOKUP_TIMEOUT <= took < INBOX_LOOKUP_TIMEOUT + 2.0, took
+    assert LOOKUP_TIMEOUT <= took < LOOKUP_TIMEOUT + 2.0, took
 
 
-def test_send_limit_metrics_are_a_counter_a_gauge_and_a_histogram() -> None:
+async def test_send_limit_metrics_are_a_counter_a_gauge_and_a_histogram() -> None:
     from utils.sending.flood import SendLimits, Target
     from utils.sending.limiter import FloodLimiter
 
@@ -268,7 +227,7 @@ def test_send_limit_metrics_are_a_counter_a_gauge_and_a_histogram() -> None:
     sends.plan.retry_after(ticket, 2, 0.1)  # a 429: the send waits again
     sends.plan.submit(Target("2", group=False), 0.2)
     sends.waited.observe(0.3)
-    families = parse(Metrics(controller=FakeController(), stats=UpdateStats(), sends=sends))
+    families = await parse(make_reporter(sends=sends))
     assert families["solobot_telegram_rate_limited"][0] == "counter"
     assert value(families, "solobot_telegram_rate_limited_total") == 1
     assert families["solobot_sends_waiting"][0] == "gauge"

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import BotProcess, wait_until
 from tests.test_postgres import TcpProxy
+from utils.ops.status_snapshot import READY_MARGIN
 
 Spawn = Callable[..., BotProcess]
 POLLING_TIMEOUT = 2
-READY_MARGIN = 5  # main.READY_MARGIN
 
 
 def ready(bot: BotProcess) -> tuple[int, str]:

@@ -17,6 +17,10 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+#: What the status lookups (/health, /metrics, /status: holder, inbox depth, set-aside count, pause
+#: flag) wait at most: they run concurrently, so /health answers in well under a second.
+STATUS_LOOKUP_TIMEOUT = 0.25
+
 
 class BoundedLookup(Generic[T]):
     """``await lookup()``: *fetch*'s result within *timeout* seconds, else :class:`TimeoutError`.

@@ -22,9 +22,9 @@ from utils.locking.backend import LockBackend
 from utils.locking.controller import LeadershipController
 from utils.ops.bot_module import BotContext
 from utils.ops.daemon_config import DaemonConfig
-from utils.ops.daemon_status import DaemonStatus
 from utils.ops.health import OPS_HTTP_CONNECTIONS, HealthServer, RouteServer, scrubber
 from utils.ops.metrics import Metrics
+from utils.ops.status_report import StatusReporter
 from utils.sending.limiter import FloodControl, FloodLimiter
 from utils.state.fsm import DurableStorage
 from utils.state.store import StateStore
@@ -51,7 +51,7 @@ class DaemonParts:
     receiver: WebhookReceiver | None  # webhook mode: on every replica
     autoposter: Autoposter | None
     controller: LeadershipController
-    status: DaemonStatus
+    status: StatusReporter  # the one typed snapshot /health, /ready, /metrics and /status read
     metrics: Metrics
     health: HealthServer | None  # HEALTH_PORT=0: none
     webhook_server: RouteServer | None  # WEBHOOK_PORT set: the webhook on a port of its own
@@ -127,17 +127,17 @@ class DaemonParts:
             backend, roles, instance_id=config.instance_id,
             role_stop_timeout=config.role_stop_timeout, gate=gate,
         )
-        status = DaemonStatus(settings, controller=controller, stats=stats, store=store, backend=backend,
-                              polling=polling, sends=sends, autoposter=autoposter, webhook=webhook,
-                              receiver=receiver)
-        metrics = Metrics(controller=controller, stats=stats, autoposter=autoposter,
-                          backend=backend, inbox_depth=status.inbox_lookup,
-                          set_aside=status.set_aside_lookup,
-                          deliveries=receiver.stats if receiver else None,
-                          webhook=webhook, sends=sends)
+        # What /health, /ready, /metrics and /status read: one typed snapshot (utils/ops/status_report.py).
+        status = StatusReporter(
+            controller=controller, backend=backend, stats=stats,
+            inbox_depth=store.inbox.depth, set_aside=store.recovery.count_set_aside,
+            polling=polling, sends=sends, polling_timeout=settings.polling_timeout,
+            autoposter=autoposter, webhook=webhook, receiver=receiver,
+        )
+        metrics = Metrics(status.snapshot)
         # The handlers' workflow data (bot.py reads them).
         dp["admin_ids"] = settings.admin_ids
-        dp["status"] = status.status
+        dp["status"] = status.snapshot
         dp["autoposter"] = autoposter
         # The webhook on a port of its own (WEBHOOK_PORT), else on HEALTH_PORT, which is then public.
         webhook_server: RouteServer | None = None
@@ -149,7 +149,7 @@ class DaemonParts:
         if settings.health_port:
             health = HealthServer(
                 settings.health_host, settings.health_port,
-                status=status.status, ready=status.ready, metrics=metrics.scrape,
+                status=status.health, ready=status.ready, metrics=metrics.scrape,
                 routes=receiver.routes() if receiver and shared else (),
                 scrub=scrubber(settings.redactor, public=shared),
                 max_connections=WEBHOOK_HTTP_CONNECTIONS if shared else OPS_HTTP_CONNECTIONS,

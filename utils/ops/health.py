@@ -1,7 +1,8 @@
 """HTTP health endpoint (aiohttp): ``/health`` always 200 in both modes, ``/ready`` 200 only when
 active and polling is healthy (for load balancers and Kubernetes), ``/metrics`` Prometheus text.
 
-It only reads: the state it reports comes from the leadership controller and the polling stats.
+It only reads: what it reports is the status snapshot (``utils/ops/status_report.py``), the same
+one /metrics and the /status command read.
 Other parts may mount their own routes on the same port (*routes*: the webhook receiver, when a
 PaaS exposes one port per process); the default for webhook mode is a port of their own
 (``WEBHOOK_PORT``, :class:`RouteServer`), so that what operators read is not what the internet

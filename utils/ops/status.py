@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from utils.config import Settings
 from utils.locking.backend import HolderInfo, LockBackend
 from utils.locking.factory import make_backend
+from utils.ops.status_snapshot import holder_json
 from utils.state.database import DatabaseTarget
 from utils.state.store import StateStore
 
@@ -109,7 +110,8 @@ async def status_command(settings: Settings, started: float) -> int:
         say(settings, f"no active holder (backend {backend_name}){held}")
         return EXIT_NO_HOLDER
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.since)) if holder.since else "?"
-    say(settings, json.dumps({"backend": backend_name, **holder.as_dict(), "since_text": since,
+    # The holder as /health's lock.holder shows it (one rendering of the typed holder).
+    say(settings, json.dumps({"backend": backend_name, **(holder_json(holder) or {}), "since_text": since,
                               "set_aside": set_aside}))
     return EXIT_OK
 
