@@ -101,7 +101,7 @@ class App:
         self.exit_code = EXIT_OK
         self.shutdown = ShutdownManager(deadline=settings.shutdown_timeout,
                                         callback_timeout=settings.drain_timeout + ROLE_STOP_ALLOWANCE)
-        self.target = DatabaseTarget.parse(settings.database_url, settings.state_dir)
+        self.target = DatabaseTarget.parse(settings.database, settings.state_dir)
         self.store = StateStore.create(self.target, settings.bot_id, self.instance_id)
         self.backend = make_backend(settings, self.store, self.instance_id)
         self.gate = LeaseGate()

@@ -18,10 +18,9 @@ from functools import cached_property
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from utils.base.dsn import SCHEMES, parse_database_url
+from utils.base.dsn import DatabaseUrl, parse_database_url
 from utils.base.redact import Redactor, mask_token
 from utils.sending.flood import Rate, SendLimits
-from utils.state.errors import database_location
 from utils.updates.poison import POISON_AFTER_DEFAULT  # pure, light: config stays quick
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
@@ -133,6 +132,13 @@ class Settings:
     bot_module: str = "bot"
     #: Poison updates (utils/updates/poison.py): set aside after this many deaths.
     poison_after: int = POISON_AFTER_DEFAULT
+    #: ``DATABASE_URL`` taken apart (utils/base/dsn.py), once: what the state store, the lock
+    #: backend, error lines and the log's masking use. None: SQLite in STATE_DIR.
+    database: DatabaseUrl | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.database is None and self.database_url:  # built by hand, not by load_settings
+            object.__setattr__(self, "database", parse_database_url(self.database_url))
 
     @property
     def masked_token(self) -> str:
@@ -141,14 +147,14 @@ class Settings:
     @property
     def database_target(self) -> str:
         """Where the durable state lives, without credentials (for logs and /status)."""
-        if self.database_url:
-            return database_location(self.database_url)
+        if self.database is not None:
+            return self.database.location()
         return str(self.state_dir / "solobot.sqlite3")
 
     @cached_property
     def redactor(self) -> Redactor:
         """Masks this configuration's secrets (and any token or password) in a text."""
-        return Redactor(token=self.bot_token, database_url=self.database_url)
+        return Redactor(token=self.bot_token, database_url=self.database)
 
 
 def default_lock_dir(env: Mapping[str, str]) -> Path:
@@ -260,12 +266,14 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append(f"LOCK_BACKEND: expected 'file' or 'postgres', got {lock_backend!r}")
 
     database_url = r.text("DATABASE_URL")
-    parsed_database_url = parse_database_url(database_url)
-    if database_url and (parsed_database_url is None or parsed_database_url.scheme not in SCHEMES):
+    database = parse_database_url(database_url)
+    if database_url and (database is None or not database.usable):
         # Nothing of it is echoed: a key/value string or a mistyped URL may carry the password
-        # anywhere. (A libpq key/value string is not supported: write it as a URL.)
-        r.problems.append("DATABASE_URL: expected a postgresql://user:password@host:port/database "
-                          "URL (value not shown)")
+        # anywhere. A libpq key/value string (host=... password=...) is refused, not guessed at:
+        # one form, parsed by one rule (utils/base/dsn.py).
+        kind = "a key=value string is not accepted; " if database is None else ""
+        r.problems.append(f"DATABASE_URL: expected a postgresql://user:password@host:port/database "
+                          f"URL ({kind}value not shown)")
     if lock_backend == "postgres" and not database_url:
         r.problems.append("DATABASE_URL: required when LOCK_BACKEND=postgres")
 
@@ -352,6 +360,7 @@ def load_settings(env: Mapping[str, str] | None = None,
                           f"got {bot_module!r}")
 
     if r.problems:
+        # The raw text: a refused key/value string's password is masked too (utils/base/dsn.py).
         raise ConfigError(r.problems, hints, Redactor(token=token, database_url=database_url))
     return Settings(
         bot_token=token,
@@ -391,6 +400,7 @@ def load_settings(env: Mapping[str, str] | None = None,
         send_limits=send_limits,
         bot_module=bot_module,
         poison_after=poison_after,
+        database=database,
     )
 
 

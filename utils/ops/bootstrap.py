@@ -74,7 +74,7 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
         print(f"solobot: {exc}", file=sys.stderr)  # masked: ConfigError redacts its problems
         return EX_CONFIG
     configure_logging(settings.log_level, settings.log_format,
-                      token=settings.bot_token, database_url=settings.database_url)
+                      token=settings.bot_token, database_url=settings.database)
     if command == "status":
         from utils.ops.status import run_status  # no aiogram: a status check stays quick
 

@@ -52,7 +52,7 @@ async def _with_store(settings: Settings, started: float, work: Callable[..., Aw
     from utils.state.database import DatabaseTarget
     from utils.state.store import StateStore
 
-    store = StateStore.create(DatabaseTarget.parse(settings.database_url, settings.state_dir),
+    store = StateStore.create(DatabaseTarget.parse(settings.database, settings.state_dir),
                               settings.bot_id, "inbox-command")
     timeout = query_timeout(time.monotonic(), started)
     try:

@@ -75,7 +75,7 @@ async def query_holder(settings: Settings, started: float) -> tuple[str, HolderI
     *started* is the process's start on the :func:`time.monotonic` clock (the answer is due
     :data:`ANSWER_WITHIN` after it).
     """
-    store = StateStore.create(DatabaseTarget.parse(settings.database_url, settings.state_dir),
+    store = StateStore.create(DatabaseTarget.parse(settings.database, settings.state_dir),
                               settings.bot_id, "status-query")
     backend = make_backend(settings, store, "status-query")
     timeout = query_timeout(time.monotonic(), started)
