@@ -43,10 +43,11 @@ from aiogram import Bot, Dispatcher  # noqa: E402
 from aiogram.client.telegram import TelegramAPIServer  # noqa: E402
 
 from utils.autoposter.role import Autoposter  # noqa: E402
+from utils.base.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK  # noqa: E402
 from utils.base.lease import LeaseGate  # noqa: E402
-from utils.base.lookup import BoundedLookup  # noqa: E402
+from utils.base.lookup import HEALTH_LOOKUP_TIMEOUT, BoundedLookup  # noqa: E402
 from utils.base.private_path import UnsafePathError  # noqa: E402
-from utils.config import EX_CONFIG, Settings  # noqa: E402
+from utils.config import Settings  # noqa: E402
 from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
@@ -74,13 +75,10 @@ from utils.updates.webhook import (  # noqa: E402
 
 log = logging.getLogger("solobot")
 
-EXIT_OK, EXIT_FAILURE = 0, 1
 #: A role's stop is bounded by DRAIN_TIMEOUT plus this (the done marks' final flush, closing).
 ROLE_STOP_ALLOWANCE = 2.0
 #: /ready: a successful getUpdates within POLLING_TIMEOUT plus this, or not ready.
 READY_MARGIN = 5.0
-#: /health's database lookups (holder, pause flag) give up after this; they run concurrently.
-HEALTH_LOOKUP_TIMEOUT = 0.25
 #: Releasing the lock after the roles stopped (a database round trip or two).
 RELEASE_ALLOWANCE = 1.0
 
@@ -213,7 +211,7 @@ class App:
 
     def _fatal(self, reason: str) -> None:
         """A problem no retry fixes (revoked token): stop with exit 78 so systemd does not loop."""
-        self.exit_code = EX_CONFIG
+        self.exit_code = EXIT_CONFIG
         self.shutdown.request(reason)
 
     def _on_mode(self, mode: Mode, detail: str) -> None:
@@ -376,7 +374,7 @@ def run(command: str, settings: Settings) -> int:
         return asyncio.run(app.serve(early_signal=lambda: EARLY_STOP.received))
     except (UnsafePathError, BotModuleError) as exc:  # not ours alone; or the bot module is unusable
         log.error("%s", exc)
-        return EX_CONFIG
+        return EXIT_CONFIG
     except ListenError as exc:  # HEALTH_PORT or WEBHOOK_PORT
         log.error("%s", exc)
         return EXIT_FAILURE

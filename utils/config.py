@@ -23,8 +23,6 @@ from utils.base.redact import Redactor, mask_token
 from utils.sending.flood import Rate, SendLimits
 from utils.updates.poison import POISON_AFTER_DEFAULT  # pure, light: config stays quick
 
-EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
-
 TOKEN_RE = re.compile(r"^(?P<bot_id>\d{5,20}):(?P<secret>[A-Za-z0-9_-]{30,64})$")
 DEFAULT_API_URL = "https://api.telegram.org"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

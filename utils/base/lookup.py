@@ -17,6 +17,10 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+#: The bound of every lookup /health, /ready and /metrics make (the lock's holder, the inbox's
+#: depth, ...): they run concurrently, so a silent database costs a probe this long, not more.
+HEALTH_LOOKUP_TIMEOUT = 0.25
+
 
 class BoundedLookup(Generic[T]):
     """``await lookup()``: *fetch*'s result within *timeout* seconds, else :class:`TimeoutError`.

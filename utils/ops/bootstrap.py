@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from utils import __version__
-from utils.config import EX_CONFIG, ConfigError, Settings, load_configuration
+from utils.base.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
+from utils.config import ConfigError, Settings, load_configuration
 from utils.ops.early_stop import EarlyStop
 from utils.ops.logging_setup import configure_logging
 from utils.ops.sd_notify import SystemdNotifier
@@ -31,7 +32,6 @@ from utils.ops.sd_notify import SystemdNotifier
 #: within a bound counted from here, so a slow start-up shortens its database query.
 STARTED = time.monotonic()
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("run", "status", "inbox")
 HELP_FLAGS = ("-h", "--help", "help")
 #: systemd's status line while the heavy imports run (App replaces it on the first mode change).
@@ -72,7 +72,7 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
         settings = load_configuration(os.environ, Path.cwd())
     except ConfigError as exc:
         print(f"solobot: {exc}", file=sys.stderr)  # masked: ConfigError redacts its problems
-        return EX_CONFIG
+        return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format,
                       token=settings.bot_token, database_url=settings.database)
     if command == "status":
@@ -87,4 +87,4 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
     return command, settings
 
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "EarlyStop", "prepare"]
+__all__ = ["EarlyStop", "prepare"]

@@ -292,10 +292,10 @@ class InboxRepository:
         """Waiting rows and the age in seconds of the oldest (for /health)."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(
-                sa.select(sa.func.count(), sa.func.min(inbox_table.c.received_at))
+                sa.select(sa.func.count().label("waiting"), sa.func.min(inbox_table.c.received_at).label("oldest"))
                 .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None))
             )).one()
-        return int(row[0]), age_of(row[1])
+        return int(row.waiting), age_of(row.oldest)
 
     def _unclaimed(self) -> Any:
         """Rows stored by a process that is not the leader (webhook replicas), not taken yet."""

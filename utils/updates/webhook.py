@@ -46,6 +46,7 @@ from aiogram.types import Update, WebhookInfo
 from aiohttp import web
 from pydantic import ValidationError
 
+from utils.base.episode import FailureEpisode
 from utils.base.lease import Lease, LeaseLost
 from utils.base.lookup import BoundedLookup
 from utils.state.database import DatabaseTarget
@@ -438,7 +439,7 @@ class WebhookRole:
     # -- adopting what the replicas stored ---------------------------------------------------
 
     async def _adopt_loop(self) -> None:
-        failing = False
+        failing = FailureEpisode()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.sweep)
@@ -456,36 +457,32 @@ class WebhookRole:
                 self.step_down(f"fenced while taking webhook updates: {exc}")
                 return
             except Exception as exc:  # noqa: BLE001 - database down: rows wait; retry
-                if not failing:
+                if failing.failed():
                     log.warning("webhook: cannot take stored updates from the inbox (%s); retrying",
                                 exc)
-                failing = True
                 await asyncio.sleep(ADOPT_RETRY)
                 continue
-            if failing:
+            if failing.recovered():
                 log.info("webhook: taking stored updates from the inbox again")
-                failing = False
             if taken:
                 log.debug("adopted %d update(s) stored by the replicas", taken)
                 self._wake.set()  # more may wait (adoption is bounded by INBOX_MAX)
 
     async def _listen_loop(self) -> None:
         """PostgreSQL: wake on every NOTIFY of the bot's inbox channel; reconnect if dropped."""
-        failing = False
+        failing = FailureEpisode()
         while True:
             try:
                 async with inbox_listener(self.target, self.store.bot_id, self.instance_id) as notes:
-                    if failing:
+                    if failing.recovered():
                         log.info("webhook: listening for stored updates again")
-                        failing = False
                     self._wake.set()  # anything stored while we were not listening
                     async for _ in notes:
                         self._wake.set()
             except Exception as exc:  # noqa: BLE001 - the sweep covers the gap
-                if not failing:
+                if failing.failed():
                     log.warning("webhook: LISTEN connection failed (%s); the sweep every %.1f s "
                                 "takes stored updates meanwhile", exc, self.sweep)
-                failing = True
             await asyncio.sleep(LISTEN_RETRY)
 
     # -- registration and getWebhookInfo -----------------------------------------------------
