@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -33,7 +33,6 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from utils.base.lookup import BoundedLookup
 from utils.locking.controller import Mode
 
 PREFIX = "solobot"
@@ -177,11 +176,11 @@ def send_metrics(sends: SendsSource) -> Iterator[Metric]:
     )
 
 
-#: The shared inbox (every replica's rows): waiting rows and the oldest one's age, within the
-#: lookup's bound (``InboxRepository.depth``).
-InboxDepth = BoundedLookup[tuple[int, float | None]]
+#: The shared inbox (every replica's rows): waiting rows and the oldest one's age; raises when
+#: it cannot tell in time (``utils.base.lookup.BoundedLookup`` over ``InboxRepository.depth``).
+InboxDepth = Callable[[], Awaitable[tuple[int, float | None]]]
 #: Poison updates set aside in the shared inbox now (bounded like :data:`InboxDepth`).
-SetAsideCount = BoundedLookup[int]
+SetAsideCount = Callable[[], Awaitable[int]]
 
 
 def _name(suffix: str) -> str:
@@ -363,13 +362,14 @@ class SolobotCollector:
 T = TypeVar("T")
 
 
-async def _quietly(lookup: BoundedLookup[T] | None) -> T | None:
-    """*lookup*'s answer, None without one or when it has none (its reason is /health's to show):
-    a database that does not answer costs only its series, the rest of the scrape stands."""
+async def _quietly(lookup: Callable[[], Awaitable[T]] | None) -> T | None:
+    """*lookup*'s answer, None without one or when it fails: the rest of the scrape stands on its own."""
     if lookup is None:
         return None
-    answer: T | str = await lookup.or_reason()
-    return None if isinstance(answer, str) else answer
+    try:
+        return await lookup()
+    except Exception:  # noqa: BLE001 - a database that does not answer costs only its series
+        return None
 
 
 class Metrics:
@@ -407,9 +407,8 @@ class Metrics:
         bounded: a database that does not answer costs a scrape at most its limit, and only the
         inbox series are missing)."""
         async with self._scraping:
-            depth = _quietly(self.inbox_depth)
-            set_aside = _quietly(self.set_aside)
-            self.collector.inbox_depth, self.collector.set_aside_held = await asyncio.gather(depth, set_aside)
+            depth, set_aside = await asyncio.gather(_quietly(self.inbox_depth), _quietly(self.set_aside))
+            self.collector.inbox_depth, self.collector.set_aside_held = depth, set_aside
             try:
                 return self.render()
             finally:
