@@ -52,6 +52,7 @@ from utils.locking.controller import LeadershipController, Mode  # noqa: E402
 from utils.locking.factory import make_backend  # noqa: E402
 from utils.locking.gated_session import GatedAiohttpSession  # noqa: E402
 from utils.ops.bot_module import BotContext, BotModuleError, load_bot_module  # noqa: E402
+from utils.ops.daemon_settings import DaemonSettings  # noqa: E402
 from utils.ops.health import OPS_HTTP_CONNECTIONS, HealthServer, RouteServer, scrubber  # noqa: E402
 from utils.ops.http_listener import ListenError  # noqa: E402
 from utils.ops.metrics import Metrics  # noqa: E402
@@ -93,7 +94,7 @@ def make_bot(settings: Settings, gate: LeaseGate, flood: FloodControl | None = N
 class App:
     """Everything one process runs, wired once; :meth:`serve` runs it until a signal."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: DaemonSettings) -> None:
         self.settings = settings
         self.instance_id = uuid.uuid4().hex[:12]
         self.exit_code = EXIT_OK
@@ -154,14 +155,14 @@ class App:
                 strategy=self.dp.fsm.strategy,
             )
         self.autoposter: Autoposter | None = None
-        if settings.channel_id:
+        if settings.autoposter.channel_id:
             self.autoposter = Autoposter(
                 self.bot, self.store,
-                channel_id=settings.channel_id,
-                post_cron=settings.post_cron,
-                post_interval=settings.post_interval,
-                timezone=settings.post_timezone,
-                misfire_grace=settings.post_misfire_grace,
+                channel_id=settings.autoposter.channel_id,
+                post_cron=settings.autoposter.post_cron,
+                post_interval=settings.autoposter.post_interval,
+                timezone=settings.autoposter.post_timezone,
+                misfire_grace=settings.autoposter.post_misfire_grace,
                 admin_ids=settings.admin_ids,
                 step_down=self._step_down,
                 sends=self.sends,
@@ -364,7 +365,7 @@ class App:
         await watcher
 
 
-def run(command: str, settings: Settings) -> int:
+def run(command: str, settings: DaemonSettings) -> int:
     try:
         app = App(settings)
         # Everything imported and wired lives as long as the process: keep it out of the garbage

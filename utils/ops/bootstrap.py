@@ -23,7 +23,8 @@ from pathlib import Path
 
 from utils import __version__
 from utils.base.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
-from utils.config import ConfigError, Settings, load_configuration
+from utils.config import ConfigError, Settings
+from utils.ops.daemon_settings import DaemonSettings, load_daemon_configuration
 from utils.ops.early_stop import EarlyStop
 from utils.ops.logging_setup import configure_logging
 from utils.ops.sd_notify import SystemdNotifier
@@ -54,7 +55,7 @@ def announce_start(settings: Settings) -> None:
     SystemdNotifier.from_environment().notify(STARTING_STATUS)
 
 
-def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
+def prepare(argv: list[str], usage: str) -> tuple[str, DaemonSettings] | int:
     """Parse the command line, load and validate the configuration, set up logging.
 
     Returns ``(command, settings)`` to run the bot, or the exit code to stop with: a usage error,
@@ -69,7 +70,7 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
         return EXIT_USAGE
     try:
         # The working directory's .env (or $ENV_FILE), strictly: see utils/env_file.py.
-        settings = load_configuration(os.environ, Path.cwd())
+        settings = load_daemon_configuration(os.environ, Path.cwd())
     except ConfigError as exc:
         print(f"solobot: {exc}", file=sys.stderr)  # masked: ConfigError redacts its problems
         return EXIT_CONFIG

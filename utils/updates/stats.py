@@ -6,39 +6,12 @@ scrape would empty (with ``HEALTH_PORT=0`` nothing ever scrapes).
 
 from __future__ import annotations
 
-import bisect
 import time
 from dataclasses import dataclass, field
 
+from utils.base.histogram import DurationHistogram
+
 HANDLER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-@dataclass
-class DurationHistogram:
-    """Cumulative-ready histogram: per-bucket counts (last bucket is +Inf), sum and count."""
-
-    buckets: tuple[float, ...] = HANDLER_BUCKETS
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.total += seconds
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """``[(upper_bound, count <= bound), ..., (inf, count)]`` as Prometheus wants it."""
-        out: list[tuple[float, int]] = []
-        running = 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            running += n
-            out.append((bound, running))
-        return out
 
 
 @dataclass
@@ -56,7 +29,7 @@ class UpdateStats:
     set_aside: int = 0  # poison updates this instance set aside (utils/updates/poison.py)
     inbox_waiting: int = 0  # updates held by this leader, not yet done
     errors: dict[str, int] = field(default_factory=dict)  # getUpdates failures by kind
-    handler_seconds: DurationHistogram = field(default_factory=DurationHistogram)
+    handler_seconds: DurationHistogram = field(default_factory=lambda: DurationHistogram(HANDLER_BUCKETS))
 
     def seconds_since_ok(self) -> float | None:
         return None if self.last_ok is None else round(time.monotonic() - self.last_ok, 3)
