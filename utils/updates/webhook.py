@@ -400,8 +400,6 @@ class WebhookRole:
         self.step_down = step_down
         self.sweep = SWEEP_POSTGRES if target.is_postgres else SWEEP_SQLITE
         self.info: dict[str, Any] | None = None  # getWebhookInfo, refreshed on the leader
-        self.info_checked_at: float | None = None
-        self.set_webhook_calls = 0
         self._lease: Lease | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -427,7 +425,6 @@ class WebhookRole:
         await self.pipeline.stop()
         self._lease = None
         self.info = None
-        self.info_checked_at = None
 
     def wake(self) -> bool:
         """A row was stored by this process: adopt it now. False when not leading."""
@@ -499,7 +496,6 @@ class WebhookRole:
                     if called:
                         info = await self.bot.get_webhook_info()  # as set (for /health)
                 self.info = info_for_health(info)
-                self.info_checked_at = time.monotonic()
                 delay = REGISTER_RETRY_FIRST
                 await asyncio.sleep(INFO_REFRESH)
             except LeaseLost:
@@ -537,7 +533,6 @@ class WebhookRole:
             url=wanted.url, secret_token=wanted.secret, allowed_updates=list(wanted.allowed_updates),
             max_connections=wanted.max_connections, drop_pending_updates=False,
         )
-        self.set_webhook_calls += 1
         log.info("webhook registered at %s (max_connections %d, updates: %s; differed: %s)",
                  wanted.url, wanted.max_connections, ", ".join(wanted.allowed_updates) or "default",
                  ", ".join(why))
