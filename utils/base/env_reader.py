@@ -8,7 +8,10 @@ same list. Standard library only: it runs before the heavy imports (utils/ops/bo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 
 class EnvReader:
@@ -35,28 +38,27 @@ class EnvReader:
         return default
 
     def whole(self, name: str, default: int, *, low: int, high: int) -> int:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            self.problems.append(f"{name}: expected a whole number, got {raw!r}")
-            return default
-        if not low <= value <= high:
-            self.problems.append(f"{name}: must be between {low} and {high}, got {value}")
-        return value
+        return self._number(name, default, int, low, high, "a whole number")
 
     def seconds(self, name: str, default: float, *, low: float, high: float,
                 what: str = "a number of seconds") -> float:
+        return self._number(name, default, float, low, high, what)
+
+    def _number(self, name: str, default: N, parse: Callable[[str], N], low: N, high: N, what: str) -> N:
+        """*name* parsed, in ``[low, high]``; else a problem (the default when it does not parse)."""
         raw = self.text(name)
         if raw is None:
             return default
         try:
-            value = float(raw)
+            value = parse(raw)
         except ValueError:
             self.problems.append(f"{name}: expected {what}, got {raw!r}")
             return default
         if not low <= value <= high:
-            self.problems.append(f"{name}: must be between {low:g} and {high:g}, got {value:g}")
+            self.problems.append(f"{name}: must be between {_shown(low)} and {_shown(high)}, got {_shown(value)}")
         return value
+
+
+def _shown(number: float) -> str:
+    """A whole number as written, a float without trailing zeros (``1.0`` -> ``1``)."""
+    return str(number) if isinstance(number, int) else f"{number:g}"
