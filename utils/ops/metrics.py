@@ -52,7 +52,7 @@ class LeadershipSource(Protocol):
 
 
 class DurationSource(Protocol):
-    """A fixed-bucket histogram (``utils.base.histogram.DurationHistogram``)."""
+    """A fixed-bucket histogram (``utils.updates.stats.DurationHistogram``)."""
 
     @property
     def total(self) -> float: ...
