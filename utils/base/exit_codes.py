@@ -27,5 +27,9 @@ EXIT_CONFIG = 78
 #: A repeated SIGINT while stopping: the operator insisted (128 + SIGINT, as a shell reports it).
 EXIT_FORCED = 130
 
+#: The container HEALTHCHECK's answer (``python -m utils.ops.healthcheck``), Docker's contract:
+#: 0 healthy, 1 unhealthy (other codes are reserved).
+HEALTHY, UNHEALTHY = EXIT_OK, EXIT_FAILURE
+
 #: The signals that ask for an orderly stop: an orchestrator's SIGTERM, a terminal's Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
