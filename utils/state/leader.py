@@ -9,11 +9,11 @@ proves that the session - and with it the advisory lock - is alive.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, LiteralString, NamedTuple
 
 import psycopg
 import sqlalchemy as sa
-from psycopg.rows import class_row
+from psycopg.rows import class_row, scalar_row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from utils.state.schema import aware, leader_table, utcnow
@@ -106,6 +106,12 @@ class SessionCounts(NamedTuple):
     others: int  # the rest, still open
 
 
+async def _scalar(conn: PgConn, query: LiteralString, params: tuple[Any, ...]) -> Any:
+    """The one value of a one-column query; None without a row."""
+    cur = await conn.cursor(row_factory=scalar_row).execute(query, params)
+    return await cur.fetchone()
+
+
 async def advisory_lock(conn: PgConn, key: int) -> None:
     await conn.execute("SELECT pg_advisory_lock(%s)", (key,))
 
@@ -137,14 +143,13 @@ async def holder_row(conn: PgConn, bot_id: int) -> HolderRow | None:
 
 
 async def lock_is_granted(conn: PgConn, key: int) -> bool:
-    cur = await conn.execute(
+    return bool(await _scalar(
+        conn,
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
         "AND classid = %s AND objid = %s AND objsubid = 1 "
         "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
-    )
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    ))
 
 
 async def lock_session_of(conn: PgConn, bot_id: int, epoch: int) -> LockSession | None:
@@ -159,13 +164,12 @@ async def lock_session_of(conn: PgConn, bot_id: int, epoch: int) -> LockSession 
 
 async def terminate_sessions(conn: PgConn, pattern: str) -> int:
     """End every session whose ``application_name`` matches *pattern* (one instance's); count them."""
-    cur = await conn.execute(
+    return int(await _scalar(
+        conn,
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
         "WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
         (pattern,),
-    )
-    row = await cur.fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
+    ) or 0)
 
 
 async def end_leftover_sessions(conn: PgConn, pattern: str) -> SessionCounts:
@@ -187,22 +191,19 @@ async def end_leftover_sessions(conn: PgConn, pattern: str) -> SessionCounts:
 async def open_sessions(conn: PgConn, pattern: str) -> int:
     """How many sessions of one instance (``application_name`` matching *pattern*) the server
     still lists (an ending one is listed until its backend has exited)."""
-    cur = await conn.execute(
+    return int(await _scalar(
+        conn,
         "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
         (pattern,),
-    )
-    row = await cur.fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
+    ) or 0)
 
 
 async def restarted_since_heartbeat(conn: PgConn, bot_id: int) -> bool:
     """Did the server start after the leader row's last heartbeat? Then every session ended
     with the restart, whether or not its process is alive."""
-    cur = await conn.execute(
-        "SELECT pg_postmaster_start_time() > heartbeat FROM solobot_leader WHERE bot_id = %s", (bot_id,)
-    )
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    return bool(await _scalar(
+        conn, "SELECT pg_postmaster_start_time() > heartbeat FROM solobot_leader WHERE bot_id = %s", (bot_id,)
+    ))
 
 
 async def blockers_of(conn: PgConn, pattern: str) -> list[str]:
