@@ -36,21 +36,22 @@ import asyncio  # noqa: E402 - deliberately after the bootstrap above
 import gc  # noqa: E402
 import logging  # noqa: E402
 
-from utils.config import EX_CONFIG, Settings  # noqa: E402
+from utils.base.exit_codes import EXIT_CONFIG  # noqa: E402
 from utils.ops.bot_module import BotModuleError  # noqa: E402
 from utils.ops.daemon_config import DaemonConfig  # noqa: E402
+from utils.ops.daemon_settings import DaemonSettings  # noqa: E402
 from utils.ops.server import Server, serve_with_signals  # noqa: E402
 
 log = logging.getLogger("solobot")
 
 
-def run(settings: Settings, early: EarlyStop | None = None) -> int:
+def run(settings: DaemonSettings, early: EarlyStop | None = None) -> int:
     """Load the configuration (the bot module), then serve until a signal; the exit code."""
     try:
         config = DaemonConfig.load(settings)
     except BotModuleError as exc:  # the bot module is unusable: a configuration error
         log.error("%s", exc)
-        return EX_CONFIG
+        return EXIT_CONFIG
     server = Server(config)
     # Everything imported and wired lives as long as the process: keep it out of the garbage
     # collector's generations, so a collection only walks what the work itself allocates.

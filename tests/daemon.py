@@ -63,9 +63,10 @@ from testbed.fake_bot_api import UNLIMITED_SENDS_ENV, FakeBotAPI
 from testbed.waiting import free_port
 from tests.conftest import ADMIN_ID, START_WAIT, TOKEN
 from utils.base.redact import Redactor
-from utils.config import Settings, load_settings
+from utils.config import Settings
 from utils.ops.bot_module import BotModule, bot_module_from
 from utils.ops.daemon_config import DaemonConfig
+from utils.ops.daemon_settings import load_daemon_settings
 from utils.ops.logging_setup import TEXT_FORMAT, SecretMaskingFilter
 from utils.ops.server import Server
 
@@ -136,7 +137,7 @@ class _DaemonLog(logging.Handler):
         self.daemon = name
         self.lines: list[str] = []
         self.addFilter(lambda record: _CURRENT.get() == self.daemon)
-        self.addFilter(SecretMaskingFilter(Redactor(token=settings.bot_token, database_url=settings.database_url)))
+        self.addFilter(SecretMaskingFilter(Redactor(token=settings.bot_token, database_url=settings.database)))
         self.setFormatter(logging.Formatter(TEXT_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -192,7 +193,7 @@ class InProcessDaemon:
         self.name = name
         self.env = env
         self.own_bot_module = own_bot_module
-        self.settings = load_settings(env)
+        self.settings = load_daemon_settings(env)
         self.port = self.settings.health_port
         self.server: Server | None = None
         self.task: asyncio.Task[int] | None = None

@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from utils.base.lookup import STATUS_LOOKUP_TIMEOUT
+from utils.base.lookup import HEALTH_LOOKUP_TIMEOUT
 from utils.locking.backend import HolderInfo
 from utils.locking.controller import Mode
 from utils.ops.status_report import StatusReporter
@@ -18,7 +18,7 @@ from utils.updates.stats import UpdateStats
 from utils.updates.webhook import ReceiverStats
 
 #: The bound of the database lookups in these tests: the daemon's.
-LOOKUP_TIMEOUT = STATUS_LOOKUP_TIMEOUT
+LOOKUP_TIMEOUT = HEALTH_LOOKUP_TIMEOUT
 HOLDER = HolderInfo(instance_id="abc123", host="box", pid=4242, epoch=7, since=1_700_000_000.0,
                     heartbeat_age=0.5)
 

@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import TOKEN
 from utils.base.redact import mask_token
 from utils.config import ConfigError, default_lock_dir, load_settings
+from utils.ops.daemon_settings import load_daemon_settings
 
 
 def test_defaults() -> None:
@@ -21,8 +22,9 @@ def test_defaults() -> None:
 
 
 def test_all_problems_in_one_message() -> None:
+    """The core's and the autoposter's problems together (the daemon reads both with one reader)."""
     with pytest.raises(ConfigError) as err:
-        load_settings({"BOT_TOKEN": "123:" + "x" * 40 + "!", "HEALTH_PORT": "x", "LOCK_BACKEND": "zk",
+        load_daemon_settings({"BOT_TOKEN": "123:" + "x" * 40 + "!", "HEALTH_PORT": "x", "LOCK_BACKEND": "zk",
                        "POST_CRON": "* * * * *", "POST_INTERVAL": "5"})
     text = str(err.value)
     for name in ("BOT_TOKEN", "HEALTH_PORT", "LOCK_BACKEND", "POST_CRON and POST_INTERVAL"):
@@ -47,4 +49,18 @@ def test_runtime_directory_and_masking() -> None:
 ])
 def test_problems_named(env: dict[str, str], name: str) -> None:
     with pytest.raises(ConfigError, match=name):
-        load_settings({"BOT_TOKEN": TOKEN, **env})
+        load_daemon_settings({"BOT_TOKEN": TOKEN, **env})
+
+
+def test_core_settings_ignore_the_autoposter_and_the_daemon_reads_it() -> None:
+    """The core settings know nothing of CHANNEL_ID/POST_* (the autoposter's own); the daemon's
+    settings carry them, checked by the autoposter's rules, and keep every core value."""
+    env = {"BOT_TOKEN": TOKEN, "CHANNEL_ID": "@chan", "POST_INTERVAL": "60", "POST_TIMEZONE": "Europe/Berlin",
+           "HEALTH_PORT": "9100"}
+    core = load_settings({**env, "POST_CRON": "not a cron"})  # not its business: no problem here
+    assert not hasattr(core, "channel_id") and not hasattr(core, "autoposter")
+    daemon = load_daemon_settings(env)
+    assert daemon.autoposter.channel_id == "@chan" and daemon.autoposter.post_interval == 60
+    assert daemon.autoposter.post_timezone == "Europe/Berlin" and daemon.autoposter.post_cron is None
+    assert daemon.health_port == 9100 and daemon.bot_id == core.bot_id
+    assert load_daemon_settings({"BOT_TOKEN": TOKEN}).autoposter.channel_id is None  # off

@@ -17,9 +17,7 @@ from testbed.fake_bot_api import FakeBotAPI
 from testbed.waiting import free_port, listening
 from tests.conftest import BOT_ID, DATABASE_URL
 from tests.daemon import InProcessDaemon, StartDaemon, daemon_env, in_process, wait_for  # noqa: F401
-from utils.config import EX_CONFIG
-
-EXIT_OK, EXIT_FAILURE = 0, 1
+from utils.base.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 
 async def test_starts_active_and_answers_ping(fake: FakeBotAPI, in_process: StartDaemon) -> None:  # noqa: F811
@@ -145,7 +143,7 @@ async def assert_nothing_left_open(daemon: InProcessDaemon, files_before: dict[i
     await wait_for(lambda: open_files() == files_before, message="the files open before the start",
                    timeout=10)
     assert user_bot.router.parent_router is None, "the user's router is detached"
-    if daemon.settings.database_url:
+    if daemon.settings.database:
         assert database_sessions(daemon.instance_id) == 0
 
 
@@ -173,7 +171,7 @@ async def test_state_store_step_fails_with_exit_78(fake: FakeBotAPI, tmp_path: P
     """STATE_DIR not ours alone (a symlink): a configuration error, before anything else is open."""
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "state-link").symlink_to(tmp_path / "elsewhere")
-    daemon = await start_and_fail(fake, tmp_path, EX_CONFIG, STATE_DIR=str(tmp_path / "state-link"))
+    daemon = await start_and_fail(fake, tmp_path, EXIT_CONFIG, STATE_DIR=str(tmp_path / "state-link"))
     assert "STATE_DIR" in daemon.log()
 
 
@@ -181,7 +179,7 @@ async def test_lock_backend_step_fails_with_exit_78(fake: FakeBotAPI, tmp_path: 
     """LOCK_DIR not ours alone: exit 78, and the state store opened before it is closed again."""
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "lock-link").symlink_to(tmp_path / "elsewhere")
-    daemon = await start_and_fail(fake, tmp_path, EX_CONFIG, LOCK_DIR=str(tmp_path / "lock-link"))
+    daemon = await start_and_fail(fake, tmp_path, EXIT_CONFIG, LOCK_DIR=str(tmp_path / "lock-link"))
     assert "LOCK_DIR" in daemon.log()
     assert "close state store" not in daemon.log(), "its teardown ran without an error"
 

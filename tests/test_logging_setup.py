@@ -19,7 +19,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy.engine import make_url
 
 from tests.conftest import ROOT, TOKEN, free_port, wait_until
-from utils.base.redact import MIN_BARE_SECRET_LENGTH, Redactor, database_password
+from utils.base.dsn import database_passwords
+from utils.base.redact import MIN_BARE_SECRET_LENGTH, Redactor
 from utils.ops.logging_setup import configure_logging
 
 PASSWORD = "s3cretPW"
@@ -120,18 +121,20 @@ def test_short_password_is_masked_only_where_a_url_or_dsn_holds_it() -> None:
     assert redact("pwd is a command") == "pwd is a command"
 
 
-@pytest.mark.parametrize(("url", "password"), [
-    ("postgresql://u:s3cret@h/db", "s3cret"),
-    ("postgresql+psycopg://u:p%40ss%20w@h:5432/db", "p@ss w"),
-    ("postgres://u:a#b?c@h/db", "a#b?c"),
-    ("postgresql://u@h/db?password=q%26w&sslmode=require", "q&w"),
-    ("host=h password='p w\\'x' dbname=d", "p w'x"),
-    ("host=h password=plain dbname=d", "plain"),
-    ("postgresql://u@h/db", None),
-    (None, None),
+@pytest.mark.parametrize(("url", "passwords"), [
+    ("postgresql://u:s3cret@h/db", ["s3cret"]),
+    ("postgresql+psycopg://u:p%40ss%20w@h:5432/db", ["p@ss w"]),
+    ("postgres://u:a#b?c@h/db", ["a#b?c"]),
+    ("postgresql://u@h/db?password=q%26w&sslmode=require", ["q&w"]),
+    ("postgresql://u:one@h/db?password=two", ["one", "two"]),
+    ("host=h password='p w\\'x' dbname=d", ["p w'x"]),
+    ("host=h password=plain dbname=d", ["plain"]),
+    ("postgresql://u@h/db", []),
+    (None, []),
 ])
-def test_database_password(url: str | None, password: str | None) -> None:
-    assert database_password(url) == password
+def test_database_passwords(url: str | None, passwords: list[str]) -> None:
+    """What the log's masking is given: every password of a URL, and a refused key/value string's."""
+    assert database_passwords(url) == passwords
 
 
 def test_filter_masks_messages_tracebacks_json_and_stray_output(

@@ -119,20 +119,20 @@ def test_deaths_are_counted_only_for_started_rows_and_convict_after_an_alone_dea
             return verdict(deaths, alone, 3) is Verdict.SET_ASIDE
 
         # Epoch 1 ran 1 and 2 together under started records, then died.
-        await store.recovery.mark_started(poison, STARTED_WITH_OTHERS, 1)
-        await store.recovery.mark_started(innocent, STARTED_WITH_OTHERS, 1)
+        await store.recovery.mark_started_batch([(poison, STARTED_WITH_OTHERS)], 1)
+        await store.recovery.mark_started_batch([(innocent, STARTED_WITH_OTHERS)], 1)
         epoch = (await store.leader.advance_epoch(instance_id="b", host="h", pid=2)).epoch
         t = await store.recovery.take_over(epoch, predecessor_died=True, convict=convict)
         assert {s.entry.seq: s.deaths for s in t.suspects} == {poison: 1, innocent: 1}
         assert t.watermark == waited and not t.set_aside
         # Epoch 2 ran the innocent alone (it finished: done) and then the poison alone: death.
-        await store.recovery.mark_started(innocent, STARTED_ALONE, epoch)
+        await store.recovery.mark_started_batch([(innocent, STARTED_ALONE)], epoch)
         await store.inbox.mark_done([innocent], epoch)
-        await store.recovery.mark_started(poison, STARTED_ALONE, epoch)
+        await store.recovery.mark_started_batch([(poison, STARTED_ALONE)], epoch)
         epoch = (await store.leader.advance_epoch(instance_id="c", host="h", pid=3)).epoch
         t = await store.recovery.take_over(epoch, predecessor_died=True, convict=convict)
         assert [(s.entry.seq, s.deaths, s.alone_deaths) for s in t.suspects] == [(poison, 2, 1)]
-        await store.recovery.mark_started(poison, STARTED_ALONE, epoch)
+        await store.recovery.mark_started_batch([(poison, STARTED_ALONE)], epoch)
         epoch = (await store.leader.advance_epoch(instance_id="d", host="h", pid=4)).epoch
         t = await store.recovery.take_over(epoch, predecessor_died=True, convict=convict)
         assert not t.suspects and [(r.seq, r.deaths) for r in t.set_aside] == [(poison, 3)]
@@ -160,7 +160,7 @@ def test_a_clean_stop_is_not_a_death(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = await make_store(tmp_path)
         await store.inbox.store_batch([update(1, 1)], epoch=1)
-        await store.recovery.mark_started(1, STARTED_ALONE, 1)
+        await store.recovery.mark_started_batch([(1, STARTED_ALONE)], 1)
         epoch = (await store.leader.advance_epoch(instance_id="b", host="h", pid=2)).epoch
         t = await store.recovery.take_over(epoch, predecessor_died=False, convict=lambda d, a: True)
         assert not t.suspects and not t.set_aside
@@ -176,7 +176,7 @@ def test_drop_makes_it_an_ordinary_done_row(tmp_path: Path) -> None:
         store = await make_store(tmp_path)
         await store.inbox.store_batch([update(1, 1)], epoch=1)
         for epoch in (2, 3, 4):
-            await store.recovery.mark_started(1, STARTED_ALONE, epoch - 1)
+            await store.recovery.mark_started_batch([(1, STARTED_ALONE)], epoch - 1)
             await store.leader.advance_epoch(instance_id="x", host="h", pid=epoch)
             t = await store.recovery.take_over(epoch, predecessor_died=True,
                                                convict=lambda d, a: verdict(d, a, 3) is Verdict.SET_ASIDE)

@@ -25,7 +25,8 @@ from utils.autoposter.schedule import (
     slot_after,
     upcoming,
 )
-from utils.config import ConfigError, load_settings
+from utils.config import ConfigError
+from utils.ops.daemon_settings import load_daemon_settings
 
 UTC = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -132,9 +133,9 @@ def test_bad_expressions_name_the_field(expression: str, field: str) -> None:
 def test_config_validates_with_the_same_parser() -> None:
     token = "123456:" + "A" * 35
     with pytest.raises(ConfigError, match="never occurs"):
-        load_settings({"BOT_TOKEN": token, "CHANNEL_ID": "@solochan", "POST_CRON": "0 0 31 4 *"})
-    settings = load_settings({"BOT_TOKEN": token, "CHANNEL_ID": "@solochan", "POST_CRON": "0 9 * * fri-sun"})
-    assert settings.post_cron == "0 9 * * fri-sun"
+        load_daemon_settings({"BOT_TOKEN": token, "CHANNEL_ID": "@solochan", "POST_CRON": "0 0 31 4 *"})
+    settings = load_daemon_settings({"BOT_TOKEN": token, "CHANNEL_ID": "@solochan", "POST_CRON": "0 9 * * fri-sun"})
+    assert settings.autoposter.post_cron == "0 9 * * fri-sun"
 
 
 # -- time zones -----------------------------------------------------------------------------------

@@ -62,11 +62,34 @@ def test_configuration_errors_show_no_secret(form: str) -> None:
     assert leaks(output) == [], output
 
 
-def test_key_value_database_url_refused_without_echo() -> None:
-    done = run_main(DATABASE_URL=KEY_VALUE)
-    assert done.returncode == 78
+@pytest.mark.parametrize("command", [(), ("status",), ("inbox",)])
+def test_key_value_database_url_refused_without_echo(command: tuple[str, ...]) -> None:
+    """libpq's key/value form (which psycopg would accept) is refused by the run, ``status`` and
+    ``inbox`` alike, with exit 78 and a message that echoes no part of it."""
+    done = run_main(*command, DATABASE_URL=KEY_VALUE, LOCK_BACKEND="postgres")
+    assert done.returncode == 78, done
     assert "DATABASE_URL: expected a postgresql://" in done.stderr and "value not shown" in done.stderr
-    assert "host=" not in done.stderr and leaks(done.stdout + done.stderr) == []
+    assert "key=value" in done.stderr
+    for part in ("host=", "127.0.0.1", "dbname", "port=1", "user=postgres"):
+        assert part not in done.stdout + done.stderr
+    assert leaks(done.stdout + done.stderr) == []
+
+
+#: A password that only percent-encoding can put in a URL, and whose encoded form is the password
+#: of another: neither the decoded (p@ss/w:rd) nor the encoded form may show.
+ENCODED_PASSWORD, DECODED_PASSWORD = "p%40ss%2Fw%3Ard", "p@ss/w:rd"
+
+
+def test_status_and_inbox_show_no_percent_encoded_password() -> None:
+    port = free_port()
+    url = f"postgresql://postgres:{ENCODED_PASSWORD}@127.0.0.1:{port}/solobot"
+    for command, code in (("status", 4), ("inbox", 4)):
+        done = run_main(command, DATABASE_URL=url, LOCK_BACKEND="postgres")
+        assert done.returncode == code, done
+        output = done.stdout + done.stderr
+        assert f"127.0.0.1:{port}/solobot" in output, output
+        for form in (ENCODED_PASSWORD, DECODED_PASSWORD, "p@ss", "w:rd", "%40ss", "40ss"):
+            assert form not in output, (form, output)
 
 
 @pytest.mark.parametrize("form", ["userinfo raw", "userinfo encoded", "query encoded", "query raw"])

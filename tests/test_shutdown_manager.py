@@ -16,7 +16,8 @@ from types import FrameType
 import pytest
 
 from tests.conftest import ROOT
-from utils.ops.shutdown import EXIT_FORCED, ShutdownManager
+from utils.base.exit_codes import EXIT_FORCED
+from utils.ops.shutdown import ShutdownManager
 
 # -- stages, in-process ----------------------------------------------------------------------
 

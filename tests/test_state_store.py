@@ -14,6 +14,9 @@ from utils.state.database import DatabaseTarget
 from utils.state.inbox import NewUpdate
 from utils.state.store import FencedError, StateStore
 
+#: A bound above every sequence number the tests store (the paged claim takes seq <= until).
+EVERY_SEQ = 2**62
+
 
 async def fresh_store(backend: str, tmp_path: Path) -> StateStore:
     """A migrated state store with nothing in it: SQLite in *tmp_path*, or this worker's PostgreSQL."""
@@ -78,13 +81,16 @@ async def test_inbox_dedup_on_id_and_content_and_claims(store: StateStore) -> No
     assert await store.inbox.depth() is not None
     # A new leader takes what is waiting, oldest first, counting the attempt.
     await store.leader.advance_epoch(instance_id="b", host="h", pid=2)
-    waiting = await store.inbox.claim_waiting(2)
+    # (The paged claim of a takeover, utils/updates/recovery.py, with room for everything.)
+    waiting = await store.recovery.claim_page(2, after=0, until=EVERY_SEQ, limit=100)
     assert [(e.update_id, e.attempt) for e in waiting] == [(6, 2), (5, 2)]
     assert [e.seq for e in waiting] == sorted(e.seq for e in waiting)
-    # Claiming twice in one term does not count twice.
-    assert [e.attempt for e in await store.inbox.claim_waiting(2)] == [2, 2]
-    await store.inbox.mark_done([e.seq for e in waiting], 2)
-    assert await store.inbox.claim_waiting(2) == []
+    # Claiming twice in one term neither takes nor counts twice; the next term counts once more.
+    assert await store.recovery.claim_page(2, after=0, until=EVERY_SEQ, limit=100) == []
+    await store.leader.advance_epoch(instance_id="c", host="h", pid=3)
+    assert [e.attempt for e in await store.recovery.claim_page(3, after=0, until=EVERY_SEQ, limit=100)] == [3, 3]
+    await store.inbox.mark_done([e.seq for e in waiting], 3)
+    assert await store.recovery.claim_page(3, after=0, until=EVERY_SEQ, limit=100) == []
     count, oldest = await store.inbox.depth()
     assert (count, oldest) == (0, None)
 
@@ -93,7 +99,7 @@ async def test_webhook_rows_unclaimed_until_a_leader_takes_them(store: StateStor
     stored = await store.inbox.store_batch([update(1)], epoch=None)
     assert stored.new[0].attempt == 0
     await store.leader.advance_epoch(instance_id="a", host="h", pid=1)
-    assert [e.attempt for e in await store.inbox.claim_waiting(1)] == [1]
+    assert [e.attempt for e in await store.inbox.claim_unclaimed(1, 100)] == [1]
 
 
 async def test_post_claim_is_fenced_and_exclusive(store: StateStore) -> None:

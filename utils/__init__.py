@@ -1,8 +1,11 @@
 """The machinery of solobot, in sub-packages by concern (see docs/architecture.md).
 
-``from utils import InstanceLock, ShutdownManager, PollingManager`` works; the names are imported
-lazily (PEP 562) so that ``import utils.config`` does not pay for aiogram's imports: a container's
-PID 1 must install its signal handlers and validate the configuration within milliseconds.
+``from utils import InstanceLock, ShutdownManager, PollingManager`` works: nothing in solobot
+imports these names from here (its modules import from the sub-packages), but they are the
+user's API (fixed by the user's brief): the three pieces a bot of one's own may reuse without the
+daemon; tests/test_layers.py keeps them working. They are imported lazily
+(PEP 562) so that ``import utils.config`` does not pay for aiogram's imports: a container's PID 1
+must install its signal handlers and validate the configuration within milliseconds.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ if TYPE_CHECKING:
     from utils.ops.shutdown import ShutdownManager
     from utils.updates.polling import PollingManager
 
-#: The release, as in pyproject.toml (tests/test_first_contact.py checks they agree); the first
+#: The release, as in pyproject.toml (tests/test_startup.py checks they agree); the first
 #: log line of a start names it.
 __version__ = "0.1.0"
 

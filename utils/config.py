@@ -1,4 +1,8 @@
-"""Settings from the environment (and the ``.env`` of the working directory), validated before anything starts.
+"""The core settings from the environment (and the ``.env`` of the working directory), validated before anything starts.
+
+Core: the daemon's own (token, lock, state, modes, limits). The autoposter's settings are its own
+(:mod:`utils.autoposter.settings`); :mod:`utils.ops.daemon_settings` reads both with one reader
+(:func:`load_configuration_with`), so this module never imports the autoposter.
 
 Every problem is collected and reported in one message that names the variable (or the ``.env``
 line), so an operator fixes a unit file once instead of once per restart. The bot token never
@@ -12,24 +16,23 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import TypeVar
 
-from utils.base.dsn import SCHEMES, parse_database_url
+from utils.base.dsn import DatabaseUrl, parse_database_url
+from utils.base.env_reader import EnvReader
 from utils.base.redact import Redactor, mask_token
 from utils.sending.flood import Rate, SendLimits
-from utils.state.errors import database_location
 from utils.updates.poison import POISON_AFTER_DEFAULT  # pure, light: config stays quick
 
-EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus names it
+T = TypeVar("T")
 
 TOKEN_RE = re.compile(r"^(?P<bot_id>\d{5,20}):(?P<secret>[A-Za-z0-9_-]{30,64})$")
 DEFAULT_API_URL = "https://api.telegram.org"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-CHANNEL_RE = re.compile(r"^(@[A-Za-z][A-Za-z0-9_]{3,31}|-100\d{5,15}|-?\d{1,20})$")
 
 #: Tokens our own examples show (.env.example, the README): never a real bot's.
 PLACEHOLDER_TOKENS = frozenset({
@@ -107,11 +110,6 @@ class Settings:
     inbox_max: int
     drain_timeout: float
     shutdown_timeout: float
-    channel_id: str | None
-    post_cron: str | None
-    post_interval: float | None
-    post_timezone: str
-    post_misfire_grace: float
     # Webhook mode (utils/updates/webhook.py); defaults keep polling.
     bot_mode: str = "polling"
     webhook_url: str | None = None
@@ -133,6 +131,13 @@ class Settings:
     bot_module: str = "bot"
     #: Poison updates (utils/updates/poison.py): set aside after this many deaths.
     poison_after: int = POISON_AFTER_DEFAULT
+    #: ``DATABASE_URL`` taken apart (utils/base/dsn.py), once: what the state store, the lock
+    #: backend, error lines and the log's masking use. None: SQLite in STATE_DIR.
+    database: DatabaseUrl | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.database is None and self.database_url:  # built by hand, not by load_settings
+            object.__setattr__(self, "database", parse_database_url(self.database_url))
 
     @property
     def masked_token(self) -> str:
@@ -141,14 +146,14 @@ class Settings:
     @property
     def database_target(self) -> str:
         """Where the durable state lives, without credentials (for logs and /status)."""
-        if self.database_url:
-            return database_location(self.database_url)
+        if self.database is not None:
+            return self.database.location()
         return str(self.state_dir / "solobot.sqlite3")
 
     @cached_property
     def redactor(self) -> Redactor:
         """Masks this configuration's secrets (and any token or password) in a text."""
-        return Redactor(token=self.bot_token, database_url=self.database_url)
+        return Redactor(token=self.bot_token, database_url=self.database)
 
 
 def default_lock_dir(env: Mapping[str, str]) -> Path:
@@ -169,59 +174,18 @@ def default_state_dir(env: Mapping[str, str]) -> Path:
     return Path("data")
 
 
-class _Reader:
-    """Reads typed values and collects problems instead of raising on the first one."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self.env.get(name, "").strip()
-        return value if value else default
-
-    def flag(self, name: str, default: bool) -> bool:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        self.problems.append(f"{name}: expected true or false, got {raw!r}")
-        return default
-
-    def whole(self, name: str, default: int, *, low: int, high: int) -> int:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            self.problems.append(f"{name}: expected a whole number, got {raw!r}")
-            return default
-        if not low <= value <= high:
-            self.problems.append(f"{name}: must be between {low} and {high}, got {value}")
-        return value
-
-    def seconds(self, name: str, default: float, *, low: float, high: float,
-                what: str = "a number of seconds") -> float:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            self.problems.append(f"{name}: expected {what}, got {raw!r}")
-            return default
-        if not low <= value <= high:
-            self.problems.append(f"{name}: must be between {low:g} and {high:g}, got {value:g}")
-        return value
-
-
 def load_settings(env: Mapping[str, str] | None = None,
                   origins: Mapping[str, str] | None = None) -> Settings:
+    """The core settings alone (:func:`load_settings_with` reads the parts above them too)."""
+    return load_settings_with(env, origins, read_nothing)[0]
+
+
+def read_nothing(_reader: EnvReader) -> None:
+    """No settings beyond the core's."""
+
+
+def load_settings_with(env: Mapping[str, str] | None, origins: Mapping[str, str] | None,
+                       read_more: Callable[[EnvReader], T]) -> tuple[Settings, T]:
     """Build :class:`Settings` from *env* (default: ``os.environ``), or raise :class:`ConfigError`.
 
     *origins* says where a variable came from when that is not the environment (``.env line 2``),
@@ -229,7 +193,7 @@ def load_settings(env: Mapping[str, str] | None = None,
     """
     env = os.environ if env is None else env
     origins = origins or {}
-    r = _Reader(env)
+    r = EnvReader(env)
     hints: list[str] = []
 
     token = r.text("BOT_TOKEN") or ""
@@ -260,12 +224,14 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append(f"LOCK_BACKEND: expected 'file' or 'postgres', got {lock_backend!r}")
 
     database_url = r.text("DATABASE_URL")
-    parsed_database_url = parse_database_url(database_url)
-    if database_url and (parsed_database_url is None or parsed_database_url.scheme not in SCHEMES):
+    database = parse_database_url(database_url)
+    if database_url and (database is None or not database.usable):
         # Nothing of it is echoed: a key/value string or a mistyped URL may carry the password
-        # anywhere. (A libpq key/value string is not supported: write it as a URL.)
-        r.problems.append("DATABASE_URL: expected a postgresql://user:password@host:port/database "
-                          "URL (value not shown)")
+        # anywhere. A libpq key/value string (host=... password=...) is refused, not guessed at:
+        # one form, parsed by one rule (utils/base/dsn.py).
+        kind = "a key=value string is not accepted; " if database is None else ""
+        r.problems.append(f"DATABASE_URL: expected a postgresql://user:password@host:port/database "
+                          f"URL ({kind}value not shown)")
     if lock_backend == "postgres" and not database_url:
         r.problems.append("DATABASE_URL: required when LOCK_BACKEND=postgres")
 
@@ -307,28 +273,6 @@ def load_settings(env: Mapping[str, str] | None = None,
             f"DRAIN_TIMEOUT: must be below SHUTDOWN_TIMEOUT ({drain_timeout:g} >= {shutdown_timeout:g})"
         )
 
-    channel_id = r.text("CHANNEL_ID")
-    if channel_id and not CHANNEL_RE.match(channel_id):
-        r.problems.append(f"CHANNEL_ID: expected @channelname or a -100... chat id, got {channel_id!r}")
-    post_cron = r.text("POST_CRON")
-    post_interval: float | None = None
-    if r.text("POST_INTERVAL") is not None:
-        post_interval = r.seconds("POST_INTERVAL", 0.0, low=0.5, high=366 * 86400.0)
-    if post_cron and post_interval is not None:
-        r.problems.append("POST_CRON and POST_INTERVAL: set one of them, not both")
-    if post_cron:
-        problem = _check_cron(post_cron)
-        if problem:
-            r.problems.append(f"POST_CRON: {problem}")
-    post_timezone = r.text("POST_TIMEZONE", "UTC") or "UTC"
-    try:
-        ZoneInfo(post_timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        r.problems.append(f"POST_TIMEZONE: unknown time zone {post_timezone!r}")
-    misfire = r.seconds("POST_MISFIRE_GRACE", 3600.0, low=1.0, high=30 * 86400.0)
-    if channel_id and not post_cron and post_interval is None:
-        r.problems.append("CHANNEL_ID: set POST_CRON or POST_INTERVAL to say when to post")
-
     bot_mode, webhook_url, webhook_secret, webhook_max_connections, webhook_insecure = _webhook_settings(
         r, token)
     passive_notice = r.text("PASSIVE_NOTICE")
@@ -351,7 +295,11 @@ def load_settings(env: Mapping[str, str] | None = None,
         r.problems.append(f"BOT_MODULE: expected a module name like 'bot' or 'mypackage.handlers', "
                           f"got {bot_module!r}")
 
+    # A part above the core (the autoposter's settings, utils/ops/daemon_settings.py) reads with the
+    # same reader: its problems are reported with these, in one message.
+    more = read_more(r)
     if r.problems:
+        # The raw text: a refused key/value string's password is masked too (utils/base/dsn.py).
         raise ConfigError(r.problems, hints, Redactor(token=token, database_url=database_url))
     return Settings(
         bot_token=token,
@@ -375,11 +323,6 @@ def load_settings(env: Mapping[str, str] | None = None,
         inbox_max=inbox_max,
         drain_timeout=drain_timeout,
         shutdown_timeout=shutdown_timeout,
-        channel_id=channel_id,
-        post_cron=post_cron,
-        post_interval=post_interval,
-        post_timezone=post_timezone,
-        post_misfire_grace=misfire,
         bot_mode=bot_mode,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
@@ -391,7 +334,8 @@ def load_settings(env: Mapping[str, str] | None = None,
         send_limits=send_limits,
         bot_module=bot_module,
         poison_after=poison_after,
-    )
+        database=database,
+    ), more
 
 
 BOT_MODES = ("polling", "webhook")
@@ -413,7 +357,7 @@ def derive_webhook_secret(token: str) -> str:
     return hmac.new(token.encode(), WEBHOOK_SECRET_PURPOSE, hashlib.sha256).hexdigest()
 
 
-def _webhook_settings(r: _Reader, token: str) -> tuple[str, str | None, str, int, bool]:
+def _webhook_settings(r: EnvReader, token: str) -> tuple[str, str | None, str, int, bool]:
     """BOT_MODE, WEBHOOK_URL, WEBHOOK_SECRET (never echoed), WEBHOOK_MAX_CONNECTIONS."""
     mode = (r.text("BOT_MODE", "polling") or "polling").lower()
     if mode not in BOT_MODES:
@@ -437,7 +381,7 @@ def _webhook_settings(r: _Reader, token: str) -> tuple[str, str | None, str, int
     return mode, url, secret, max_connections, insecure
 
 
-def _send_settings(r: _Reader) -> SendLimits:
+def _send_settings(r: EnvReader) -> SendLimits:
     """SEND_*: the send limits (Telegram's by default; 0 as a rate means unlimited)."""
     default = SendLimits()
     def number(name: str, value: float, high: float, low: float = 0) -> float:
@@ -455,21 +399,14 @@ def _send_settings(r: _Reader) -> SendLimits:
                       paid_broadcast=paid_broadcast, retry_max=retry_max)
 
 
-def _check_cron(expr: str) -> str | None:
-    """Return a problem with a 5-field cron expression, or None (the autoposter's own parser)."""
-    if len(expr.split()) != 5:
-        return f"expected 5 fields (minute hour day month weekday), got {expr!r}"
-    from utils.autoposter.schedule import parse_cron
-
-    try:
-        parse_cron(expr)
-    except ValueError as exc:
-        return f"{exc} in {expr!r}"
-    return None
-
-
 def load_configuration(environ: MutableMapping[str, str], cwd: Path) -> Settings:
-    """The ``.env`` of *cwd* (or ``$ENV_FILE``) under *environ*, then :func:`load_settings`.
+    """The core settings alone (:func:`load_configuration_with` reads the parts above them too)."""
+    return load_configuration_with(environ, cwd, read_nothing)[0]
+
+
+def load_configuration_with(environ: MutableMapping[str, str], cwd: Path,
+                            read_more: Callable[[EnvReader], T]) -> tuple[Settings, T]:
+    """The ``.env`` of *cwd* (or ``$ENV_FILE``) under *environ*, then :func:`load_settings_with`.
 
     Variables already in *environ* win over the file; the file's others are added to *environ*
     (libpq and the rest of the process read ``os.environ`` too). Raises one :class:`ConfigError`
@@ -487,7 +424,7 @@ def load_configuration(environ: MutableMapping[str, str], cwd: Path) -> Settings
             origins[name] = env_file.origin(name) or ""
     file_problems = env_file.problems()
     try:
-        settings = load_settings(environ, origins)
+        settings, more = load_settings_with(environ, origins, read_more)
     except ConfigError as exc:
         skip = env_file.unparsed_names()
         kept = [p for p in exc.problems if p.partition(":")[0].split(" ")[0] not in skip]
@@ -495,4 +432,4 @@ def load_configuration(environ: MutableMapping[str, str], cwd: Path) -> Settings
         raise ConfigError(file_problems + kept, hints) from None
     if file_problems:
         raise ConfigError(file_problems)
-    return replace(settings, env_file=env_file.path)
+    return replace(settings, env_file=env_file.path), more

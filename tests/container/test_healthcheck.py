@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from utils.base.exit_codes import HEALTHY, UNHEALTHY
 from utils.ops import healthcheck
-from utils.ops.healthcheck import HEALTHY, UNHEALTHY, bot_process_alive, probe_url, run
+from utils.ops.healthcheck import bot_process_alive, probe_url, run
 
 
 @pytest.mark.parametrize(("env", "url"), [

@@ -49,7 +49,7 @@ from apscheduler.triggers.date import DateTrigger
 
 from utils.autoposter import schedule as slots
 from utils.autoposter.schedule import CronSchedule, IntervalSchedule, Schedule
-from utils.base.redact import mask_token
+from utils.base.redact import Redactor
 from utils.state.store import FencedError, Post, StateStore
 
 log = logging.getLogger("solobot.autoposter")
@@ -381,12 +381,7 @@ class Autoposter:
 
     def _masked(self, text: str | None) -> str | None:
         """*text* without the bot token (an HTTP error may quote the request URL)."""
-        token = self.bot.token
-        if text is None or not token:
-            return text
-        text = text.replace(token, mask_token(token))
-        secret = token.partition(":")[2]
-        return text.replace(secret, "***") if secret else text
+        return None if text is None else Redactor(token=self.bot.token)(text)
 
     async def _tell_admins(self, text: str) -> None:
         for admin in sorted(self.admin_ids):

@@ -8,19 +8,29 @@ libpq's and ``urlsplit``'s: the user information ends at the **last** ``@`` befo
 ``postgresql://u:p@ss@db/app`` is user ``u``, password ``p@ss``, host ``db``.
 
 A libpq key/value string (``host=db password=...``) is not a URL: :func:`parse_database_url`
-returns None for it and configuration refuses it without echoing any of it.
+returns None for it and configuration refuses it without echoing any of it; :func:`database_passwords`
+still finds its password, so that nothing printed on the way to that refusal can show it.
+
+Everyone else uses the parts: configuration checks them, :class:`utils.state.database.DatabaseTarget`
+builds SQLAlchemy's URL and libpq's DSN from them, :meth:`DatabaseUrl.location` names the server in
+error lines, :class:`utils.base.redact.Redactor` masks their passwords.
 
 Standard library only: configuration and log redaction use it before the heavy imports.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 #: The schemes solobot accepts (SQLAlchemy's driver suffix included).
 SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 DEFAULT_PG_PORT = 5432
+#: The password of a libpq key/value string, quoted (backslash escapes) or up to a space.
+KEY_VALUE_PASSWORD = re.compile(
+    r"""password\s*=\s*(?:'(?P<quoted>(?:[^'\\]|\\.)*)'|(?P<plain>\S+))""", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,33 @@ class DatabaseUrl:
     def all_passwords(self) -> list[str]:
         """The password of the user information and of ``?password=`` (either may be set)."""
         return [p for p in (self.password, self.query.get("password")) if p]
+
+    @property
+    def usable(self) -> bool:
+        """A scheme solobot connects with (``mysql://`` parses, but is refused)."""
+        return self.scheme in SCHEMES
+
+    def location(self) -> str:
+        """``PostgreSQL host:port/database (user u)``: where, for error lines; never the password."""
+        hosts = self.hosts or self.query.get("host", "")  # a socket directory: ?host=/run/postgresql
+        port = self.query.get("port", str(DEFAULT_PG_PORT))
+        shown_hosts = ",".join(_with_port(host, port) for host in (hosts or "localhost").split(","))
+        database = self.database or self.query.get("dbname", "")
+        user = self.user or self.query.get("user", "")
+        described = f"PostgreSQL {shown_hosts}/{database}"
+        return f"{described} (user {user})" if user else described
+
+
+def has_port(host: str) -> bool:
+    """Whether one ``host[:port]`` (``[v6]:port`` too) names a port."""
+    return "]:" in host if host.startswith("[") else ":" in host
+
+
+def _with_port(host: str, default_port: str) -> str:
+    """``host:port`` as libpq would connect (a socket directory stays a path)."""
+    if host.startswith("/") or has_port(host):
+        return host
+    return f"{host}:{default_port}"
 
 
 def parse_database_url(text: str | None) -> DatabaseUrl | None:
@@ -68,3 +105,19 @@ def parse_database_url(text: str | None) -> DatabaseUrl | None:
         password = unquote(raw_password) if colon else None
     return DatabaseUrl(scheme=scheme.lower(), user=user, password=password, hosts=hosts,
                        database=unquote(path.lstrip("/")), query=query)
+
+
+def database_passwords(text: str | None) -> list[str]:
+    """Every password *text* carries: a URL's (decoded; user information and ``?password=``) or,
+    for a libpq key/value string that configuration refuses, its ``password=`` value (unquoted)."""
+    if not text:
+        return []
+    parsed = parse_database_url(text)
+    if parsed is not None:
+        return parsed.all_passwords
+    match = KEY_VALUE_PASSWORD.search(text)
+    if match is None:
+        return []
+    if match["quoted"] is not None:
+        return [re.sub(r"\\(.)", r"\1", match["quoted"])]
+    return [match["plain"]]

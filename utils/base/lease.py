@@ -87,9 +87,6 @@ class Lease:
         """Verified recently enough to act without asking again."""
         return self.valid and self._clock() - self.verified_at < self.renew_deadline
 
-    def age(self) -> float:
-        return self._clock() - self.verified_at
-
     # -- acting ------------------------------------------------------------------------------
 
     async def ensure(self) -> None:

@@ -17,9 +17,9 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-#: What the status lookups (/health, /metrics, /status: holder, inbox depth, set-aside count, pause
-#: flag) wait at most: they run concurrently, so /health answers in well under a second.
-STATUS_LOOKUP_TIMEOUT = 0.25
+#: What the status lookups (/health, /ready, /metrics, /status: holder, inbox depth, set-aside
+#: count, pause flag) wait at most: they run concurrently, so a silent database costs a probe this long.
+HEALTH_LOOKUP_TIMEOUT = 0.25
 
 
 class BoundedLookup(Generic[T]):

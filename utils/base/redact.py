@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from utils.base.dsn import parse_database_url
+from utils.base.dsn import DatabaseUrl, database_passwords
 
 MASK = "***"
 #: A Telegram bot token anywhere in a text (``<bot id>:<secret>``), even one not configured.
@@ -48,38 +48,10 @@ KEY_VALUE_PASSWORD = re.compile(
 MAPPING_PASSWORD = re.compile(
     r"""(?P<keep>["']password["']\s*:\s*)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", re.IGNORECASE
 )
-#: The password of a libpq key/value DSN, quoted or not.
-DSN_PASSWORD = re.compile(
-    r"""password\s*=\s*(?:'(?P<quoted>(?:[^'\\]|\\.)*)'|(?P<plain>\S+))""", re.IGNORECASE
-)
-
-
 def mask_token(token: str) -> str:
     """``123456:AA...`` -> ``123456:***``: the bot id is public, the secret is not."""
     bot_id, _, _ = token.partition(":")
     return f"{bot_id}:***" if bot_id.isdigit() else "***"
-
-
-def database_passwords(database_url: str | None) -> list[str]:
-    """Every password a database URL (decoded; user information and ``?password=``) or libpq
-    key/value DSN carries."""
-    if not database_url:
-        return []
-    parsed = parse_database_url(database_url)
-    if parsed is not None:
-        return parsed.all_passwords
-    match = DSN_PASSWORD.search(database_url)
-    if match is None:
-        return []
-    if match["quoted"] is not None:
-        return [re.sub(r"\\(.)", r"\1", match["quoted"])]
-    return [match["plain"]]
-
-
-def database_password(database_url: str | None) -> str | None:
-    """The (first) password of a database URL or DSN, if any."""
-    passwords = database_passwords(database_url)
-    return passwords[0] if passwords else None
 
 
 def _hex_either_case(byte: int) -> str:
@@ -110,15 +82,18 @@ def password_pattern(password: str) -> re.Pattern[str]:
 class Redactor:
     """Masks the secrets of one configuration (and any URL/DSN password) in a text."""
 
-    def __init__(self, *, token: str | None = None, database_url: str | None = None) -> None:
+    def __init__(self, *, token: str | None = None, database_url: str | DatabaseUrl | None = None) -> None:
+        """*database_url* as configured (taken apart by :mod:`utils.base.dsn`) or already parsed."""
         self._token_forms: list[tuple[str, str]] = []
         if token:
             self._token_forms.append((token, mask_token(token)))
             secret_half = token.partition(":")[2]
             if secret_half:
                 self._token_forms.append((secret_half, MASK))
+        passwords = (database_url.all_passwords if isinstance(database_url, DatabaseUrl)
+                     else database_passwords(database_url))
         # Longest first: one password may contain another.
-        self._passwords = [password_pattern(p) for p in sorted(set(database_passwords(database_url)),
+        self._passwords = [password_pattern(p) for p in sorted(set(passwords),
                                                                 key=len, reverse=True)]
 
     def __call__(self, text: str) -> str:

@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from utils.base.episode import FailureEpisode
 from utils.base.lease import Lease, LeaseGate
-from utils.base.lookup import BoundedLookup
+from utils.base.lookup import HEALTH_LOOKUP_TIMEOUT, BoundedLookup
 from utils.locking.backend import HolderInfo, LockBackend
 from utils.state.leader import Takeover
 
@@ -57,8 +58,6 @@ ANNOUNCE_AFTER = 0.2
 RETRY_FIRST, RETRY_MAX = 1.0, 5.0
 #: After losing the lease, wait this long before contending again (never a tight loop).
 PAUSE_AFTER_LOSS = 1.0
-#: /health must answer quickly even when the backend does not.
-HOLDER_LOOKUP_TIMEOUT = 0.25
 
 
 class LeadershipController:
@@ -90,7 +89,7 @@ class LeadershipController:
         self._step_down: asyncio.Event = asyncio.Event()
         self._step_down_reason = ""
         self._holder_cache: HolderInfo | None = None
-        self._holder_lookup = BoundedLookup(backend.holder, HOLDER_LOOKUP_TIMEOUT, name="holder lookup")
+        self._holder_lookup = BoundedLookup(backend.holder, HEALTH_LOOKUP_TIMEOUT, name="holder lookup")
         self._warned_state: str | None = None
 
     # -- reading -----------------------------------------------------------------------------
@@ -169,7 +168,7 @@ class LeadershipController:
         it cannot wait (the backend's error).
         """
         announced = False
-        failing = False
+        failing = FailureEpisode()
         delay = RETRY_FIRST
         while not self._stop.is_set():
             self.passive_reason = f"standby: waiting for the {self.backend.name} lock"
@@ -182,9 +181,9 @@ class LeadershipController:
                 self._check_shared_state(holder)
                 who = (f"held by {holder.describe()}" if holder else "held by another instance")
                 self.passive_reason = f"standby: lock {who}"
-                if failing:
+                if failing.recovered():
                     log.info("the %s lock backend answers again; %s", self.backend.name, self.passive_reason)
-                    failing, delay = False, RETRY_FIRST
+                    delay = RETRY_FIRST
                 elif not announced:
                     # Say once who we wait for; then stay quiet until something changes.
                     log.info("%s; waiting quietly", self.passive_reason)
@@ -203,9 +202,8 @@ class LeadershipController:
             except Exception as exc:  # noqa: BLE001 - e.g. database down: stay passive, retry
                 why = self.backend.describe_failure(exc)
                 self.passive_reason = f"cannot acquire the {self.backend.name} lock: {why}"
-                if not failing:
+                if failing.failed():
                     log.warning("%s; staying passive and retrying with backoff", self.passive_reason)
-                    failing = True
                 else:
                     log.debug("lock acquisition retry in %.0f s: %s", delay, self.backend.describe_failure(exc))
                 self.passive_reason += f" (retrying in {delay:.0f} s)"

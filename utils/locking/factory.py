@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from utils.config import Settings
 from utils.locking.backend import LockBackend
 from utils.locking.file_backend import FileLockBackend
 from utils.locking.instance_lock import InstanceLock
@@ -12,7 +12,23 @@ from utils.locking.postgres_backend import PostgresLockBackend
 from utils.state.store import StateStore
 
 
-def make_backend(settings: Settings, store: StateStore, instance_id: str) -> LockBackend:
+class LockSettings(Protocol):
+    """What the lock backend is built from (:class:`utils.config.Settings` has it): a protocol, so
+    that locking stays below the configuration in the layers (pyproject.toml's import contract)."""
+
+    @property
+    def lock_backend(self) -> str: ...
+    @property
+    def lock_dir(self) -> Path: ...
+    @property
+    def bot_id(self) -> int: ...
+    @property
+    def lock_stale_seconds(self) -> float: ...
+    @property
+    def lock_takeover(self) -> bool: ...
+
+
+def make_backend(settings: LockSettings, store: StateStore, instance_id: str) -> LockBackend:
     """The lock backend of *settings*, built without touching anything: its ``open()`` checks the
     file backend's directory (may raise :class:`~utils.locking.instance_lock.LockSetupError`)."""
     common: dict[str, Any] = dict(

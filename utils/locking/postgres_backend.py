@@ -102,12 +102,12 @@ class PostgresLockBackend(LockBackend):
         self._predecessor_gone = False
         self.predecessor_waited = 0.0
         row = await self._query(sql.holder_row, self.bot_id)
-        if row is None or row[6] or row[1] in (None, self.instance_id):
+        if row is None or row.released or row.instance_id in (None, self.instance_id):
             return
-        pattern = instance_tag_pattern(self.bot_id, row[1])
+        pattern = instance_tag_pattern(self.bot_id, row.instance_id)
         ended, others = await self._query(sql.end_leftover_sessions, pattern)
         if ended:
-            log.info("ended %d leftover session(s) of the previous holder (instance %s)", ended, row[1])
+            log.info("ended %d leftover session(s) of the previous holder (instance %s)", ended, row.instance_id)
         if await self._query(sql.restarted_since_heartbeat, self.bot_id):
             log.debug("the database server restarted since the previous holder's last heartbeat")
             return
@@ -119,7 +119,7 @@ class PostgresLockBackend(LockBackend):
             left = await self._query(sql.open_sessions, pattern)
         self.predecessor_waited = loop.time() - started
         self._predecessor_gone = not ended and not left
-        log.debug("previous holder %s: %s after %.0f ms", row[1],
+        log.debug("previous holder %s: %s after %.0f ms", row.instance_id,
                   "no session left" if self._predecessor_gone else f"{left} session(s) left",
                   self.predecessor_waited * 1000)
 
@@ -203,13 +203,10 @@ class PostgresLockBackend(LockBackend):
 
     async def holder(self) -> HolderInfo | None:
         row = await self._query(sql.holder_row, self.bot_id)
-        if row is None or row[6]:
+        if row is None or row.released:
             return None
-        return HolderInfo(
-            instance_id=row[1], host=row[2], pid=row[3], epoch=int(row[0]),
-            since=float(row[4]) if row[4] is not None else None,
-            heartbeat_age=float(row[5]) if row[5] is not None else None,
-        )
+        return HolderInfo(instance_id=row.instance_id, host=row.host, pid=row.pid, epoch=row.epoch,
+                          since=row.since, heartbeat_age=row.heartbeat_age)
 
     async def holder_is_live(self, holder: HolderInfo) -> bool:
         return bool(await self._query(sql.lock_is_granted, self.key))
@@ -225,8 +222,7 @@ class PostgresLockBackend(LockBackend):
         session = await self._query(sql.lock_session_of, self.bot_id, holder.epoch)
         if session is None:
             return "the holder changed"
-        _, age = session
-        if age is not None and age <= self.stale_seconds:
+        if session.heartbeat_age is not None and session.heartbeat_age <= self.stale_seconds:
             return "it recovered"
         if holder.instance_id is None:
             return "no instance recorded"

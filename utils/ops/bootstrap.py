@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 from utils import __version__
-from utils.config import EX_CONFIG, ConfigError, Settings, load_configuration
+from utils.base.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
+from utils.config import ConfigError, Settings
+from utils.ops.daemon_settings import DaemonSettings, load_daemon_configuration
 from utils.ops.early_stop import EarlyStop
 from utils.ops.logging_setup import configure_logging
 from utils.ops.sd_notify import SystemdNotifier
@@ -31,7 +33,6 @@ from utils.ops.sd_notify import SystemdNotifier
 #: within a bound counted from here, so a slow start-up shortens its database query.
 STARTED = time.monotonic()
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("run", "status", "inbox")
 HELP_FLAGS = ("-h", "--help", "help")
 #: systemd's status line while the heavy imports run (the Server replaces it on the first mode change).
@@ -54,7 +55,7 @@ def announce_start(settings: Settings) -> None:
     SystemdNotifier.from_environment().notify(STARTING_STATUS)
 
 
-def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
+def prepare(argv: list[str], usage: str) -> tuple[str, DaemonSettings] | int:
     """Parse the command line, load and validate the configuration, set up logging.
 
     Returns ``(command, settings)`` to run the bot, or the exit code to stop with: a usage error,
@@ -69,12 +70,12 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
         return EXIT_USAGE
     try:
         # The working directory's .env (or $ENV_FILE), strictly: see utils/env_file.py.
-        settings = load_configuration(os.environ, Path.cwd())
+        settings = load_daemon_configuration(os.environ, Path.cwd())
     except ConfigError as exc:
         print(f"solobot: {exc}", file=sys.stderr)  # masked: ConfigError redacts its problems
-        return EX_CONFIG
+        return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format,
-                      token=settings.bot_token, database_url=settings.database_url)
+                      token=settings.bot_token, database_url=settings.database)
     if command == "status":
         from utils.ops.status import run_status  # no aiogram: a status check stays quick
 
@@ -87,4 +88,4 @@ def prepare(argv: list[str], usage: str) -> tuple[str, Settings] | int:
     return command, settings
 
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "EarlyStop", "prepare"]
+__all__ = ["EarlyStop", "prepare"]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from utils.config import Settings
 from utils.ops.bot_module import BotModule, load_bot_module
+from utils.ops.daemon_settings import DaemonSettings
 from utils.state.database import DatabaseTarget
 
 #: A role's stop is bounded by DRAIN_TIMEOUT plus this (the done marks' final flush, closing).
@@ -34,13 +34,13 @@ def new_instance_id() -> str:
 class DaemonConfig:
     """Settings, the loaded bot module, the instance id and the database target of one run."""
 
-    settings: Settings
+    settings: DaemonSettings
     bot_module: BotModule
     instance_id: str
     target: DatabaseTarget
 
     @classmethod
-    def load(cls, settings: Settings, *, instance_id: str | None = None,
+    def load(cls, settings: DaemonSettings, *, instance_id: str | None = None,
              bot_module: BotModule | None = None) -> DaemonConfig:
         """Import ``BOT_MODULE`` (unless *bot_module* is given) and parse the database target; raises
         :class:`~utils.ops.bot_module.BotModuleError` (a configuration error) if the module is unusable."""
@@ -48,7 +48,7 @@ class DaemonConfig:
             settings=settings,
             bot_module=bot_module or load_bot_module(settings.bot_module),
             instance_id=instance_id or new_instance_id(),
-            target=DatabaseTarget.parse(settings.database_url, settings.state_dir),
+            target=DatabaseTarget.parse(settings.database, settings.state_dir),
         )
 
     @property

@@ -109,14 +109,14 @@ class DaemonParts:
                 strategy=dp.fsm.strategy,
             )
         autoposter: Autoposter | None = None
-        if settings.channel_id:
+        if settings.autoposter.channel_id:
             autoposter = Autoposter(
                 bot, store,
-                channel_id=settings.channel_id,
-                post_cron=settings.post_cron,
-                post_interval=settings.post_interval,
-                timezone=settings.post_timezone,
-                misfire_grace=settings.post_misfire_grace,
+                channel_id=settings.autoposter.channel_id,
+                post_cron=settings.autoposter.post_cron,
+                post_interval=settings.autoposter.post_interval,
+                timezone=settings.autoposter.post_timezone,
+                misfire_grace=settings.autoposter.post_misfire_grace,
                 admin_ids=settings.admin_ids,
                 step_down=step_down,
                 sends=sends,

@@ -17,8 +17,7 @@ import signal
 import sys
 from types import FrameType
 
-EXIT_OK = 0
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from utils.base.exit_codes import EXIT_OK, STOP_SIGNALS
 
 
 class EarlyStop:

@@ -29,7 +29,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-HEALTHY, UNHEALTHY = 0, 1
+from utils.base.exit_codes import HEALTHY, UNHEALTHY
+
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_PATH = "127.0.0.1", 8080, "/health"
 #: Below the Dockerfile's ``HEALTHCHECK --timeout=3s``, so a slow answer is our verdict, not a kill.
 PROBE_TIMEOUT = 2.0

@@ -34,6 +34,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from utils.base.episode import FailureEpisode
+
 log = logging.getLogger("solobot.http")
 
 #: Seconds a new connection may take to send a complete request head.
@@ -142,16 +144,15 @@ class ConnectionGuard:
         self.header_timeout = header_timeout
         self.open: dict[asyncio.Transport, _Counted] = {}
         self.refused = 0  # over the whole life (for /metrics and tests)
-        self._episode_refused = 0
+        self._refusals = FailureEpisode()  # refused connections of the current episode at the cap
 
     def protocol_factory(self, server: Callable[[], RequestHandler]) -> Callable[[], asyncio.Protocol]:
         def make() -> asyncio.Protocol:
             if len(self.open) >= self.cap:
                 self.refused += 1
-                if self._episode_refused == 0:
+                if self._refusals.failed():
                     log.warning("%s: %d connections open, the cap; refusing new ones until some close",
                                 self.name, self.cap)
-                self._episode_refused += 1
                 return _Refused()
             return _Counted(server(), self)
         return make
@@ -163,10 +164,9 @@ class ConnectionGuard:
     def closed(self, conn: _Counted) -> None:
         if conn.transport is not None:
             self.open.pop(conn.transport, None)
-        if self._episode_refused and len(self.open) <= self.cap - max(1, self.cap // EPISODE_END_FRACTION):
+        if self._refusals.ongoing and len(self.open) <= self.cap - max(1, self.cap // EPISODE_END_FRACTION):
             log.info("%s: below the connection cap again; %d connection(s) refused meanwhile",
-                     self.name, self._episode_refused)
-            self._episode_refused = 0
+                     self.name, self._refusals.recovered())
 
     @web.middleware
     async def middleware(self, request: web.Request,

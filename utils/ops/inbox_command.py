@@ -18,9 +18,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from utils.base.exit_codes import EXIT_CANNOT_TELL, EXIT_NOTHING, EXIT_OK, EXIT_USAGE
 from utils.config import Settings
 
-EXIT_OK, EXIT_USAGE, EXIT_NONE, EXIT_UNKNOWN = 0, 2, 3, 4
 USAGE = """usage: python main.py inbox              list the updates set aside (poison)
        python main.py inbox retry ID     put update ID back: the active instance runs it again
        python main.py inbox drop ID      mark update ID done: it is never run"""
@@ -52,7 +52,7 @@ async def _with_store(settings: Settings, started: float, work: Callable[..., Aw
     from utils.state.database import DatabaseTarget
     from utils.state.store import StateStore
 
-    store = StateStore.create(DatabaseTarget.parse(settings.database_url, settings.state_dir),
+    store = StateStore.create(DatabaseTarget.parse(settings.database, settings.state_dir),
                               settings.bot_id, "inbox-command")
     await store.open()  # a state directory not ours alone: exit 78 (run_command), nothing open yet
     timeout = query_timeout(time.monotonic(), started)
@@ -93,10 +93,10 @@ async def inbox_command(settings: Settings, action: str, update_id: int | None, 
         changed = await _with_store(settings, started, act)
     except CannotTell as exc:
         say(settings, f"solobot inbox: cannot tell: {exc}", sys.stderr)
-        return EXIT_UNKNOWN
+        return EXIT_CANNOT_TELL
     if not changed:
         say(settings, f"solobot inbox: no update {update_id} is set aside (see `python main.py inbox`)", sys.stderr)
-        return EXIT_NONE
+        return EXIT_NOTHING
     if action == "retry":
         say(settings, f"update {update_id} put back: the active instance runs it again")
     else:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
+from utils.base.dsn import DatabaseUrl
 from utils.base.redact import Redactor
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -127,7 +128,7 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
 
 
 def configure_logging(
-    level: str, fmt: str, *, token: str | None = None, database_url: str | None = None
+    level: str, fmt: str, *, token: str | None = None, database_url: str | DatabaseUrl | None = None
 ) -> None:
     """Install one masking stderr handler on the root logger and route stray output through it."""
     handler = logging.StreamHandler(sys.stderr)

@@ -13,7 +13,7 @@
    errors collected (:class:`~utils.ops.shutdown.ShutdownManager`).
 
 A start-up step that fails unwinds exactly what the steps before it made, in reverse, and picks
-the exit code: 78 (``EX_CONFIG``) for a configuration problem no restart fixes (a state or lock
+the exit code: 78 (``EXIT_CONFIG``) for a configuration problem no restart fixes (a state or lock
 directory that is not ours alone, an unusable bot module), 1 for any other failure (a port in
 use). Signals are not the server's business: ``main.py`` installs the handlers when it runs as a
 program (:func:`serve_with_signals`); a test embeds the server and calls :meth:`request_stop`.
@@ -27,13 +27,12 @@ import logging
 from aiogram import Bot, Dispatcher, Router
 from aiogram.client.telegram import TelegramAPIServer
 
+from utils.base.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from utils.base.lease import LeaseGate
 from utils.base.private_path import UnsafePathError
-from utils.config import EX_CONFIG
 from utils.locking.controller import Mode
 from utils.locking.factory import make_backend
 from utils.locking.gated_session import GatedAiohttpSession
-from utils.ops.bootstrap import EXIT_FAILURE, EXIT_OK
 from utils.ops.bot_module import BotModuleError
 from utils.ops.daemon_config import DaemonConfig
 from utils.ops.daemon_parts import DaemonParts
@@ -73,7 +72,7 @@ def detach_router(dp: Dispatcher, router: Router) -> None:
 
 def exit_code_for(exc: Exception) -> int:
     """The exit code of a start-up that failed with *exc*."""
-    return EX_CONFIG if isinstance(exc, CONFIGURATION_FAILURES) else EXIT_FAILURE
+    return EXIT_CONFIG if isinstance(exc, CONFIGURATION_FAILURES) else EXIT_FAILURE
 
 
 class Server:
@@ -185,7 +184,7 @@ class Server:
 
     def _fatal(self, reason: str) -> None:
         """A problem no retry fixes (revoked token): stop with exit 78 so systemd does not loop."""
-        self.exit_code = EX_CONFIG
+        self.exit_code = EXIT_CONFIG
         self.shutdown.request(reason)
 
     def _on_mode(self, mode: Mode, detail: str) -> None:

@@ -32,13 +32,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from utils.base.exit_codes import EXIT_FORCED, STOP_SIGNALS
+
 log = logging.getLogger("solobot.shutdown")
 
 Callback = Callable[[], Awaitable[object] | object]
 SignalHandler = Callable[[int, Any], Any] | int | None  # what signal.getsignal() returns
 
-EXIT_FORCED = 130  # a repeated SIGINT: the operator insisted
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SIGINTS_TO_FORCE_EXIT = 2
 
 DEFAULT_DEADLINE = 8.0  # overall, for all stages together

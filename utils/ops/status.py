@@ -17,6 +17,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TextIO
 
+from utils.base.exit_codes import EXIT_CANNOT_TELL, EXIT_CONFIG, EXIT_NOTHING, EXIT_OK
 from utils.config import Settings
 from utils.locking.backend import HolderInfo, LockBackend
 from utils.locking.factory import make_backend
@@ -26,7 +27,6 @@ from utils.state.store import StateStore
 
 log = logging.getLogger("solobot")
 
-EXIT_OK, EXIT_NO_HOLDER, EXIT_UNKNOWN = 0, 3, 4
 #: The answer is due this long after the process started, even when the database accepts
 #: connections but never replies. The bound for the whole command is 3 s; the interpreter's exit
 #: after the answer (finalising SQLAlchemy and psycopg) takes 0.2-0.5 s on a busy machine.
@@ -76,7 +76,7 @@ async def query_holder(settings: Settings, started: float) -> tuple[str, HolderI
     *started* is the process's start on the :func:`time.monotonic` clock (the answer is due
     :data:`ANSWER_WITHIN` after it).
     """
-    store = StateStore.create(DatabaseTarget.parse(settings.database_url, settings.state_dir),
+    store = StateStore.create(DatabaseTarget.parse(settings.database, settings.state_dir),
                               settings.bot_id, "status-query")
     backend = make_backend(settings, store, "status-query")
     # Before any connection: a state or lock directory that is not ours alone is a configuration
@@ -104,11 +104,11 @@ async def status_command(settings: Settings, started: float) -> int:
         backend_name, holder, live, set_aside = await query_holder(settings, started)
     except CannotTell as exc:
         say(settings, f"solobot status: cannot tell who is active: {exc}", sys.stderr)
-        return EXIT_UNKNOWN
+        return EXIT_CANNOT_TELL
     if holder is None or not live:
         held = f"; {set_aside} update(s) set aside: python main.py inbox" if set_aside else ""
         say(settings, f"no active holder (backend {backend_name}){held}")
-        return EXIT_NO_HOLDER
+        return EXIT_NOTHING
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.since)) if holder.since else "?"
     # The holder as /health's lock.holder shows it (one rendering of the typed holder).
     say(settings, json.dumps({"backend": backend_name, **(holder_json(holder) or {}), "since_text": since,
@@ -133,10 +133,9 @@ def run_command(command: Coroutine[Any, Any, int]) -> int:
     """Run a command of ``main.py`` that reads the state (``status``, ``inbox``): a lock or state
     directory that is not ours alone is a configuration error (exit 78, one line), as for the bot."""
     from utils.base.private_path import UnsafePathError
-    from utils.config import EX_CONFIG
 
     try:
         return asyncio.run(command)
     except UnsafePathError as exc:
         log.error("%s", exc)
-        return EX_CONFIG
+        return EXIT_CONFIG

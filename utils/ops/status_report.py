@@ -7,7 +7,7 @@ how they are shown lives in :mod:`utils.ops.status_snapshot` (pure); this module
 
 The database lookups (inbox depth, set-aside count, pause flag; the holder through the
 controller, which bounds and caches it) run concurrently, each bounded by
-:data:`~utils.base.lookup.STATUS_LOOKUP_TIMEOUT` (:class:`~utils.base.lookup.BoundedLookup`): the
+:data:`~utils.base.lookup.HEALTH_LOOKUP_TIMEOUT` (:class:`~utils.base.lookup.BoundedLookup`): the
 snapshot is ready in well under a second whatever the database does, with :class:`Unknown` for
 what did not answer. A stuck lookup is never started twice; one lookup serves /health, /metrics
 and /status alike.
@@ -21,7 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
-from utils.base.lookup import STATUS_LOOKUP_TIMEOUT, BoundedLookup
+from utils.base.histogram import DurationHistogram
+from utils.base.lookup import HEALTH_LOOKUP_TIMEOUT, BoundedLookup
 from utils.locking.backend import HolderInfo
 from utils.ops.status_snapshot import (
     AutoposterFacts,
@@ -41,7 +42,7 @@ from utils.ops.status_snapshot import (
     readiness,
 )
 from utils.updates.outage import OutageLog
-from utils.updates.stats import DurationHistogram, UpdateStats
+from utils.updates.stats import UpdateStats
 from utils.updates.webhook import ReceiverStats
 
 T = TypeVar("T")
@@ -137,7 +138,7 @@ class StatusReporter:
         autoposter: AutoposterSource | None = None,
         webhook: WebhookSource | None = None,
         receiver: ReceiverSource | None = None,
-        lookup_timeout: float = STATUS_LOOKUP_TIMEOUT,
+        lookup_timeout: float = HEALTH_LOOKUP_TIMEOUT,
     ) -> None:
         if (webhook is None) != (receiver is None):
             raise ValueError("webhook mode needs both the webhook role and the receiver")
@@ -181,7 +182,7 @@ class StatusReporter:
     # -- the whole snapshot ----------------------------------------------------------------
 
     async def snapshot(self) -> StatusSnapshot:
-        """Everything; the database lookups concurrent, each bounded (``STATUS_LOOKUP_TIMEOUT``)."""
+        """Everything; the database lookups concurrent, each bounded (``HEALTH_LOOKUP_TIMEOUT``)."""
         term = self.term()
         depth_lookup, set_aside_lookup = _known(self._inbox_depth), _known(self._set_aside)
         holder, depth, set_aside, paused = await asyncio.gather(

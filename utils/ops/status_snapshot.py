@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from utils.base.histogram import DurationHistogram
 from utils.locking.backend import HolderInfo
 from utils.locking.controller import Mode
-from utils.updates.stats import Count, DurationHistogram, Section
+from utils.updates.stats import Count, Section
 
 if TYPE_CHECKING:
     from utils.updates.webhook import ReceiverStats

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiogram.exceptions import TelegramRetryAfter
 
+from utils.base.histogram import DurationHistogram
 from utils.base.lease import LeaseGate, LeaseLost
 from utils.sending.flood import (
     FAILED,
@@ -41,7 +42,6 @@ from utils.sending.flood import (
     seconds_until,
     sends_into_chat,
 )
-from utils.updates.stats import DurationHistogram
 
 if TYPE_CHECKING:
     from aiogram import Bot

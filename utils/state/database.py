@@ -20,10 +20,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from utils.base.dsn import parse_database_url
+from utils.base.dsn import DatabaseUrl, has_port, parse_database_url
 from utils.base.private_path import check_private_file, create_private_file, ensure_private_dir
 from utils.base.redact import Redactor
-from utils.state.errors import SQLITE_LOCATION, database_location
+from utils.state.errors import SQLITE_LOCATION
 
 log = logging.getLogger("solobot.state")
 
@@ -35,11 +35,6 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 5_000
 PG_POOL_SIZE = 4
 PG_POOL_OVERFLOW = 4
 PG_CONNECT_TIMEOUT_S = 5
-
-
-def _has_port(hosts: str) -> bool:
-    """Whether one ``host[:port]`` (``[v6]:port`` too) names a port."""
-    return "]:" in hosts if hosts.startswith("[") else ":" in hosts
 
 
 def session_tag(bot_id: int, instance_id: str, purpose: str) -> str:
@@ -74,18 +69,20 @@ class DatabaseTarget:
         return self.kind == "postgres"
 
     @classmethod
-    def parse(cls, database_url: str | None, state_dir: Path) -> DatabaseTarget:
+    def parse(cls, database_url: str | DatabaseUrl | None, state_dir: Path) -> DatabaseTarget:
+        """The target of *database_url*: as configuration parsed it (``Settings.database``), or a
+        text taken apart here by the same rule (:mod:`utils.base.dsn`); None: SQLite in *state_dir*."""
         if not database_url:
             path = (state_dir / SQLITE_FILE).absolute()  # not resolve(): a symlink is refused, not followed
             return cls(kind="sqlite", sqlalchemy_url=f"sqlite+aiosqlite:///{path}", display=str(path),
                        sqlite_path=path)
-        parts = parse_database_url(database_url)
+        parts = database_url if isinstance(database_url, DatabaseUrl) else parse_database_url(database_url)
         if parts is None:  # configuration refuses it first; never echo it
             raise ValueError("DATABASE_URL is not a postgresql:// URL")
         # Built from the parts (utils/base/dsn.py: the one rule for where a password ends), not
         # re-parsed by SQLAlchemy's own rule, which splits a password with "@" differently.
         query = {k: v for k, v in parts.query.items() if k != "password"}
-        single_host, _, port_text = parts.hosts.rpartition(":") if _has_port(parts.hosts) else (parts.hosts, "", "")
+        single_host, _, port_text = parts.hosts.rpartition(":") if has_port(parts.hosts) else (parts.hosts, "", "")
         if "," in parts.hosts:  # several hosts: libpq's own syntax, through the query
             query["host"], single_host, port_text = parts.hosts, "", ""
         url = URL.create(
@@ -108,8 +105,8 @@ class DatabaseTarget:
             host=url.host or "localhost",
             port=url.port or 5432,
             database=url.database,
-            location=database_location(database_url),
-            redactor=Redactor(database_url=database_url),
+            location=parts.location(),
+            redactor=Redactor(database_url=parts),
         )
 
     def where(self) -> str:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import re
 
-from utils.base.dsn import DEFAULT_PG_PORT, parse_database_url
+from utils.base.dsn import DatabaseUrl, parse_database_url
 from utils.base.redact import Redactor
 
 #: The location of the default state database (SQLite in STATE_DIR) in error lines.
 SQLITE_LOCATION = "SQLite state database"
+#: Where, when DATABASE_URL is not a URL (configuration refuses it first; nothing of it is shown).
+NOT_A_URL_LOCATION = "PostgreSQL (DATABASE_URL is not a URL)"
 #: libpq prefixes a server's refusal with its severity: ``FATAL:  database "x" does not exist``.
 SEVERITY_PREFIX = re.compile(r"^(?:FATAL|ERROR|PANIC):\s+")
 #: One failed attempt in libpq's text: ``connection to server at "h" (addr), port 5432 failed: REASON``.
@@ -32,30 +34,13 @@ NOISE_LINE = re.compile(
 )
 
 
-def database_location(database_url: str | None, *, with_user: bool = True) -> str:
-    """``PostgreSQL host:port/database (user u)`` from a database URL, without its password.
-
-    *with_user* False leaves the user name out (what a public endpoint may show)."""
+def database_location(database_url: str | DatabaseUrl | None) -> str:
+    """``PostgreSQL host:port/database (user u)`` from a database URL (as configured or already
+    parsed), without its password; the SQLite database's name without one."""
     if not database_url:
         return SQLITE_LOCATION
-    parts = parse_database_url(database_url)
-    if parts is None:
-        return "PostgreSQL (DATABASE_URL is not a URL)"
-    hosts = parts.hosts or parts.query.get("host", "")  # a socket directory: ?host=/run/postgresql
-    port = parts.query.get("port", str(DEFAULT_PG_PORT))
-    shown_hosts = ",".join(_with_port(host, port) for host in (hosts or "localhost").split(","))
-    database = parts.database or parts.query.get("dbname", "")
-    user = parts.user or parts.query.get("user", "")
-    described = f"PostgreSQL {shown_hosts}/{database}"
-    return f"{described} (user {user})" if user and with_user else described
-
-
-def _with_port(host: str, default_port: str) -> str:
-    """``host:port`` as libpq would connect (a socket directory stays a path)."""
-    if host.startswith("/"):
-        return host
-    has_port = "]:" in host if host.startswith("[") else ":" in host
-    return host if has_port else f"{host}:{default_port}"
+    parts = database_url if isinstance(database_url, DatabaseUrl) else parse_database_url(database_url)
+    return NOT_A_URL_LOCATION if parts is None else parts.location()
 
 
 def _driver_error(exc: BaseException) -> BaseException:
@@ -99,7 +84,7 @@ def database_error_reason(exc: BaseException, *, waited: float | None = None) ->
     return reason or name
 
 
-def describe_database_error(exc: BaseException, database_url: str | None = None, *,
+def describe_database_error(exc: BaseException, database_url: str | DatabaseUrl | None = None, *,
                             location: str | None = None, redactor: Redactor | None = None,
                             waited: float | None = None) -> str:
     """One line: where the database is (no password) and why it failed.

@@ -195,26 +195,6 @@ class InboxRepository:
             )
         return None if value is None else int(value)
 
-    async def claim_waiting(self, epoch: int) -> list[InboxEntry]:
-        """A new leader takes every waiting row (fenced), counting the attempt; oldest first."""
-        async with self.engine.begin() as conn:
-            await hold_epoch(conn, self.bot_id, epoch)
-            await conn.execute(
-                sa.update(inbox_table)
-                .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None),
-                       sa.or_(inbox_table.c.claimed_epoch.is_(None),
-                              inbox_table.c.claimed_epoch < epoch))
-                .values(attempts=inbox_table.c.attempts + 1, claimed_epoch=epoch)
-            )
-            rows = await conn.execute(
-                sa.select(inbox_table.c.seq, inbox_table.c.update_id, inbox_table.c.chat_key,
-                          inbox_table.c.payload, inbox_table.c.attempts)
-                .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None))
-                .order_by(inbox_table.c.seq)
-            )
-            return [InboxEntry(int(r.seq), int(r.update_id), r.chat_key, r.payload, int(r.attempts))
-                    for r in rows]
-
     async def claim_unclaimed(self, epoch: int, limit: int) -> list[InboxEntry]:
         """The leader takes rows other processes stored (webhook replicas), oldest first.
 
@@ -292,10 +272,10 @@ class InboxRepository:
         """Waiting rows and the age in seconds of the oldest (for /health)."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(
-                sa.select(sa.func.count(), sa.func.min(inbox_table.c.received_at))
+                sa.select(sa.func.count().label("waiting"), sa.func.min(inbox_table.c.received_at).label("oldest"))
                 .where(inbox_table.c.bot_id == self.bot_id, inbox_table.c.done_at.is_(None))
             )).one()
-        return int(row[0]), age_of(row[1])
+        return int(row.waiting), age_of(row.oldest)
 
     def _unclaimed(self) -> Any:
         """Rows stored by a process that is not the leader (webhook replicas), not taken yet."""

@@ -9,10 +9,11 @@ proves that the session - and with it the advisory lock - is alive.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, LiteralString, NamedTuple
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.rows import class_row, scalar_row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from utils.state.schema import aware, leader_table, utcnow
@@ -79,6 +80,38 @@ class LeaderRepository:
 PgConn = psycopg.AsyncConnection[Any]
 
 
+class HolderRow(NamedTuple):
+    """The leader row as the lock session reads it (times by the database's clock)."""
+
+    epoch: int
+    instance_id: str | None
+    host: str | None
+    pid: int | None
+    since: float | None  # unix time
+    heartbeat_age: float | None  # seconds
+    released: bool
+
+
+class LockSession(NamedTuple):
+    """The holder's lock session as the leader row records it."""
+
+    backend_pid: int | None
+    heartbeat_age: float | None  # seconds
+
+
+class SessionCounts(NamedTuple):
+    """One instance's sessions found at a takeover."""
+
+    ended: int  # inside a transaction: ended
+    others: int  # the rest, still open
+
+
+async def _scalar(conn: PgConn, query: LiteralString, params: tuple[Any, ...]) -> Any:
+    """The one value of a one-column query; None without a row."""
+    cur = await conn.cursor(row_factory=scalar_row).execute(query, params)
+    return await cur.fetchone()
+
+
 async def advisory_lock(conn: PgConn, key: int) -> None:
     await conn.execute("SELECT pg_advisory_lock(%s)", (key,))
 
@@ -95,12 +128,13 @@ async def heartbeat(conn: PgConn, bot_id: int, epoch: int) -> bool:
     return cur.rowcount == 1
 
 
-async def holder_row(conn: PgConn, bot_id: int) -> tuple[Any, ...] | None:
-    """(epoch, instance_id, host, pid, since (unix), heartbeat age (s), released) or None."""
+async def holder_row(conn: PgConn, bot_id: int) -> HolderRow | None:
+    """The leader row, or None (none yet, or no table yet)."""
     try:
-        cur = await conn.execute(
-            "SELECT epoch, instance_id, host, pid, extract(epoch FROM since), "
-            "extract(epoch FROM now() - heartbeat), released FROM solobot_leader WHERE bot_id = %s",
+        cur = await conn.cursor(row_factory=class_row(HolderRow)).execute(
+            "SELECT epoch, instance_id, host, pid, extract(epoch FROM since)::float8 AS since, "
+            "extract(epoch FROM now() - heartbeat)::float8 AS heartbeat_age, released "
+            "FROM solobot_leader WHERE bot_id = %s",
             (bot_id,),
         )
     except psycopg.errors.UndefinedTable:
@@ -109,76 +143,67 @@ async def holder_row(conn: PgConn, bot_id: int) -> tuple[Any, ...] | None:
 
 
 async def lock_is_granted(conn: PgConn, key: int) -> bool:
-    cur = await conn.execute(
+    return bool(await _scalar(
+        conn,
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
         "AND classid = %s AND objid = %s AND objsubid = 1 "
         "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
-    )
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    ))
 
 
-async def lock_session_of(conn: PgConn, bot_id: int, epoch: int) -> tuple[int | None, float | None] | None:
-    """(backend pid of the lock session, heartbeat age) of the holder with *epoch*, or None."""
-    cur = await conn.execute(
-        "SELECT backend_pid, extract(epoch FROM now() - heartbeat) FROM solobot_leader "
-        "WHERE bot_id = %s AND epoch = %s",
+async def lock_session_of(conn: PgConn, bot_id: int, epoch: int) -> LockSession | None:
+    """The lock session of the holder with *epoch*, or None."""
+    cur = await conn.cursor(row_factory=class_row(LockSession)).execute(
+        "SELECT backend_pid, extract(epoch FROM now() - heartbeat)::float8 AS heartbeat_age "
+        "FROM solobot_leader WHERE bot_id = %s AND epoch = %s",
         (bot_id, epoch),
     )
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    return (None if row[0] is None else int(row[0]), None if row[1] is None else float(row[1]))
+    return await cur.fetchone()
 
 
 async def terminate_sessions(conn: PgConn, pattern: str) -> int:
     """End every session whose ``application_name`` matches *pattern* (one instance's); count them."""
-    cur = await conn.execute(
+    return int(await _scalar(
+        conn,
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
         "WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
         (pattern,),
-    )
-    row = await cur.fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
+    ) or 0)
 
 
-async def end_leftover_sessions(conn: PgConn, pattern: str) -> tuple[int, int]:
+async def end_leftover_sessions(conn: PgConn, pattern: str) -> SessionCounts:
     """Of one instance's sessions (``application_name`` matching *pattern*): end those inside a
     transaction (they may hold row locks a new leader needs; not one that merely waits for the
-    advisory lock, a live standby's), count the rest. Returns (ended, others still open).
+    advisory lock, a live standby's), count the rest.
     """
-    cur = await conn.execute(
+    cur = await conn.cursor(row_factory=class_row(SessionCounts)).execute(
         # CASE, not AND: SQL does not promise to evaluate AND's operands left to right.
-        "SELECT count(*) FILTER (WHERE CASE WHEN in_transaction THEN pg_terminate_backend(pid) END), "
-        "count(*) FILTER (WHERE NOT in_transaction) "
+        "SELECT count(*) FILTER (WHERE CASE WHEN in_transaction THEN pg_terminate_backend(pid) END) AS ended, "
+        "count(*) FILTER (WHERE NOT in_transaction) AS others "
         "FROM (SELECT pid, xact_start IS NOT NULL AND coalesce(wait_event, '') <> 'advisory' AS in_transaction "
         "FROM pg_stat_activity WHERE application_name LIKE %s AND pid <> pg_backend_pid()) AS sessions",
         (pattern,),
     )
-    row = await cur.fetchone()
-    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+    return await cur.fetchone() or SessionCounts(0, 0)
 
 
 async def open_sessions(conn: PgConn, pattern: str) -> int:
     """How many sessions of one instance (``application_name`` matching *pattern*) the server
     still lists (an ending one is listed until its backend has exited)."""
-    cur = await conn.execute(
+    return int(await _scalar(
+        conn,
         "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
         (pattern,),
-    )
-    row = await cur.fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
+    ) or 0)
 
 
 async def restarted_since_heartbeat(conn: PgConn, bot_id: int) -> bool:
     """Did the server start after the leader row's last heartbeat? Then every session ended
     with the restart, whether or not its process is alive."""
-    cur = await conn.execute(
-        "SELECT pg_postmaster_start_time() > heartbeat FROM solobot_leader WHERE bot_id = %s", (bot_id,)
-    )
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    return bool(await _scalar(
+        conn, "SELECT pg_postmaster_start_time() > heartbeat FROM solobot_leader WHERE bot_id = %s", (bot_id,)
+    ))
 
 
 async def blockers_of(conn: PgConn, pattern: str) -> list[str]:

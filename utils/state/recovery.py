@@ -142,10 +142,6 @@ class RecoveryRepository:
             )
             return [str(r.chat_key) for r in rows]
 
-    async def mark_started(self, seq: int, kind: int, epoch: int) -> None:
-        """The durable started record, committed before the handler runs (fenced)."""
-        await self.mark_started_batch([(seq, kind)], epoch)
-
     async def mark_started_batch(self, started: Sequence[tuple[int, int]], epoch: int) -> None:
         """Started records ``(seq, kind)`` of handlers about to run, in one transaction (fenced)."""
         async with self.engine.begin() as conn:

@@ -156,6 +156,11 @@ class StateStore:
             ).first()
         return None if row is None else self._post(row)
 
+    def _post_in(self, post_id: int, *statuses: str) -> sa.ColumnElement[bool]:
+        """This bot's post *post_id*, if its status is one of *statuses* (a transition's source)."""
+        return sa.and_(posts_table.c.bot_id == self.bot_id, posts_table.c.id == post_id,
+                       posts_table.c.status.in_(statuses))
+
     def _queue_order(self) -> Sequence[sa.ColumnElement[Any]]:
         return (posts_table.c.priority.desc(), posts_table.c.id)
 
@@ -187,13 +192,7 @@ class StateStore:
             values["priority"] = priority
         async with self.engine.begin() as conn:
             result = await conn.execute(
-                sa.update(posts_table)
-                .where(
-                    posts_table.c.bot_id == self.bot_id,
-                    posts_table.c.id == post_id,
-                    posts_table.c.status.in_(from_statuses),
-                )
-                .values(**values)
+                sa.update(posts_table).where(self._post_in(post_id, *from_statuses)).values(**values)
             )
             return bool(result.rowcount)
 
@@ -215,12 +214,7 @@ class StateStore:
                     return None
             row = (
                 await conn.execute(
-                    sa.update(posts_table)
-                    .where(
-                        posts_table.c.bot_id == self.bot_id,
-                        posts_table.c.id == post_id,
-                        posts_table.c.status == "queued",
-                    )
+                    sa.update(posts_table).where(self._post_in(post_id, "queued"))
                     .values(status="sending", claimed_at=utcnow(), epoch=epoch)
                     .returning(*posts_table.c)
                 )
@@ -235,12 +229,7 @@ class StateStore:
         async with self.engine.begin() as conn:
             await hold_epoch(conn, self.bot_id, epoch)
             await conn.execute(
-                sa.update(posts_table)
-                .where(
-                    posts_table.c.bot_id == self.bot_id,
-                    posts_table.c.id == post_id,
-                    posts_table.c.status == "sending",
-                )
+                sa.update(posts_table).where(self._post_in(post_id, "sending"))
                 .values(
                     status=status, message_id=message_id, error=error,
                     sent_at=utcnow() if status == "sent" else None,

@@ -80,7 +80,7 @@ def to_new_update(update: Update, strategy: FSMStrategy = FSMStrategy.USER_IN_CH
 
 
 class UpdatePipeline:
-    """Runs while active: started by the polling role (and, later, the webhook role)."""
+    """Runs while active: started by the active role, polling's or the webhook's."""
 
     def __init__(
         self,

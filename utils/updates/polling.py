@@ -50,6 +50,7 @@ from tenacity import (
     wait_random,
 )
 
+from utils.base.episode import FailureEpisode
 from utils.base.lease import Lease, LeaseLost
 from utils.state.fencing import FencedError
 from utils.state.store import StateStore
@@ -191,7 +192,7 @@ class PollingManager:
 
     async def _store(self, updates: list[Update]) -> None:
         """Make the batch durable; until then it is not confirmed (the next getUpdates would)."""
-        failing = False
+        failing = FailureEpisode()
         while True:
             try:
                 await self.pipeline.accept(updates, next_offset=self._book.offset)
@@ -204,13 +205,12 @@ class PollingManager:
                     log.warning("stopping with %d fetched update(s) not stored: %s; Telegram still "
                                 "has them (they were not confirmed)", len(updates), self.store.describe_error(exc))
                     return
-                if not failing:
+                if failing.failed():
                     log.warning("could not store %d update(s) in the inbox (%s); retrying, nothing is "
                                 "confirmed to Telegram meanwhile", len(updates), self.store.describe_error(exc))
-                    failing = True
                 await asyncio.sleep(STORE_RETRY_WAIT)
                 continue
-            if failing:
+            if failing.recovered():
                 log.info("inbox writable again")
             return
 

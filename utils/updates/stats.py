@@ -12,40 +12,12 @@ scrape would empty (with ``HEALTH_PORT=0`` nothing ever scrapes).
 
 from __future__ import annotations
 
-import bisect
 import time
-from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
+from utils.base.histogram import DurationHistogram
+
 HANDLER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-@dataclass
-class DurationHistogram:
-    """Cumulative-ready histogram: per-bucket counts (last bucket is +Inf), sum and count."""
-
-    buckets: tuple[float, ...] = HANDLER_BUCKETS
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.total += seconds
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """``[(upper_bound, count <= bound), ..., (inf, count)]`` as Prometheus wants it."""
-        out: list[tuple[float, int]] = []
-        running = 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            running += n
-            out.append((bound, running))
-        return out
 
 
 #: Where a count shows in ``/health``: the ``updates`` section, or ``polling`` (getUpdates only,
@@ -108,7 +80,7 @@ class UpdateStats:
         self.polling = polling  # a fetch loop is running now
         self.last_ok = last_ok  # monotonic time of the last successful getUpdates
         self.errors: dict[str, int] = {}  # getUpdates failures by kind
-        self.handler_seconds = DurationHistogram()
+        self.handler_seconds = DurationHistogram(HANDLER_BUCKETS)
         for name, value in counts.items():
             if not isinstance(getattr(type(self), name, None), Count):
                 raise TypeError(f"UpdateStats has no count {name!r}")

@@ -46,6 +46,7 @@ from aiogram.types import Update, WebhookInfo
 from aiohttp import web
 from pydantic import ValidationError
 
+from utils.base.episode import FailureEpisode
 from utils.base.lease import Lease, LeaseLost
 from utils.base.lookup import BoundedLookup
 from utils.state.database import DatabaseTarget
@@ -399,8 +400,6 @@ class WebhookRole:
         self.step_down = step_down
         self.sweep = SWEEP_POSTGRES if target.is_postgres else SWEEP_SQLITE
         self.info: dict[str, Any] | None = None  # getWebhookInfo, refreshed on the leader
-        self.info_checked_at: float | None = None
-        self.set_webhook_calls = 0
         self._lease: Lease | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -426,7 +425,6 @@ class WebhookRole:
         await self.pipeline.stop()
         self._lease = None
         self.info = None
-        self.info_checked_at = None
 
     def wake(self) -> bool:
         """A row was stored by this process: adopt it now. False when not leading."""
@@ -438,7 +436,7 @@ class WebhookRole:
     # -- adopting what the replicas stored ---------------------------------------------------
 
     async def _adopt_loop(self) -> None:
-        failing = False
+        failing = FailureEpisode()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.sweep)
@@ -456,36 +454,32 @@ class WebhookRole:
                 self.step_down(f"fenced while taking webhook updates: {exc}")
                 return
             except Exception as exc:  # noqa: BLE001 - database down: rows wait; retry
-                if not failing:
+                if failing.failed():
                     log.warning("webhook: cannot take stored updates from the inbox (%s); retrying",
                                 exc)
-                failing = True
                 await asyncio.sleep(ADOPT_RETRY)
                 continue
-            if failing:
+            if failing.recovered():
                 log.info("webhook: taking stored updates from the inbox again")
-                failing = False
             if taken:
                 log.debug("adopted %d update(s) stored by the replicas", taken)
                 self._wake.set()  # more may wait (adoption is bounded by INBOX_MAX)
 
     async def _listen_loop(self) -> None:
         """PostgreSQL: wake on every NOTIFY of the bot's inbox channel; reconnect if dropped."""
-        failing = False
+        failing = FailureEpisode()
         while True:
             try:
                 async with inbox_listener(self.target, self.store.bot_id, self.instance_id) as notes:
-                    if failing:
+                    if failing.recovered():
                         log.info("webhook: listening for stored updates again")
-                        failing = False
                     self._wake.set()  # anything stored while we were not listening
                     async for _ in notes:
                         self._wake.set()
             except Exception as exc:  # noqa: BLE001 - the sweep covers the gap
-                if not failing:
+                if failing.failed():
                     log.warning("webhook: LISTEN connection failed (%s); the sweep every %.1f s "
                                 "takes stored updates meanwhile", exc, self.sweep)
-                failing = True
             await asyncio.sleep(LISTEN_RETRY)
 
     # -- registration and getWebhookInfo -----------------------------------------------------
@@ -502,7 +496,6 @@ class WebhookRole:
                     if called:
                         info = await self.bot.get_webhook_info()  # as set (for /health)
                 self.info = info_for_health(info)
-                self.info_checked_at = time.monotonic()
                 delay = REGISTER_RETRY_FIRST
                 await asyncio.sleep(INFO_REFRESH)
             except LeaseLost:
@@ -540,7 +533,6 @@ class WebhookRole:
             url=wanted.url, secret_token=wanted.secret, allowed_updates=list(wanted.allowed_updates),
             max_connections=wanted.max_connections, drop_pending_updates=False,
         )
-        self.set_webhook_calls += 1
         log.info("webhook registered at %s (max_connections %d, updates: %s; differed: %s)",
                  wanted.url, wanted.max_connections, ", ".join(wanted.allowed_updates) or "default",
                  ", ".join(why))
