@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from utils.config import Settings
-from utils.locking.backend import LockBackend
-from utils.locking.file_backend import FileLockBackend
+from utils.locking.backend import LockBackend, LockMechanism
+from utils.locking.file_backend import FileMechanism
 from utils.locking.instance_lock import InstanceLock
-from utils.locking.postgres_backend import PostgresLockBackend
+from utils.locking.postgres_backend import PostgresMechanism
 from utils.state.store import StateStore
 
 
 def make_backend(settings: Settings, store: StateStore, instance_id: str) -> LockBackend:
     """The lock backend of *settings*; the file backend's directory is checked (may raise
     :class:`~utils.locking.instance_lock.LockSetupError`)."""
-    common: dict[str, Any] = dict(
-        instance_id=instance_id,
-        stale_seconds=settings.lock_stale_seconds,
-        takeover=settings.lock_takeover,
-    )
+    stale = settings.lock_stale_seconds
+    mechanism: LockMechanism
     if settings.lock_backend == "postgres":
         assert store.target is not None and store.target.is_postgres
-        return PostgresLockBackend(store.target, settings.bot_id, store, **common)
-    lock = InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id)
-    lock.prepare()
-    return FileLockBackend(lock, store, **common)
+        mechanism = PostgresMechanism(store.target, settings.bot_id, store, instance_id=instance_id,
+                                      stale_seconds=stale)
+    else:
+        lock = InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id)
+        lock.prepare()
+        mechanism = FileMechanism(lock, store, stale_seconds=stale)
+    return LockBackend(mechanism, store, instance_id=instance_id, stale_seconds=stale,
+                       takeover=settings.lock_takeover)
