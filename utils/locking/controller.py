@@ -4,11 +4,16 @@
 One watcher task runs the cycle; every transition is one INFO line; listeners (sd_notify,
 metrics) are told. Health, /status and metrics read :meth:`snapshot`; nothing keeps a copy.
 
-While active, *roles* run (polling, the autoposter): started in order on becoming active,
-stopped in reverse order before the lock is released. The term is a
+While active, *roles* run (polling or webhook adoption, the autoposter): started in order on
+becoming active, stopped in reverse order before the lock is released. The term is a
 :class:`~utils.base.lease.Lease`: the controller puts it in the :class:`LeaseGate` of the bot's
 session while the roles run, so no Bot API call leaves without a recently verified lease, and
 ends it only after the roles stopped (draining handlers still reply).
+
+Each term is one :class:`asyncio.TaskGroup`: the lease keeping runs in it beside the roles, from
+before their start until after their stop. Everything that ends a term arrives as one of two
+events - a stop request, or a step-down (a role's, or the lease's own ``on_lost``) - so the term
+waits for those with :func:`~utils.base.interrupt.until_set` rather than a hand-written race.
 """
 
 from __future__ import annotations
