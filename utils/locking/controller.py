@@ -182,6 +182,8 @@ class LeadershipController:
             nonlocal announced, failing, delay
             await asyncio.sleep(ANNOUNCE_AFTER)
             holder = await self.holder()
+            if holder is not None and holder.instance_id == self.instance_id:
+                return  # the lock is ours already: the takeover's steps are under way
             self._check_shared_state(holder)
             who = (f"held by {holder.describe()}" if holder else "held by another instance")
             self.passive_reason = f"standby: lock {who}"
