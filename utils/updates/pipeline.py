@@ -41,6 +41,7 @@ from aiogram.fsm.strategy import FSMStrategy
 from aiogram.methods import TelegramMethod
 from aiogram.types import Update
 
+from utils.base.interrupt import set_within
 from utils.base.lease import Lease, LeaseLost
 from utils.state.fencing import FencedError
 from utils.state.fsm import NoWrites, UpdateWrites
@@ -512,10 +513,7 @@ class UpdatePipeline:
             await self._marked.wait()
             due = self._marks.due_in(time.monotonic())
             if due:
-                try:
-                    await asyncio.wait_for(self._batch_full.wait(), timeout=due)
-                except TimeoutError:
-                    pass
+                await set_within(self._batch_full, due)
             self._marked.clear()
             self._batch_full.clear()
             try:
