@@ -1,7 +1,8 @@
 """The crash-takeover delay: waited only while the last holder could still act.
 
-The policy in-process (:meth:`LockBackend.takeover_delay` over a grant), the PostgreSQL mechanism's
-:func:`~utils.locking.postgres_backend.settle`, and its view of a predecessor's sessions against the real server (``end_leftover_sessions``).
+The policy in-process (:meth:`LockBackend.takeover_delay` over a grant), the PostgreSQL
+mechanism's :func:`~utils.locking.postgres_backend.settle`, and its view of a predecessor's
+sessions against the real server (``end_leftover_sessions``).
 """
 
 from __future__ import annotations
