@@ -10,41 +10,50 @@ import pytest
 
 import utils.locking.controller as controller_module
 from utils.base.lease import Lease, LeaseLost
-from utils.locking.backend import HolderInfo, LockBackend
+from utils.locking.backend import Claim, Grant, HolderInfo, LockBackend, LockMechanism
 from utils.locking.controller import LeadershipController, Mode
 from utils.state.database import DatabaseTarget
 from utils.state.store import StateStore
 
 
-class FakeMechanism(LockBackend):
+class FakeMechanism(LockMechanism):
     name = "fake"
 
-    def __init__(self, store: StateStore) -> None:
-        super().__init__(store, instance_id="me", stale_seconds=3.0, takeover=True)
+    def __init__(self) -> None:
         self.free = asyncio.Event()
         self.held = False
         self.ok = True
-        self.releases: list[bool] = []
+        self.releases: list[bool] = []  # the clean flag of each release (see RecordingBackend)
 
-    async def _lock_acquire(self) -> None:
+    async def acquire(self, claim: Claim) -> Grant:
         await self.free.wait()
         self.held = True
+        await claim.locked()
+        return Grant(await claim.take_epoch())
 
-    async def _lock_heartbeat(self) -> bool:
+    async def heartbeat(self, epoch: int) -> bool:
         return self.held and self.ok
 
-    async def _lock_release(self) -> None:
+    async def release(self) -> None:
         self.held = False
-
-    async def release(self, *, clean: bool) -> None:
-        self.releases.append(clean)
-        await super().release(clean=clean)
 
     async def holder(self) -> HolderInfo | None:
         return None
 
-    async def _fence_holder(self, holder: HolderInfo) -> str | None:
+    async def fence(self, holder: HolderInfo) -> str | None:
         return "not in this test"
+
+
+class RecordingBackend(LockBackend):
+    """The real policy; each release's clean flag is recorded on the fake mechanism."""
+
+    def __init__(self, mechanism: FakeMechanism, store: StateStore) -> None:
+        super().__init__(mechanism, store, instance_id="me", stale_seconds=3.0, takeover=True)
+        self.fake = mechanism
+
+    async def release(self, *, clean: bool) -> None:
+        self.fake.releases.append(clean)
+        await super().release(clean=clean)
 
 
 class Role:
@@ -90,11 +99,12 @@ def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make(store: StateStore, *roles: Role) -> tuple[LeadershipController, FakeMechanism]:
-    backend = FakeMechanism(store)
-    controller = LeadershipController(backend, list(roles), instance_id="me", role_stop_timeout=5)
+    mechanism = FakeMechanism()
+    controller = LeadershipController(RecordingBackend(mechanism, store), list(roles), instance_id="me",
+                                      role_stop_timeout=5)
     for role in roles:
         role.controller = controller
-    return controller, backend
+    return controller, mechanism
 
 
 async def wait_for(predicate: object, timeout: float = 5.0) -> None:

@@ -1,7 +1,8 @@
 """The crash-takeover delay: waited only while the last holder could still act.
 
-The policy in-process (:meth:`LockBackend.takeover_delay`), and the PostgreSQL mechanism's view of
-a predecessor's sessions against the real server (``end_leftover_sessions``).
+The policy in-process (:meth:`LockBackend.takeover_delay` over a grant), the PostgreSQL
+mechanism's :func:`~utils.locking.postgres_backend.settle`, and its view of a predecessor's
+sessions against the real server (``end_leftover_sessions``).
 """
 
 from __future__ import annotations
@@ -13,39 +14,16 @@ import psycopg
 import pytest
 
 from tests.conftest import DATABASE_URL
-from utils.locking.backend import HolderInfo, LockBackend
+from utils.locking.backend import Grant, LockBackend
+from utils.locking.postgres_backend import settle
 from utils.state import leader as sql
 from utils.state.database import instance_tag_pattern, session_tag
 from utils.state.leader import Takeover
 
 
-class Mechanism(LockBackend):
+def policy() -> LockBackend:
     """Only what takeover_delay reads: the policy's inputs, no lock."""
-
-    name = "test"
-    unclean_takeover_delay = 0.5
-
-    def __init__(self, *, predecessor_gone: bool) -> None:
-        super().__init__(None, instance_id="me", stale_seconds=3.0, takeover=True)  # type: ignore[arg-type]
-        self.predecessor_gone = predecessor_gone
-
-    def _predecessor_may_act(self) -> bool:
-        return not self.predecessor_gone
-
-    async def _lock_acquire(self) -> None:
-        raise NotImplementedError
-
-    async def _lock_heartbeat(self) -> bool:
-        raise NotImplementedError
-
-    async def _lock_release(self) -> None:
-        raise NotImplementedError
-
-    async def holder(self) -> HolderInfo | None:
-        raise NotImplementedError
-
-    async def _fence_holder(self, holder: HolderInfo) -> str | None:
-        raise NotImplementedError
+    return LockBackend(None, None, instance_id="me", stale_seconds=3.0, takeover=True)  # type: ignore[arg-type]
 
 
 def takeover(*, released: bool = False, age: float | None = 0.2) -> Takeover:
@@ -61,7 +39,13 @@ def takeover(*, released: bool = False, age: float | None = 0.2) -> Takeover:
 ])
 def test_delay_only_while_the_last_holder_could_act(released: bool, age: float | None, gone: bool,
                                                     delay: float) -> None:
-    assert Mechanism(predecessor_gone=gone).takeover_delay(takeover(released=released, age=age)) == delay
+    grant = Grant(takeover(released=released, age=age), settle(predecessor_gone=gone, waited=0.0))
+    assert policy().takeover_delay(grant) == delay
+
+
+def test_the_file_mechanism_never_waits() -> None:
+    """A vanished flock holder is a dead one: its grant settles at once, whatever the record says."""
+    assert policy().takeover_delay(Grant(takeover(released=False, age=0.2))) == 0.0
 
 
 @pytest.fixture
@@ -110,8 +94,6 @@ async def test_a_server_restart_after_the_last_heartbeat_is_recognised() -> None
 
 
 def test_time_spent_waiting_for_leftovers_counts_against_the_delay() -> None:
-    mechanism = Mechanism(predecessor_gone=False)
-    mechanism.predecessor_waited = 0.3
-    assert mechanism.takeover_delay(takeover()) == pytest.approx(0.2)
-    mechanism.predecessor_waited = 0.7
-    assert mechanism.takeover_delay(takeover()) == 0.0
+    waited = Grant(takeover(), settle(predecessor_gone=False, waited=0.3))
+    assert policy().takeover_delay(waited) == pytest.approx(0.2)
+    assert policy().takeover_delay(Grant(takeover(), settle(predecessor_gone=False, waited=0.7))) == 0.0

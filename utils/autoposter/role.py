@@ -49,6 +49,7 @@ from apscheduler.triggers.date import DateTrigger
 
 from utils.autoposter import schedule as slots
 from utils.autoposter.schedule import CronSchedule, IntervalSchedule, Schedule
+from utils.base.interrupt import done_unless_set
 from utils.base.redact import Redactor
 from utils.state.store import FencedError, Post, StateStore
 
@@ -352,14 +353,11 @@ class Autoposter:
         reaches here could not go out within ``SEND_RETRY_MAX_SECONDS``: not sent, so ``failed``.
         """
         send = asyncio.ensure_future(self._send_once(post))
-        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({send, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await done_unless_set(self._stopping, send)
         except asyncio.CancelledError:
             send.cancel()
             raise
-        finally:
-            stopping.cancel()
         if not send.done() and self.sends is not None and self.sends.holds(send):
             send.cancel()
             await asyncio.gather(send, return_exceptions=True)

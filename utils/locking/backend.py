@@ -1,19 +1,29 @@
-"""Leadership locks: the policy in :class:`LockBackend`, the mechanism in small subclasses.
+"""Leadership locks: the policy in :class:`LockBackend`, the mechanism in a :class:`LockMechanism`.
 
-Policy, shared by every backend (as filelock's ``BaseFileLock`` holds the policy and its
-subclasses only ``_acquire``/``_release``):
+The split is filelock's: ``BaseFileLock`` holds the policy (timeouts, reentrancy) and a platform
+class only ``_acquire``/``_release``. Here a mechanism does five things - :meth:`~LockMechanism.acquire`,
+:meth:`~LockMechanism.heartbeat`, :meth:`~LockMechanism.release`, :meth:`~LockMechanism.holder`,
+:meth:`~LockMechanism.fence` - and tells the policy what it knows only through their return
+values (a :class:`Grant`, a :class:`HolderInfo`): the policy reads no state a mechanism writes.
+
+Policy, shared by every mechanism:
 
 * ``acquire`` waits without a retry loop (the mechanism blocks in the kernel or the database)
   and, while waiting, watches the holder's heartbeat; a holder silent for longer than
   ``LOCK_STALE_SECONDS`` is fenced (killed, or all its database sessions terminated) so a hung
   process cannot keep the bot down. Nothing on the way to the lock wait touches a lock that a
-  hung holder may hold: the schema and the epoch are written only once the lock is ours.
+  hung holder may hold: the schema and the epoch are written only once the lock is ours (the
+  mechanism calls back into a :class:`Claim` for those steps, at the point its lock allows).
 * each acquisition takes a new *epoch* from the state store; every durable write carries it.
 * the active term is a :class:`~utils.base.lease.Lease`; ``heartbeat`` is its verification
-  and ``hold`` renews it every second while active.
+  and ``hold`` renews it every second while active (at once when the mechanism says the lock
+  may be gone: :meth:`Claim.wake`).
+* a new leader whose predecessor vanished without releasing waits :meth:`LockBackend.takeover_delay`
+  before acting, but only as long as the mechanism says that predecessor may still act
+  (:attr:`Grant.settle`; zero where vanishing means it is dead).
 
-Mechanisms: ``utils.locking.file_backend.FileLockBackend`` (one host) and
-``utils.locking.postgres_backend.PostgresLockBackend`` (across hosts).
+Mechanisms: ``utils.locking.file_backend.FileMechanism`` (one host) and
+``utils.locking.postgres_backend.PostgresMechanism`` (across hosts).
 """
 
 from __future__ import annotations
@@ -24,9 +34,10 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from utils.base.interrupt import set_within
 from utils.base.lease import RENEW_FRACTION, Lease
 from utils.base.lookup import retrieve_quietly
 from utils.state.leader import Takeover
@@ -42,10 +53,18 @@ VERIFY_TIMEOUT = 2 * HEARTBEAT_INTERVAL
 #: A step of the takeover (schema, epoch) slower than this is reported once at WARNING.
 SLOW_STEP_WARNING = 2.0
 
+#: Who blocks this instance's state sessions, in words (for the slow-step warning); "" if unknown.
+DescribeBlockers = Callable[[], Awaitable[str]]
+
+
+class LockUnavailable(Exception):
+    """The lock cannot be acquired now (its server is down...); the text is worded for the
+    operator: where and why, never a password. The controller stays passive and retries."""
+
 
 @dataclass(frozen=True)
 class HolderInfo:
-    """Who is active, as a backend sees it (for /health, /status and ``main.py status``)."""
+    """Who is active, as a mechanism sees it (for /health, /status and ``main.py status``)."""
 
     instance_id: str | None
     host: str | None
@@ -53,7 +72,10 @@ class HolderInfo:
     epoch: int
     since: float | None  # wall clock
     heartbeat_age: float | None
-    state_id: str | None = None  # the holder's state database, where the backend records it
+    state_id: str | None = None  # the holder's state database, where the mechanism records it
+    #: Does anybody hold the lock right now, in the kernel's or the server's word (the record
+    #: alone may be left over by a holder that let go)? None if the mechanism cannot tell.
+    lock_held: bool | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -69,18 +91,96 @@ class HolderInfo:
         return f"pid {self.pid} on {self.host} (instance {self.instance_id}, epoch {self.epoch})"
 
 
-class LockBackend(abc.ABC):
-    """One bot's leadership lock. Subclasses provide the mechanism (``_lock_*``, ``holder``...)."""
+@dataclass(frozen=True)
+class Grant:
+    """One acquisition, as the mechanism returns it."""
+
+    takeover: Takeover
+    #: How long a predecessor that vanished without releasing may still act, as far as the
+    #: mechanism can tell (seconds, net of time it already spent waiting for it); zero where
+    #: vanishing means it is dead (the kernel drops a flock only when the process is gone).
+    settle: float = 0.0
+
+
+class Claim:
+    """The policy's steps of one acquisition, called by the mechanism once its lock allows."""
+
+    def __init__(self, backend: LockBackend, watcher: asyncio.Task[None]) -> None:
+        self._backend = backend
+        self._watcher = watcher
+
+    async def locked(self) -> None:
+        """The lock is ours: stop watching the holder (its record now names our predecessor).
+        Idempotent."""
+        self._watcher.cancel()
+        await asyncio.gather(self._watcher, return_exceptions=True)
+        self._backend.note = None
+
+    async def take_epoch(self, *, backend_pid: int | None = None,
+                         blockers: DescribeBlockers | None = None) -> Takeover:
+        """Apply the schema and take the next epoch (the lock must be ours). A store failure is
+        raised as :class:`LockUnavailable`, described by the store."""
+        await self.locked()
+        backend = self._backend
+        try:
+            async with backend.slow_step("applying the state schema", blockers):
+                await backend.store.migrate()
+            async with backend.slow_step("taking the next epoch in the state database", blockers):
+                return await backend.store.leader.advance_epoch(
+                    instance_id=backend.instance_id, host=socket.gethostname(), pid=os.getpid(),
+                    backend_pid=backend_pid,
+                )
+        except Exception as exc:
+            raise LockUnavailable(backend.store.describe_error(exc)) from exc
+
+    def wake(self) -> None:
+        """The lock may be gone (its connection stirred): verify now, not at the next beat."""
+        self._backend.renew_now.set()
+
+
+class LockMechanism(abc.ABC):
+    """How one kind of lock is taken, kept and looked at. Every method may raise; the policy
+    handles it (a failed acquisition is retried, a failed heartbeat ends the term)."""
 
     name = "abstract"
-    #: Wait before the first poll after a holder vanished without releasing while its lease may
-    #: still have been running: time for a cut-off holder to notice. Zero where vanishing means
-    #: it is dead (the kernel drops a flock only when the process is gone).
-    unclean_takeover_delay = 0.0
+    #: Our state database's identity where the mechanism records it (file), else None.
+    state_id: str | None = None
+
+    async def open(self) -> None:  # noqa: B027 - optional: most mechanisms need nothing before acquire
+        """Check or create what the mechanism needs on disk before the first acquire (no I/O in
+        the constructor: a start-up that fails later unwinds only what was opened)."""
+
+    @abc.abstractmethod
+    async def acquire(self, claim: Claim) -> Grant:
+        """Block until the lock is ours (cancel to give up), call ``claim.locked()`` at once, then
+        ``claim.take_epoch()``; return the grant. Whatever the mechanism must do around the
+        epoch (end a vanished predecessor's sessions first, record the epoch after) it does here."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, epoch: int) -> bool:
+        """Is the lock still ours with *epoch* current? Refresh the heartbeat if so."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Let go of the lock, if held, and close what the mechanism holds open. Idempotent."""
+
+    @abc.abstractmethod
+    async def holder(self) -> HolderInfo | None:
+        """The holder's record (with :attr:`HolderInfo.lock_held`), or None."""
+
+    @abc.abstractmethod
+    async def fence(self, holder: HolderInfo) -> str | None:
+        """Stop a hung holder; None on success, else why it could not be done."""
+
+
+class LockBackend:
+    """One bot's leadership lock: the policy around a :class:`LockMechanism`."""
 
     def __init__(
-        self, store: StateStore, *, instance_id: str, stale_seconds: float, takeover: bool
+        self, mechanism: LockMechanism, store: StateStore, *, instance_id: str, stale_seconds: float,
+        takeover: bool,
     ) -> None:
+        self.mechanism = mechanism
         self.store = store
         self.instance_id = instance_id
         self.stale_seconds = stale_seconds
@@ -88,53 +188,44 @@ class LockBackend(abc.ABC):
         self.takeover = takeover
         self.epoch = 0
         self.fenced_holders = 0
-        #: Our state database's identity (file backend), to notice an instance using another one.
-        self.state_id: str | None = None
         #: What a standby currently waits on, beyond the lock itself (for /health); None if nothing.
         self.note: str | None = None
-        #: How long the last takeover already waited for a vanished predecessor's leftovers to go
-        #: (counted against :attr:`unclean_takeover_delay`).
-        self.predecessor_waited = 0.0
         #: The last lease verification; still running after an overrun (see :meth:`heartbeat`).
         self.verification: asyncio.Task[bool] | None = None
+        #: Set by :meth:`Claim.wake`: :meth:`hold` renews at once instead of at the next beat.
+        self.renew_now = asyncio.Event()
 
-    # -- policy ------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.mechanism.name
 
-    async def acquire(self) -> Takeover:
+    @property
+    def state_id(self) -> str | None:
+        """Our state database's identity (file mechanism), to notice an instance using another one."""
+        return self.mechanism.state_id
+
+    async def acquire(self) -> Grant:
         """Wait until this instance leads; fence a hung holder meanwhile (if allowed)."""
         watcher = asyncio.create_task(self._watch_holder(), name="solobot-holder-watch")
+        claim = Claim(self, watcher)
         try:
-            await self._lock_acquire()
-        finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-        self.note = None
-        try:
-            await self._before_new_epoch()
-            async with self._slow_step("applying the state schema"):
-                await self.store.migrate()
-            async with self._slow_step("taking the next epoch in the state database"):
-                takeover = await self.store.leader.advance_epoch(
-                    instance_id=self.instance_id, host=socket.gethostname(), pid=os.getpid(),
-                    backend_pid=self._backend_pid(),
-                )
-            self.epoch = takeover.epoch
-            await self._lock_acquired(takeover.epoch)
+            grant = await self.mechanism.acquire(claim)
         except BaseException:
-            await self._lock_release()
+            await claim.locked()
+            await self.mechanism.release()
             raise
-        return takeover
+        self.epoch = grant.takeover.epoch
+        return grant
 
-    def takeover_delay(self, takeover: Takeover) -> float:
+    def takeover_delay(self, grant: Grant) -> float:
         """How long a new leader waits before acting: only while the last holder's lease may live."""
-        if takeover.previous_released or not self.unclean_takeover_delay:
+        takeover = grant.takeover
+        if takeover.previous_released or not grant.settle:
             return 0.0
         age = takeover.previous_heartbeat_age
         if age is not None and age >= self.renew_deadline:
             return 0.0  # its lease ran out before we got here: it cannot act any more
-        if not self._predecessor_may_act():
-            return 0.0  # the mechanism saw it gone (no session left): nothing of it can act
-        return max(0.0, self.unclean_takeover_delay - self.predecessor_waited)
+        return grant.settle
 
     async def heartbeat(self) -> bool:
         """Is the lock still ours and our epoch current? Refreshes the heartbeat if so.
@@ -148,7 +239,7 @@ class LockBackend(abc.ABC):
         running = self.verification
         if running is not None and not running.done():
             raise TimeoutError("the previous lease verification has not answered yet")
-        task = self.verification = asyncio.ensure_future(self._lock_heartbeat())
+        task = self.verification = asyncio.ensure_future(self.mechanism.heartbeat(self.epoch))
         task.add_done_callback(retrieve_quietly)
         done, _ = await asyncio.wait({task}, timeout=VERIFY_TIMEOUT)
         if not done:
@@ -156,9 +247,11 @@ class LockBackend(abc.ABC):
         return task.result()
 
     async def hold(self, lease: Lease) -> str:
-        """Renew *lease* every heartbeat while active; return why it was lost."""
+        """Renew *lease* every heartbeat (or at once when woken) while active; return why it was lost."""
+        self.renew_now.clear()
         while lease.valid:
-            await self._pause_between_heartbeats()
+            await set_within(self.renew_now, HEARTBEAT_INTERVAL)
+            self.renew_now.clear()
             await lease.renew()
         return lease.lost or "the active term ended"
 
@@ -170,17 +263,42 @@ class LockBackend(abc.ABC):
                 await self.store.leader.mark_released(epoch)
             except Exception as exc:  # noqa: BLE001 - the lock must still be released
                 log.warning("could not record a clean release: %s", exc)
-        await self._lock_release()
+        await self.mechanism.release()
+
+    async def holder(self) -> HolderInfo | None:
+        return await self.mechanism.holder()
+
+    async def holder_is_live(self, holder: HolderInfo) -> bool:
+        """Does *holder* still hold the lock (for ``main.py status``)? The mechanism's word where
+        it has one, else a fresh heartbeat."""
+        if holder.lock_held is not None:
+            return holder.lock_held
+        return holder.heartbeat_age is not None and holder.heartbeat_age <= self.stale_seconds
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """An acquisition failure as one line for logs and /health (never a password)."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if isinstance(exc, LockUnavailable):
+            return text
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+    async def open(self) -> None:
+        """What the mechanism needs before the first acquire (the file lock's private directory)."""
+        await self.mechanism.open()
+
+    async def close(self) -> None:
+        """Free what the mechanism holds open (connections); the lock must already be released."""
+        await self.mechanism.release()
 
     @contextlib.asynccontextmanager
-    async def _slow_step(self, what: str) -> AsyncIterator[None]:
+    async def slow_step(self, what: str, blockers: DescribeBlockers | None = None) -> AsyncIterator[None]:
         """Say once at WARNING if *what* blocks (e.g. on a lock a hung process holds)."""
 
         async def warn() -> None:
             await asyncio.sleep(SLOW_STEP_WARNING)
-            blockers = await self._describe_blockers()
+            blocked_by = await blockers() if blockers is not None else ""
             log.warning("taking over: still %s after %.0f s%s", what, SLOW_STEP_WARNING,
-                        f"; blocked by {blockers}" if blockers else "")
+                        f"; blocked by {blocked_by}" if blocked_by else "")
 
         warner = asyncio.create_task(warn())
         try:
@@ -200,12 +318,12 @@ class LockBackend(abc.ABC):
                 await asyncio.sleep(HOLDER_CHECK_INTERVAL)
             first = False
             try:
-                holder = await self.holder()
+                holder = await self.mechanism.holder()
             except Exception:  # e.g. the database is down; keep waiting
                 log.debug("could not read the holder", exc_info=True)
                 continue
             if (holder is None or holder.heartbeat_age is None or holder.heartbeat_age <= self.stale_seconds
-                    or await self.lock_is_held() is False):
+                    or holder.lock_held is False):
                 # Fresh, or a stale record of a holder that let go (the lock is free: we get it
                 # next): nothing to fence, nothing to say.
                 self.note = None
@@ -224,7 +342,7 @@ class LockBackend(abc.ABC):
                 log.warning("fencing hung holder %s: heartbeat %.1f s old > %.0f s",
                             holder.describe(), holder.heartbeat_age, self.stale_seconds)
                 said[key] = "fencing"
-            outcome = await asyncio.shield(self._fence_holder(holder))
+            outcome = await asyncio.shield(self.mechanism.fence(holder))
             if outcome is None:
                 if said.get(key) != "fenced":
                     self.fenced_holders += 1
@@ -234,61 +352,3 @@ class LockBackend(abc.ABC):
             if said.get(key) != outcome:
                 log.warning("could not fence holder %s: %s", holder.describe(), outcome)
                 said[key] = outcome
-
-    # -- mechanism ---------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def _lock_acquire(self) -> None: ...
-
-    async def _before_new_epoch(self) -> None:  # noqa: B027 - optional hook
-        """Free whatever a vanished holder may still hold before the epoch row is written."""
-
-    async def _lock_acquired(self, epoch: int) -> None:  # noqa: B027 - optional hook
-        """Record the new epoch where the mechanism keeps its holder record."""
-
-    @abc.abstractmethod
-    async def _lock_heartbeat(self) -> bool: ...
-
-    @abc.abstractmethod
-    async def _lock_release(self) -> None: ...
-
-    @abc.abstractmethod
-    async def holder(self) -> HolderInfo | None: ...
-
-    @abc.abstractmethod
-    async def _fence_holder(self, holder: HolderInfo) -> str | None:
-        """Stop a hung holder; None on success, else why it could not be done."""
-
-    def _backend_pid(self) -> int | None:
-        return None
-
-    def _predecessor_may_act(self) -> bool:
-        """Could the last holder, which left uncleanly, still be running? True unless known gone."""
-        return True
-
-    async def _describe_blockers(self) -> str:
-        """Who blocks this instance's state sessions, if the mechanism can tell."""
-        return ""
-
-    def describe_failure(self, exc: BaseException) -> str:
-        """An acquisition failure as one line for logs and /health (the mechanism may say more)."""
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-    async def lock_is_held(self) -> bool | None:
-        """Does anybody hold the lock right now? None if the mechanism cannot tell cheaply."""
-        return None
-
-    async def holder_is_live(self, holder: HolderInfo) -> bool:
-        """Does *holder* still hold the lock (for ``main.py status``)? Default: fresh heartbeat."""
-        return holder.heartbeat_age is not None and holder.heartbeat_age <= self.stale_seconds
-
-    async def _pause_between_heartbeats(self) -> None:
-        await asyncio.sleep(HEARTBEAT_INTERVAL)
-
-    async def open(self) -> None:  # noqa: B027 - optional hook
-        """Check or create what the mechanism needs on disk, before the first acquire (no I/O in
-        the constructor: a start-up that fails later unwinds only what was opened)."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Free resources (connections); the lock must already be released."""

@@ -4,11 +4,16 @@
 One watcher task runs the cycle; every transition is one INFO line; listeners (sd_notify,
 metrics) are told. Health, /status and metrics read :meth:`snapshot`; nothing keeps a copy.
 
-While active, *roles* run (polling, the autoposter): started in order on becoming active,
-stopped in reverse order before the lock is released. The term is a
+While active, *roles* run (polling or webhook adoption, the autoposter): started in order on
+becoming active, stopped in reverse order before the lock is released. The term is a
 :class:`~utils.base.lease.Lease`: the controller puts it in the :class:`LeaseGate` of the bot's
 session while the roles run, so no Bot API call leaves without a recently verified lease, and
 ends it only after the roles stopped (draining handlers still reply).
+
+Each term is one :class:`asyncio.TaskGroup`: the lease keeping runs in it beside the roles, from
+before their start until after their stop. Everything that ends a term arrives as one of two
+events - a stop request, or a step-down (a role's, or the lease's own ``on_lost``) - so the term
+waits for those with :func:`~utils.base.interrupt.until_set` rather than a hand-written race.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from utils.base.episode import FailureEpisode
+from utils.base.interrupt import Interrupted, set_within, until_set
 from utils.base.lease import Lease, LeaseGate
 from utils.base.lookup import HEALTH_LOOKUP_TIMEOUT, BoundedLookup
-from utils.locking.backend import HolderInfo, LockBackend
+from utils.locking.backend import Grant, HolderInfo, LockBackend
 from utils.state.leader import Takeover
 
 log = logging.getLogger("solobot.leadership")
@@ -155,13 +161,13 @@ class LeadershipController:
         """The one watcher: contend, lead, lose or stop, repeat."""
         self._set_mode(Mode.PASSIVE, f"standby, waiting for the {self.backend.name} lock")
         while not self._stop.is_set():
-            lease = await self._acquire_until_stop()
-            if lease is None:
+            grant = await self._acquire_until_stop()
+            if grant is None:
                 break
-            await self._lead(lease)
+            await self._lead(grant)
         self._set_mode(Mode.STOPPING, "shutting down")
 
-    async def _acquire_until_stop(self) -> Takeover | None:
+    async def _acquire_until_stop(self) -> Grant | None:
         """Wait for the lock (announced once); a failing backend is retried with backoff, quietly.
 
         ``passive_reason`` always says what this standby does now: waiting (for whom), or why
@@ -170,48 +176,48 @@ class LeadershipController:
         announced = False
         failing = FailureEpisode()
         delay = RETRY_FIRST
+
+        async def announce() -> None:
+            """Still waiting after a moment: say once whom for (and that a failing backend answers)."""
+            nonlocal announced, delay
+            await asyncio.sleep(ANNOUNCE_AFTER)
+            holder = await self.holder()
+            if holder is not None and holder.instance_id == self.instance_id:
+                return  # the lock is ours already: the takeover's steps are under way
+            self._check_shared_state(holder)
+            who = (f"held by {holder.describe()}" if holder else "held by another instance")
+            self.passive_reason = f"standby: lock {who}"
+            if failing.recovered():
+                log.info("the %s lock backend answers again; %s", self.backend.name, self.passive_reason)
+                delay = RETRY_FIRST
+            elif not announced:
+                # Say once who we wait for; then stay quiet until something changes.
+                log.info("%s; waiting quietly", self.passive_reason)
+            announced = True
+
         while not self._stop.is_set():
             self.passive_reason = f"standby: waiting for the {self.backend.name} lock"
-            acquire = asyncio.create_task(self.backend.acquire(), name="solobot-acquire")
-            stopper = asyncio.create_task(self._stop.wait())
-            done, _ = await asyncio.wait({acquire, stopper}, timeout=ANNOUNCE_AFTER,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                holder = await self.holder()
-                self._check_shared_state(holder)
-                who = (f"held by {holder.describe()}" if holder else "held by another instance")
-                self.passive_reason = f"standby: lock {who}"
-                if failing.recovered():
-                    log.info("the %s lock backend answers again; %s", self.backend.name, self.passive_reason)
-                    delay = RETRY_FIRST
-                elif not announced:
-                    # Say once who we wait for; then stay quiet until something changes.
-                    log.info("%s; waiting quietly", self.passive_reason)
-                announced = True
-            await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not acquire.done():
-                acquire.cancel()
-                await asyncio.gather(acquire, return_exceptions=True)
-                if acquire.done() and not acquire.cancelled() and acquire.exception() is None:
+            acquiring = asyncio.create_task(self.backend.acquire(), name="solobot-acquire")
+            announcer = asyncio.create_task(announce(), name="solobot-announce")
+            try:
+                return await until_set(self._stop, acquiring)
+            except Interrupted:
+                if not acquiring.cancelled() and acquiring.exception() is None:
                     # Acquired in the same instant we were told to stop: let go at once.
                     await self.backend.release(clean=True)
                 return None
-            try:
-                return acquire.result()
             except Exception as exc:  # noqa: BLE001 - e.g. database down: stay passive, retry
                 why = self.backend.describe_failure(exc)
                 self.passive_reason = f"cannot acquire the {self.backend.name} lock: {why}"
                 if failing.failed():
                     log.warning("%s; staying passive and retrying with backoff", self.passive_reason)
                 else:
-                    log.debug("lock acquisition retry in %.0f s: %s", delay, self.backend.describe_failure(exc))
+                    log.debug("lock acquisition retry in %.0f s: %s", delay, why)
                 self.passive_reason += f" (retrying in {delay:.0f} s)"
-                try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, RETRY_MAX)
+            finally:
+                announcer.cancel()
+            await set_within(self._stop, delay)
+            delay = min(delay * 2, RETRY_MAX)
         return None
 
     def _check_shared_state(self, holder: HolderInfo | None) -> None:
@@ -228,61 +234,39 @@ class LeadershipController:
             holder.describe() if holder else "?",
         )
 
-    async def _lead(self, takeover: Takeover) -> None:
+    async def _lead(self, grant: Grant) -> None:
+        """One term, as one :class:`asyncio.TaskGroup`: the lease keeping runs beside the roles
+        from their start until the roles have stopped, and a failure of either ends both."""
+        takeover = grant.takeover
         self.epoch = takeover.epoch
         self._step_down.clear()
         lease = Lease(
             takeover.epoch, verify=self.backend.heartbeat, renew_deadline=self.backend.renew_deadline,
             on_lost=self.step_down, previous_released=takeover.previous_released,
         )
-        delay = self.backend.takeover_delay(takeover)
+        delay = self.backend.takeover_delay(grant)
         if delay:
             # The last holder vanished while its lease may still run; give a cut-off holder time
             # to notice and stop, so Telegram never sees two pollers.
             log.debug("previous holder left uncleanly; waiting %.2f s before acting", delay)
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await set_within(self._stop, delay)
         started: list[ActiveRole] = []
-        reason = "stopping"
-        voluntary = True
+        reason, voluntary = "stopping", True
         self.lease = self.gate.lease = lease
-        hold = asyncio.create_task(self.backend.hold(lease), name="solobot-hold")
         try:
-            if not self._stop.is_set():
-                for role in self.roles:
-                    await role.start(lease)
-                    started.append(role)
-                if takeover.previous_instance is not None:  # a bot's very first term hands nothing over
-                    self.handovers += 1
-                self._set_mode(Mode.ACTIVE, f"leading with epoch {takeover.epoch}")
-                stop = asyncio.create_task(self._stop.wait())
-                step = asyncio.create_task(self._step_down.wait())
-                done, _ = await asyncio.wait({hold, stop, step}, return_when=asyncio.FIRST_COMPLETED)
-                for task in (stop, step):
-                    task.cancel()
-                if hold in done:
-                    reason, voluntary = hold.result(), False
-                elif step in done:
-                    reason, voluntary = self._step_down_reason, False
-        except Exception as exc:  # a role failed to start: step down, retry later
-            log.exception("could not start active roles")
-            reason, voluntary = f"start failed: {exc}", False
-        finally:
-            if voluntary:
-                self._set_mode(Mode.STOPPING, "stopping active work")
-            for role in reversed(started):
+            async with asyncio.TaskGroup() as term:
+                keeping = term.create_task(self._keep(lease), name="solobot-hold")
                 try:
-                    await asyncio.wait_for(
-                        role.stop(voluntary=voluntary), timeout=self.role_stop_timeout
-                    )
-                except Exception:  # release the lock regardless
-                    log.exception("stopping %s failed", role.name)
-            lease.end()
-            self.lease = self.gate.lease = None
-            hold.cancel()
-            await asyncio.gather(hold, return_exceptions=True)
+                    if not self._stop.is_set():
+                        reason, voluntary = await self._serve(lease, takeover, started)
+                finally:
+                    if voluntary:
+                        self._set_mode(Mode.STOPPING, "stopping active work")
+                    await self._stop_roles(started, voluntary=voluntary)
+                    lease.end()
+                    self.lease = self.gate.lease = None
+                    keeping.cancel()
+        finally:
             await self.backend.release(clean=voluntary)
             self.epoch = 0
         if not self._stop.is_set():
@@ -290,8 +274,40 @@ class LeadershipController:
             self._set_mode(Mode.PASSIVE, f"stepped down ({reason}); contending again")
             if not voluntary:
                 # Whatever made us step down may still hold; never contend in a tight loop.
-                try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=PAUSE_AFTER_LOSS)
-                except TimeoutError:
-                    pass
+                await set_within(self._stop, PAUSE_AFTER_LOSS)
 
+    async def _keep(self, lease: Lease) -> None:
+        """Renew the lease while the term lasts; a loss reaches the term as a step-down (the
+        lease's ``on_lost``), and so does a failure of the keeping itself."""
+        try:
+            reason = await self.backend.hold(lease)
+        except Exception as exc:  # noqa: BLE001 - cannot keep the lease: the term is over
+            reason = f"lease keeping failed: {exc}"
+        if not lease.ended:
+            self.step_down(reason)
+
+    async def _serve(self, lease: Lease, takeover: Takeover, started: list[ActiveRole]) -> tuple[str, bool]:
+        """Start the roles in order, then lead until stopped or stepped down: (why, voluntary)."""
+        try:
+            for role in self.roles:
+                await role.start(lease)
+                started.append(role)
+        except Exception as exc:  # a role failed to start: step down, retry later
+            log.exception("could not start active roles")
+            return f"start failed: {exc}", False
+        if takeover.previous_instance is not None:  # a bot's very first term hands nothing over
+            self.handovers += 1
+        self._set_mode(Mode.ACTIVE, f"leading with epoch {takeover.epoch}")
+        try:
+            await until_set(self._stop, self._step_down.wait())
+        except Interrupted:
+            return "stopping", True
+        return self._step_down_reason, False
+
+    async def _stop_roles(self, started: list[ActiveRole], *, voluntary: bool) -> None:
+        """Stop the started roles in reverse order, each bounded; the lock is released regardless."""
+        for role in reversed(started):
+            try:
+                await asyncio.wait_for(role.stop(voluntary=voluntary), timeout=self.role_stop_timeout)
+            except Exception:  # release the lock regardless
+                log.exception("stopping %s failed", role.name)

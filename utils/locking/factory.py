@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from utils.locking.backend import LockBackend
-from utils.locking.file_backend import FileLockBackend
+from utils.locking.backend import LockBackend, LockMechanism
+from utils.locking.file_backend import FileMechanism
 from utils.locking.instance_lock import InstanceLock
-from utils.locking.postgres_backend import PostgresLockBackend
+from utils.locking.postgres_backend import PostgresMechanism
 from utils.state.store import StateStore
 
 
@@ -31,12 +31,14 @@ class LockSettings(Protocol):
 def make_backend(settings: LockSettings, store: StateStore, instance_id: str) -> LockBackend:
     """The lock backend of *settings*, built without touching anything: its ``open()`` checks the
     file backend's directory (may raise :class:`~utils.locking.instance_lock.LockSetupError`)."""
-    common: dict[str, Any] = dict(
-        instance_id=instance_id,
-        stale_seconds=settings.lock_stale_seconds,
-        takeover=settings.lock_takeover,
-    )
+    stale = settings.lock_stale_seconds
+    mechanism: LockMechanism
     if settings.lock_backend == "postgres":
         assert store.target is not None and store.target.is_postgres
-        return PostgresLockBackend(store.target, settings.bot_id, store, **common)
-    return FileLockBackend(InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id), store, **common)
+        mechanism = PostgresMechanism(store.target, settings.bot_id, store, instance_id=instance_id,
+                                      stale_seconds=stale)
+    else:
+        lock = InstanceLock(settings.lock_dir, str(settings.bot_id), instance_id)
+        mechanism = FileMechanism(lock, store, stale_seconds=stale)
+    return LockBackend(mechanism, store, instance_id=instance_id, stale_seconds=stale,
+                       takeover=settings.lock_takeover)

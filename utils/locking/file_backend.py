@@ -1,4 +1,4 @@
-"""The file mechanism of :class:`LockBackend`: :class:`InstanceLock` on one host (or a shared directory).
+"""The file mechanism of the leadership lock: :class:`InstanceLock` on one host (or a shared directory).
 
 The kernel lock decides who leads; the PID record beside it carries the epoch and the heartbeat.
 A hung holder is fenced by SIGKILL, which also frees any SQLite lock it held (SQLite's locks die
@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 
-from utils.locking.backend import HolderInfo, LockBackend
+from utils.locking.backend import Claim, Grant, HolderInfo, LockMechanism
 from utils.locking.instance_lock import (
     InstanceLock,
     current_pid_ns,
@@ -47,14 +47,20 @@ def state_identity(store: StateStore) -> str:
 START_TIME_TOLERANCE = 1.0
 
 
-class FileLockBackend(LockBackend):
-    """Same host (or a shared directory): :class:`InstanceLock`; heartbeat and epoch in its record."""
+class FileMechanism(LockMechanism):
+    """Same host (or a shared directory): :class:`InstanceLock`; heartbeat and epoch in its record.
+
+    A vanished holder is a dead one (the kernel drops a flock only with the process), so a grant
+    never asks the new leader to wait (:attr:`Grant.settle` is zero).
+    """
 
     name = "file"
 
-    def __init__(self, lock: InstanceLock, store: StateStore, **kwargs: object) -> None:
-        super().__init__(store, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, lock: InstanceLock, store: StateStore, *, stale_seconds: float) -> None:
         self.lock = lock
+        self.stale_seconds = stale_seconds  # a fenced holder's record is read again: recovered?
+        self.instance_id = lock.instance_id
+        self.store = store
 
     async def open(self) -> None:
         """The lock directory, private to this user (:meth:`InstanceLock.prepare`), and the state
@@ -62,23 +68,24 @@ class FileLockBackend(LockBackend):
         self.lock.prepare()
         self.lock.state_id = self.state_id = state_identity(self.store)
 
-    async def _lock_acquire(self) -> None:
+    async def acquire(self, claim: Claim) -> Grant:
         await self.lock.acquire()
+        await claim.locked()
+        takeover = await claim.take_epoch()
+        self.lock.write_record(takeover.epoch)
+        return Grant(takeover)
 
-    async def _lock_acquired(self, epoch: int) -> None:
-        self.lock.write_record(epoch)
-
-    async def _lock_heartbeat(self) -> bool:
+    async def heartbeat(self, epoch: int) -> bool:
         """Still ours (the kernel lock, and the record names us with our epoch)? Then refresh it."""
         if not self.lock.is_held:
             return False
         record, _ = self.lock.read_record()
-        if record is None or (record.instance_id, record.epoch) != (self.instance_id, self.epoch):
+        if record is None or (record.instance_id, record.epoch) != (self.instance_id, epoch):
             return False
-        self.lock.write_record(self.epoch)
+        self.lock.write_record(epoch)
         return True
 
-    async def _lock_release(self) -> None:
+    async def release(self) -> None:
         self.lock.release()
 
     async def holder(self) -> HolderInfo | None:
@@ -93,15 +100,10 @@ class FileLockBackend(LockBackend):
             since=record.started_at,
             heartbeat_age=record.heartbeat_age(),
             state_id=record.state_id or None,
+            lock_held=self.lock.is_taken_elsewhere(),
         )
 
-    async def lock_is_held(self) -> bool | None:
-        return self.lock.is_taken_elsewhere()
-
-    async def holder_is_live(self, holder: HolderInfo) -> bool:
-        return self.lock.is_taken_elsewhere()
-
-    async def _fence_holder(self, holder: HolderInfo) -> str | None:
+    async def fence(self, holder: HolderInfo) -> str | None:
         record, problem = self.lock.read_record()
         if record is None or problem:
             return problem or "no holder record"

@@ -54,7 +54,7 @@ class HolderRecord:
     started_at: float  # wall clock when it took the lock
     epoch: int = 0
     heartbeat: float = 0.0  # wall clock of the last heartbeat
-    state_id: str = ""  # which state database the holder uses (see FileLockBackend)
+    state_id: str = ""  # which state database the holder uses (see FileMechanism)
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} (instance {self.instance_id}, epoch {self.epoch})"

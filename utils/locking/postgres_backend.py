@@ -13,8 +13,9 @@
   that the new leader's epoch write needs. A new leader whose predecessor did not release cleanly
   does the same before it writes the epoch.
 * After a holder vanished without a clean release while its lease may still run, the new leader
-  waits :attr:`unclean_takeover_delay` before polling (the time a cut-off holder needs to notice),
-  unless the server holds no session of it any more: a killed process cannot poll.
+  waits :data:`UNCLEAN_TAKEOVER_DELAY` before polling (the time a cut-off holder needs to notice),
+  unless the server holds no session of it any more: a killed process cannot poll. This is the
+  mechanism's own knowledge; it reaches the policy only as the grant's ``settle``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
-from utils.locking.backend import HEARTBEAT_INTERVAL, HolderInfo, LockBackend
+from utils.locking.backend import Claim, Grant, HolderInfo, LockMechanism, LockUnavailable
 from utils.state import leader as sql
 from utils.state.database import PG_TCP_TIMEOUTS, DatabaseTarget, instance_tag_pattern, session_tag
 from utils.state.store import StateStore
@@ -41,6 +43,17 @@ UNLOCK_TIMEOUT = 2.0
 #: looked at every PREDECESSOR_EXIT_POLL. Time spent here counts against that delay.
 PREDECESSOR_EXIT_WAIT = 0.3
 PREDECESSOR_EXIT_POLL = 0.01
+#: After a holder vanished without a clean release while its lease may still have been running:
+#: time for a cut-off holder to notice (its lock connection closes, its next renewal fails).
+UNCLEAN_TAKEOVER_DELAY = 0.5
+
+
+def settle(*, predecessor_gone: bool, waited: float) -> float:
+    """How long a predecessor that left uncleanly may still act, after *waited* seconds spent
+    waiting for its sessions: nothing if none is left (a killed process cannot poll)."""
+    if predecessor_gone:
+        return 0.0
+    return max(0.0, UNCLEAN_TAKEOVER_DELAY - waited)
 
 
 def advisory_key(bot_id: int) -> int:
@@ -49,122 +62,138 @@ def advisory_key(bot_id: int) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-class PostgresLockBackend(LockBackend):
+class PostgresMechanism(LockMechanism):
     name = "postgres"
-    unclean_takeover_delay = 0.5
 
-    def __init__(self, target: DatabaseTarget, bot_id: int, store: StateStore, **kwargs: Any) -> None:
-        super().__init__(store, **kwargs)
+    def __init__(self, target: DatabaseTarget, bot_id: int, store: StateStore, *, instance_id: str,
+                 stale_seconds: float) -> None:
         self.target = target
         self.dsn = target.libpq_dsn
         self.bot_id = bot_id
+        self.store = store
+        self.instance_id = instance_id
+        self.stale_seconds = stale_seconds  # a fenced holder's session is looked at again: recovered?
         self.key = advisory_key(bot_id)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._monitor: psycopg.AsyncConnection[Any] | None = None
-        self._pid: int | None = None
-        self._predecessor_gone = False
+        #: The lease's unverified heartbeat (the last verification, still running after an overrun).
+        self._pending: asyncio.Future[bool] | None = None
+        #: While held: the duplicate descriptor of the lock connection's socket being watched, and
+        #: whom to wake when it stirs (:meth:`Claim.wake`).
+        self._watched: int | None = None
+        self._wake: Callable[[], None] | None = None
 
     async def _connect(self, purpose: str) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(
             self.dsn, application_name=session_tag(self.bot_id, self.instance_id, purpose), **CONNECT_ARGS
         )
 
-    # -- mechanism ---------------------------------------------------------------------------
-
-    async def _lock_acquire(self) -> None:
-        conn = await self._connect("lock")
+    async def acquire(self, claim: Claim) -> Grant:
         try:
-            await sql.advisory_lock(conn, self.key)
-        except BaseException:
-            # Cancelled while waiting (shutdown) or the server went away: the session ends,
-            # and with it our place in the lock queue.
-            await asyncio.shield(self._close_quietly(conn))
+            conn = await self._connect("lock")
+            try:
+                await sql.advisory_lock(conn, self.key)
+            except BaseException:
+                # Cancelled while waiting (shutdown) or the server went away: the session ends,
+                # and with it our place in the lock queue.
+                await asyncio.shield(self._close_quietly(conn))
+                raise
+            self._conn = conn
+            await claim.locked()
+            waited = await self._end_predecessor()
+            takeover = await claim.take_epoch(backend_pid=conn.info.backend_pid, blockers=self._describe_blockers)
+        except LockUnavailable:
             raise
-        self._conn = conn
-        self._pid = conn.info.backend_pid
+        except Exception as exc:  # the server: host, port, database and its reason; never the password
+            raise LockUnavailable(self.store.describe_error(exc)) from exc
+        self._wake = claim.wake
+        self._watch_socket()
+        return Grant(takeover, waited)
 
-    async def _before_new_epoch(self) -> None:
+    async def _end_predecessor(self) -> float:
         """An unclean predecessor may still have sessions inside a transaction, holding row locks
         the epoch write needs (a paused process): end those. Its other sessions are left alone: it
-        may be alive as a standby by now.
+        may be alive as a standby by now. Returns how long it may still act (:func:`settle`).
 
-        Whether it has any session left decides the takeover delay: none means the process is
-        gone (kill -9, a crash: the kernel closed all its sockets), so nothing of it can still
-        poll. Its sessions end one by one as their backends notice (slower on a loaded server);
-        the lock session's went first, which is why we hold the lock. So the rest get
-        :data:`PREDECESSOR_EXIT_WAIT` to go, and the time spent counts against the delay. A
-        server restart since its last heartbeat ended every session whether the process lives or
-        not: then the delay applies in full. (A live holder whose sessions were all ended
-        otherwise, by an administrator or a proxy, sees its lock connection close within
-        milliseconds and stops; the worst it can do is one stray 409, which the new leader
-        retries at once.)
+        Whether it has any session left decides that: none means the process is gone (kill -9, a
+        crash: the kernel closed all its sockets), so nothing of it can still poll. Its sessions
+        end one by one as their backends notice (slower on a loaded server); the lock session's
+        went first, which is why we hold the lock. So the rest get :data:`PREDECESSOR_EXIT_WAIT`
+        to go, and the time spent counts against the delay. A server restart since its last
+        heartbeat ended every session whether the process lives or not: then the delay applies
+        in full. (A live holder whose sessions were all ended otherwise, by an administrator or a
+        proxy, sees its lock connection close within milliseconds and stops; the worst it can do
+        is one stray 409, which the new leader retries at once.)
         """
-        self._predecessor_gone = False
-        self.predecessor_waited = 0.0
         row = await self._query(sql.holder_row, self.bot_id)
         if row is None or row.released or row.instance_id in (None, self.instance_id):
-            return
+            return settle(predecessor_gone=False, waited=0.0)
         pattern = instance_tag_pattern(self.bot_id, row.instance_id)
         ended, others = await self._query(sql.end_leftover_sessions, pattern)
         if ended:
             log.info("ended %d leftover session(s) of the previous holder (instance %s)", ended, row.instance_id)
         if await self._query(sql.restarted_since_heartbeat, self.bot_id):
             log.debug("the database server restarted since the previous holder's last heartbeat")
-            return
+            return settle(predecessor_gone=False, waited=0.0)
         loop = asyncio.get_running_loop()
         started = loop.time()
         left = ended + others
         while left and loop.time() - started < PREDECESSOR_EXIT_WAIT:
             await asyncio.sleep(PREDECESSOR_EXIT_POLL)
             left = await self._query(sql.open_sessions, pattern)
-        self.predecessor_waited = loop.time() - started
-        self._predecessor_gone = not ended and not left
+        waited = loop.time() - started
+        gone = not ended and not left
         log.debug("previous holder %s: %s after %.0f ms", row.instance_id,
-                  "no session left" if self._predecessor_gone else f"{left} session(s) left",
-                  self.predecessor_waited * 1000)
+                  "no session left" if gone else f"{left} session(s) left", waited * 1000)
+        return settle(predecessor_gone=gone, waited=waited)
 
-    def _predecessor_may_act(self) -> bool:
-        return not self._predecessor_gone
-
-    def _backend_pid(self) -> int | None:
-        return self._pid
-
-    async def _lock_heartbeat(self) -> bool:
-        if self._conn is None or self._conn.closed:
-            return False
-        return await sql.heartbeat(self._conn, self.bot_id, self.epoch)
-
-    async def _pause_between_heartbeats(self) -> None:
-        """Sleep a heartbeat interval, but wake at once if the lock connection's socket stirs.
-
-        An idle session receives nothing; readability means the server or the network closed it.
-        The socket is watched through a duplicate descriptor so psycopg's own waits are untouched.
-        """
+    async def heartbeat(self, epoch: int) -> bool:
         conn = self._conn
         if conn is None or conn.closed:
-            return
-        loop = asyncio.get_running_loop()
-        fd = os.dup(conn.fileno())
-        stirred = loop.create_future()
-
-        def stir() -> None:
-            if not stirred.done():
-                stirred.set_result(None)
-
-        loop.add_reader(fd, stir)
+            return False
+        self._unwatch_socket()  # the answer makes the socket readable: not a stir
+        self._pending = future = asyncio.ensure_future(sql.heartbeat(conn, self.bot_id, epoch))
         try:
-            await asyncio.wait_for(stirred, timeout=HEARTBEAT_INTERVAL)
-        except TimeoutError:
-            pass
+            return await asyncio.shield(future)
         finally:
-            loop.remove_reader(fd)
+            if future.done() and self._conn is conn:
+                self._watch_socket()
+
+    def _watch_socket(self) -> None:
+        """Between heartbeats, wake the lease keeping at once if the lock connection's socket
+        stirs: an idle session receives nothing, so readability means the server or the network
+        closed it. Watched through a duplicate descriptor, so psycopg's own waits are untouched;
+        one-shot (a heartbeat arms it again)."""
+        conn = self._conn
+        if self._watched is not None or self._wake is None or conn is None or conn.closed or conn.broken:
+            return
+        fd = os.dup(conn.fileno())
+        asyncio.get_running_loop().add_reader(fd, self._stirred)
+        self._watched = fd
+
+    def _unwatch_socket(self) -> None:
+        fd, self._watched = self._watched, None
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
 
-    async def _lock_release(self) -> None:
-        conn, self._conn, self._pid = self._conn, None, None
+    def _stirred(self) -> None:
+        self._unwatch_socket()
+        if self._wake is not None:
+            self._wake()
+
+    async def release(self) -> None:
+        """Unlock and close the lock connection, and the monitor connection (opened again by the
+        next look at the holder)."""
+        self._wake = None
+        self._unwatch_socket()
+        conn, self._conn = self._conn, None
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            await self._close_quietly(monitor)
         if conn is None:
             return
-        pending = self.verification
+        pending = self._pending
         if pending is not None and not pending.done():
             # The connection is busy with a verification the server has not answered (a silent
             # server). Closing it under psycopg's feet could hand its descriptor to the next
@@ -205,20 +234,13 @@ class PostgresLockBackend(LockBackend):
         row = await self._query(sql.holder_row, self.bot_id)
         if row is None or row.released:
             return None
-        return HolderInfo(instance_id=row.instance_id, host=row.host, pid=row.pid, epoch=row.epoch,
-                          since=row.since, heartbeat_age=row.heartbeat_age)
+        return HolderInfo(
+            instance_id=row.instance_id, host=row.host, pid=row.pid, epoch=row.epoch,
+            since=row.since, heartbeat_age=row.heartbeat_age,
+            lock_held=bool(await self._query(sql.lock_is_granted, self.key)),
+        )
 
-    async def holder_is_live(self, holder: HolderInfo) -> bool:
-        return bool(await self._query(sql.lock_is_granted, self.key))
-
-    def describe_failure(self, exc: BaseException) -> str:
-        """Host, port, database and the server's reason; never the password."""
-        return self.store.describe_error(exc)
-
-    async def lock_is_held(self) -> bool | None:
-        return bool(await self._query(sql.lock_is_granted, self.key))
-
-    async def _fence_holder(self, holder: HolderInfo) -> str | None:
+    async def fence(self, holder: HolderInfo) -> str | None:
         session = await self._query(sql.lock_session_of, self.bot_id, holder.epoch)
         if session is None:
             return "the holder changed"
@@ -238,9 +260,3 @@ class PostgresLockBackend(LockBackend):
         except Exception:  # noqa: BLE001 - only for a log line
             return ""
         return ", ".join(blockers)
-
-    async def close(self) -> None:
-        for conn in (self._conn, self._monitor):
-            if conn is not None:
-                await self._close_quietly(conn)
-        self._conn = self._monitor = None

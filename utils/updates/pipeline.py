@@ -10,6 +10,21 @@ by the epoch, so a new leader runs exactly what the last one did not finish.
 A handler killed midway runs again on the next leader (at-least-once for side effects): its
 workflow data carries ``attempt`` (1 the first time) so it can use the update id as an
 idempotency key. A finished handler never runs again.
+
+Source -> sink (grammY's runner names it so: a source fetches, a sink takes a batch and answers
+how many more it can take). :class:`UpdatePipeline` is the one sink; updates reach it from two
+sources, each a role of the leadership controller:
+
+* polling (:class:`~utils.updates.polling.PollingManager`): fetched batches, each stored with the
+  offset that confirms it (:meth:`UpdatePipeline.put_fetched`);
+* webhook adoption (:class:`~utils.updates.webhook.WebhookRole`): rows any replica's receiver
+  stored unclaimed (:meth:`UpdatePipeline.take_stored`; also the sink's own sweep for rows an
+  operator put back, in polling mode).
+
+Both calls answer the sink's :attr:`~UpdatePipeline.room` (how many more updates it takes before
+``INBOX_MAX``); a source that is told 0 waits in :meth:`UpdatePipeline.until_room` before it takes
+more, and polling asks Telegram for no more than the room (``getUpdates`` ``limit``). So a flood
+waits at Telegram or in the database, never in this process's memory.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from aiogram.fsm.strategy import FSMStrategy
 from aiogram.methods import TelegramMethod
 from aiogram.types import Update
 
+from utils.base.interrupt import set_within
 from utils.base.lease import Lease, LeaseLost
 from utils.state.fencing import FencedError
 from utils.state.fsm import NoWrites, UpdateWrites
@@ -80,7 +96,8 @@ def to_new_update(update: Update, strategy: FSMStrategy = FSMStrategy.USER_IN_CH
 
 
 class UpdatePipeline:
-    """Runs while active: started by the active role, polling's or the webhook's."""
+    """The sink of both update sources; runs while active, started by the source's role (polling or
+    webhook) and stopped by it after the source stopped."""
 
     def __init__(
         self,
@@ -210,19 +227,27 @@ class UpdatePipeline:
 
     # -- accepting ---------------------------------------------------------------------------
 
-    async def wait_for_room(self) -> None:
-        """Return once this leader holds fewer than ``INBOX_MAX`` unfinished updates."""
-        if self._holding < self.inbox_max:
-            return
-        log.warning("inbox full (%d updates waiting >= INBOX_MAX); fetching pauses until it drains",
-                    self._holding)
-        while self._holding >= self.inbox_max:
+    @property
+    def room(self) -> int:
+        """How many more updates the sink takes now: ``INBOX_MAX`` minus what this leader holds
+        unfinished (0 when full)."""
+        return max(0, self.inbox_max - self._holding)
+
+    async def until_room(self) -> int:
+        """Return the room once there is some: a source waits here before it takes more."""
+        if self.room:
+            return self.room
+        log.warning("inbox full (%d updates waiting >= INBOX_MAX); taking new updates pauses until it "
+                    "drains", self._holding)
+        while not self.room:
             self._room.clear()
             await self._room.wait()
-        log.info("inbox has room again (%d waiting); fetching resumes", self._holding)
+        log.info("inbox has room again (%d waiting); taking new updates resumes", self._holding)
+        return self.room
 
-    async def accept(self, updates: Sequence[Update], *, next_offset: int | None) -> None:
-        """Store a fetched batch durably (with the offset that confirms it), then queue it.
+    async def put_fetched(self, updates: Sequence[Update], *, next_offset: int | None) -> int:
+        """The polling source's batch: store it durably (with the offset that confirms it), then
+        queue it; return the room left.
 
         Raises :class:`FencedError` if a newer leader exists (nothing was stored).
         """
@@ -235,7 +260,7 @@ class UpdatePipeline:
         self.stats.fetched += len(rows)
         self.stats.duplicates += batch.duplicates
         if self._stopping:
-            return  # stored: the next leader runs them
+            return self.room  # stored: the next leader runs them
         parsed = {(r.update_id, r.fingerprint): u for r, u in zip(rows, updates, strict=True)}
         fingerprints = {r.update_id: r.fingerprint for r in rows}
         items = [self._from_entry(e, parsed.get((e.update_id, fingerprints.get(e.update_id, ""))))
@@ -247,23 +272,27 @@ class UpdatePipeline:
         if batch.duplicates:
             log.debug("%d update(s) already in the inbox; skipped", batch.duplicates)
         self._push(items)
+        return self.room
 
-    async def adopt_unclaimed(self) -> int:
-        """Take the rows other processes stored (webhook replicas); return how many.
+    async def take_stored(self) -> int:
+        """The webhook source: claim the rows stored unclaimed (by any replica's receiver, or put
+        back by an operator), oldest first and at most the room; return the room left.
 
-        The caller decides when (a notification, a timer); bounded by the room left under
-        ``INBOX_MAX``, so a flood waits in the database, not in memory.
+        The caller decides when (a notification, a timer). A room of 0 after the call means more
+        may wait: wait in :meth:`until_room`, then call again; more than 0 means none was left.
         """
         lease = self._lease
         if lease is None or self._stopping or self._recovery.book.loading:
-            return 0  # the backlog loader takes unclaimed rows of the takeover in order
-        room = self.inbox_max - self._holding
-        if room <= 0:
+            return self.room  # the backlog loader takes unclaimed rows of the takeover in order
+        room = self.room
+        if not room:
             return 0
         await lease.ensure()
         entries = await self.store.inbox.claim_unclaimed(lease.epoch, room)
         self._push([self._from_entry(e) for e in entries if not self._queues.knows(e.seq)])
-        return len(entries)
+        if entries:
+            log.debug("took %d stored update(s) from the inbox", len(entries))
+        return self.room
 
     def _from_entry(self, entry: InboxEntry, update: Update | None = None) -> QueuedUpdate:
         return QueuedUpdate(entry.seq, entry.update_id, entry.chat_key, entry.attempt, entry.payload, update)
@@ -328,7 +357,7 @@ class UpdatePipeline:
             await asyncio.sleep(UNCLAIMED_SWEEP)
             try:
                 if await self.store.inbox.has_unclaimed():
-                    await self.adopt_unclaimed()
+                    await self.take_stored()
             except FencedError as exc:
                 self.step_down(f"fenced while taking unclaimed updates: {exc}")
                 return
@@ -484,10 +513,7 @@ class UpdatePipeline:
             await self._marked.wait()
             due = self._marks.due_in(time.monotonic())
             if due:
-                try:
-                    await asyncio.wait_for(self._batch_full.wait(), timeout=due)
-                except TimeoutError:
-                    pass
+                await set_within(self._batch_full, due)
             self._marked.clear()
             self._batch_full.clear()
             try:

@@ -1,11 +1,12 @@
-"""``PollingManager``: our own getUpdates loop, feeding the durable update pipeline.
+"""``PollingManager``: the polling source of updates: our own getUpdates loop, feeding the sink.
 
 Why not ``Dispatcher.start_polling``: its ``_listen_updates`` catches every exception (409
 included), logs it at ERROR and retries in 1-5 s for ever, so two copies fight silently; and it
 confirms an update's offset before the handler finished.
 
-Here the fetch loop does only fetching and the conflict policy; the pipeline
-(:mod:`utils.updates.pipeline`) stores each batch in the inbox and runs the handlers:
+Here the fetch loop does only fetching and the conflict policy; the sink, the update pipeline
+(:mod:`utils.updates.pipeline`), stores each batch in the inbox and runs the handlers, and
+answers how much room it has left, which paces the loop:
 
 * a batch is stored (one transaction, with its offset) before the next getUpdates confirms it;
   the offset never waits for handlers;
@@ -20,7 +21,8 @@ Here the fetch loop does only fetching and the conflict policy; the pipeline
   then reminders at growing intervals while it lasts (:mod:`utils.updates.outage`);
 * update ids that restart (another Bot API server, Telegram's weekly reset) are recognised (one
   WARNING) and followed, never skipped: de-duplication is on id and content;
-* above ``INBOX_MAX`` unfinished updates fetching pauses (Telegram keeps updates for 24 h).
+* a getUpdates asks for no more updates than the sink has room for; with none (``INBOX_MAX``
+  unfinished updates) fetching pauses until there is (Telegram keeps updates for 24 h).
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 from aiogram import Bot
 from aiogram.exceptions import (
@@ -51,6 +52,7 @@ from tenacity import (
 )
 
 from utils.base.episode import FailureEpisode
+from utils.base.interrupt import Interrupted, until_set
 from utils.base.lease import Lease, LeaseLost
 from utils.state.fencing import FencedError
 from utils.state.store import StateStore
@@ -60,8 +62,6 @@ from utils.updates.pipeline import UpdatePipeline
 from utils.updates.stats import UpdateStats
 
 log = logging.getLogger("solobot.polling")
-
-T = TypeVar("T")
 
 #: Conflicts that persist: 5 s doubling to 300 s, plus jitter so two bots never sync up.
 CONFLICT_WAIT = wait_exponential(multiplier=5, min=5, max=300) + wait_random(0, 2)
@@ -75,10 +75,8 @@ REQUEST_TIMEOUT_ALLOWANCE = 15
 RECOVERED_HOLD_MAX = 1.0
 #: A failed batch write is retried after this long (the batch is not confirmed meanwhile).
 STORE_RETRY_WAIT = 1.0
-
-
-class _Stopped(Exception):
-    """Stop was requested while fetching."""
+#: The most updates one getUpdates returns (Telegram's maximum ``limit``).
+FETCH_LIMIT = 100
 
 
 class _RetryNow(Exception):
@@ -94,7 +92,7 @@ def transient_wait(state: RetryCallState) -> float:
 
 
 class PollingManager:
-    """The polling role of the leadership controller: runs while this instance is active."""
+    """The polling source, a role of the leadership controller: runs while this instance is active."""
 
     name = "polling"
 
@@ -158,11 +156,13 @@ class PollingManager:
     async def _run(self) -> None:
         self.stats.polling = True
         try:
+            room = self.pipeline.room
             while not self._stop.is_set():
                 try:
-                    await self._until_stopped(self.pipeline.wait_for_room())
+                    if not room:
+                        room = await until_set(self._stop, self.pipeline.until_room())
                     sent = self._book.offset
-                    updates = await self._until_stopped(self._fetch(sent))
+                    updates = await until_set(self._stop, self._fetch(sent, limit=min(room, FETCH_LIMIT)))
                     self.pipeline.release()  # after the first getUpdates of the term: see start()
                     ids = [u.update_id for u in updates]
                     if self._book.after_batch(sent, ids):
@@ -171,11 +171,10 @@ class PollingManager:
                             "or Telegram's reset after a week without updates); following the new "
                             "sequence", min(ids), sent,
                         )
-                    if updates:
-                        # Not cancelled by a stop: a short transaction, and a batch half-stored
-                        # is no use to anyone. A database that keeps failing gives up at stop.
-                        await self._store(updates)
-                except _Stopped:
+                    # Not cancelled by a stop: a short transaction, and a batch half-stored is no
+                    # use to anyone. A database that keeps failing gives up at stop.
+                    room = await self._store(updates) if updates else self.pipeline.room
+                except Interrupted:
                     break
         except LeaseLost as exc:
             log.warning("stopping polling: %s", exc)
@@ -190,12 +189,13 @@ class PollingManager:
         finally:
             self.stats.polling = False
 
-    async def _store(self, updates: list[Update]) -> None:
-        """Make the batch durable; until then it is not confirmed (the next getUpdates would)."""
+    async def _store(self, updates: list[Update]) -> int:
+        """Hand the batch to the sink, which makes it durable (until then it is not confirmed: the
+        next getUpdates would); the sink's room left."""
         failing = FailureEpisode()
         while True:
             try:
-                await self.pipeline.accept(updates, next_offset=self._book.offset)
+                room = await self.pipeline.put_fetched(updates, next_offset=self._book.offset)
             except FencedError as exc:
                 raise self._lose(f"fenced while storing updates: {exc}") from exc
             except (LeaseLost, asyncio.CancelledError):
@@ -204,7 +204,7 @@ class PollingManager:
                 if self._stop.is_set():
                     log.warning("stopping with %d fetched update(s) not stored: %s; Telegram still "
                                 "has them (they were not confirmed)", len(updates), self.store.describe_error(exc))
-                    return
+                    return 0
                 if failing.failed():
                     log.warning("could not store %d update(s) in the inbox (%s); retrying, nothing is "
                                 "confirmed to Telegram meanwhile", len(updates), self.store.describe_error(exc))
@@ -212,7 +212,7 @@ class PollingManager:
                 continue
             if failing.recovered():
                 log.info("inbox writable again")
-            return
+            return room
 
     def _lose(self, reason: str) -> LeaseLost:
         """The term is over: the lease (one source of truth for it) records why; stop polling."""
@@ -220,21 +220,7 @@ class PollingManager:
             self._lease.lose(reason)
         return LeaseLost(reason)
 
-    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run *coro* unless stop is requested first (then cancel it: no more fetching)."""
-        task = asyncio.ensure_future(coro)
-        stopper = asyncio.ensure_future(self._stop.wait())
-        try:
-            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if task in done:
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise _Stopped
-
-    async def _fetch(self, offset: int | None) -> list[Update]:
+    async def _fetch(self, offset: int | None, *, limit: int) -> list[Update]:
         """One successful getUpdates, through the conflict policy and transient retries."""
         conflicts = AsyncRetrying(
             retry=retry_if_exception_type((TelegramConflictError, _RetryNow)),
@@ -245,7 +231,7 @@ class PollingManager:
         async for attempt in conflicts:
             with attempt:
                 try:
-                    updates = await self._fetch_transient(offset)
+                    updates = await self._fetch_transient(offset, limit)
                 except TelegramConflictError as exc:
                     await self._on_conflict(exc)
                     raise
@@ -296,7 +282,7 @@ class PollingManager:
         else:
             log.debug("conflict retry %d in %.1f s", state.attempt_number, delay)
 
-    async def _fetch_transient(self, offset: int | None) -> list[Update]:
+    async def _fetch_transient(self, offset: int | None, limit: int) -> list[Update]:
         transient = AsyncRetrying(
             retry=retry_if_exception_type((TelegramRetryAfter, *TRANSIENT_ERRORS)),
             wait=transient_wait,
@@ -306,7 +292,8 @@ class PollingManager:
         async for attempt in transient:
             with attempt:
                 timeout = 0 if self._quick_poll else self.polling_timeout
-                method = GetUpdates(offset=offset, timeout=timeout, allowed_updates=self.allowed_updates)
+                method = GetUpdates(offset=offset, limit=limit, timeout=timeout,
+                                    allowed_updates=self.allowed_updates)
                 updates = await self.bot(method, request_timeout=timeout + REQUEST_TIMEOUT_ALLOWANCE)
         now = time.monotonic()
         recovered = self.outage.success(now)

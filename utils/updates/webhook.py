@@ -13,12 +13,14 @@ Here, two halves:
   together share one transaction (:mod:`utils.updates.group_commit`).
   If the inbox cannot be written the answer is 503 with ``Retry-After``: Telegram keeps the update
   and delivers it again. Receiving never calls Telegram (a passive replica cannot).
-* :class:`WebhookRole`, a role of the leadership controller (instead of polling): starts the
-  pipeline, registers the webhook (``setWebhook`` at most once per activation, and only when
+* :class:`WebhookRole`, a role of the leadership controller (instead of polling) and the second
+  source of the update pipeline (the sink, :mod:`utils.updates.pipeline`): starts the pipeline,
+  registers the webhook (``setWebhook`` at most once per activation, and only when
   ``getWebhookInfo`` or our record of the last registration differs), and adopts the rows the
-  replicas stored: at once on a notification (PostgreSQL ``LISTEN``; in-process when the
-  receiving replica is the leader itself), and on a short sweep as a safety net (the only way on
-  SQLite, whose replicas share one host and one file). Nobody deletes the webhook on stop:
+  replicas stored into the sink, as many as it has room for: at once on a notification
+  (PostgreSQL ``LISTEN``; in-process when the receiving replica is the leader itself), and on a
+  short sweep as a safety net (the only way on SQLite, whose replicas share one host and one
+  file); a full sink is waited for, then adoption goes on. Nobody deletes the webhook on stop:
   updates keep flowing into the inbox through a handover.
 
 Order per chat: Telegram has one delivery in flight per chat and sends the next only after a 2xx,
@@ -47,6 +49,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from utils.base.episode import FailureEpisode
+from utils.base.interrupt import set_within
 from utils.base.lease import Lease, LeaseLost
 from utils.base.lookup import BoundedLookup
 from utils.state.database import DatabaseTarget
@@ -376,7 +379,8 @@ def info_for_health(info: WebhookInfo) -> dict[str, Any]:
 
 
 class WebhookRole:
-    """The leader's half of webhook mode (a role of the leadership controller)."""
+    """The leader's half of webhook mode (a role of the leadership controller): the webhook source,
+    adopting what the receivers stored into the sink."""
 
     name = "webhook"
 
@@ -436,18 +440,16 @@ class WebhookRole:
     # -- adopting what the replicas stored ---------------------------------------------------
 
     async def _adopt_loop(self) -> None:
+        """Take stored rows into the sink when woken (or on the sweep, if any wait), as many as it
+        has room for; a full sink is waited for before taking more."""
         failing = FailureEpisode()
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.sweep)
-            except TimeoutError:
-                pass
-            woken = self._wake.is_set()
+            woken = await set_within(self._wake, self.sweep)
             self._wake.clear()
             try:
                 if not woken and not await self.store.inbox.has_unclaimed():
                     continue
-                taken = await self.pipeline.adopt_unclaimed()
+                room = await self.pipeline.take_stored()
             except LeaseLost:
                 return
             except FencedError as exc:
@@ -461,9 +463,9 @@ class WebhookRole:
                 continue
             if failing.recovered():
                 log.info("webhook: taking stored updates from the inbox again")
-            if taken:
-                log.debug("adopted %d update(s) stored by the replicas", taken)
-                self._wake.set()  # more may wait (adoption is bounded by INBOX_MAX)
+            if not room:  # the sink is full and more may wait: take them once it has room
+                await self.pipeline.until_room()
+                self._wake.set()
 
     async def _listen_loop(self) -> None:
         """PostgreSQL: wake on every NOTIFY of the bot's inbox channel; reconnect if dropped."""
