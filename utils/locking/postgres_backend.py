@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import pq
 
 from utils.locking.backend import Claim, Grant, HolderInfo, LockMechanism, LockUnavailable
 from utils.state import leader as sql
@@ -183,14 +184,17 @@ class PostgresMechanism(LockMechanism):
             self._wake()
 
     async def release(self) -> None:
-        """Unlock and close the lock connection, and the monitor connection (opened again by the
-        next look at the holder)."""
+        """Unlock and close the lock connection, and the monitor connection if it is idle (opened
+        again by the next look at the holder). A monitor busy with a lookup that overran (a silent
+        server) is left alone: closing it under psycopg's feet could hand its descriptor to the
+        next socket while psycopg still waits on it; the next lookup uses it, or replaces it."""
         self._wake = None
         self._unwatch_socket()
-        conn, self._conn = self._conn, None
-        monitor, self._monitor = self._monitor, None
-        if monitor is not None:
+        monitor = self._monitor
+        if monitor is not None and (monitor.closed or monitor.info.transaction_status is pq.TransactionStatus.IDLE):
+            self._monitor = None
             await self._close_quietly(monitor)
+        conn, self._conn = self._conn, None
         if conn is None:
             return
         pending = self._pending
