@@ -5,9 +5,13 @@ Bot API call starts. Between that check and the bytes leaving the socket a busy 
 other tasks (handlers parsing, replying) for milliseconds, and a process paused (SIGSTOP) in that
 window would send a stale request when it resumes. So the lease is checked once more when aiohttp
 has a connection in hand, right before it writes the request (the connector's ``connect``): what
-remains is a few microseconds of code with no wait in it. A stale lease is verified again there
-(one round trip on the lock's own connection) or the request is refused with
-:class:`~utils.base.lease.LeaseLost`, and the connection goes back to the pool unused.
+remains is one turn of the event loop: aiohttp buffers the headers and writes them with the body
+in a task of its own. A process paused in that turn would still send on resume, so the body's
+write asks the lease a third time, synchronously unless it went stale (a pause longer than the
+renew deadline): then it is verified again before a byte leaves, or the connection is closed
+unwritten and the call fails. A stale lease is verified again at each check (one round trip on the
+lock's own connection) or the request is refused with :class:`~utils.base.lease.LeaseLost`, and
+the connection goes back to the pool unused.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.session.middlewares.base import NextRequestMiddlewareType, RequestMiddlewareType
 from aiogram.methods import Response, TelegramMethod
-from aiohttp import ClientRequest, ClientTimeout, TCPConnector
+from aiohttp import ClientRequest, ClientSession, ClientTimeout, TCPConnector
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.connector import Connection
 
-from utils.base.lease import LeaseGate
+from utils.base.lease import LeaseGate, LeaseLost
 
 T = TypeVar("T")
 
@@ -41,6 +46,24 @@ def gated_connector(base: type[TCPConnector], gate: LeaseGate) -> type[TCPConnec
 
     GatedConnector.__name__ = f"Gated{base.__name__}"
     return GatedConnector
+
+
+def gated_request(gate: LeaseGate) -> type[ClientRequest]:
+    """aiohttp's request whose body (with the buffered headers) is written only under a fresh lease."""
+
+    class GatedClientRequest(ClientRequest):
+        async def write_bytes(self, writer: AbstractStreamWriter, conn: Connection,
+                              content_length: int | None = None) -> None:
+            lease = gate.lease
+            if lease is None or not lease.fresh():  # paused since the connector's check, or lost
+                try:
+                    await gate.check()
+                except LeaseLost:
+                    conn.close()  # nothing written: the call fails as a dropped connection
+                    return
+            await super().write_bytes(writer, conn, content_length)
+
+    return GatedClientRequest
 
 
 class ResponseModelPin:
@@ -80,3 +103,10 @@ class GatedAiohttpSession(AiohttpSession):
             self.middleware(flood)
         # aiogram builds its ClientSession from these two; only the connector class changes.
         self._connector_type = gated_connector(self._connector_type, gate)
+        self._request_class = gated_request(gate)
+
+    async def create_session(self) -> ClientSession:
+        """aiogram's session, with the request class that asks the lease before the body's write."""
+        session = await super().create_session()
+        session._request_class = self._request_class  # aiogram passes no request_class of its own
+        return session
