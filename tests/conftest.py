@@ -14,11 +14,15 @@ Two promises the harness keeps for every test:
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -310,6 +314,63 @@ def spawn(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> Iterator[Callable[.
     yield start
     for proc in procs:
         proc.stop()
+
+
+class _LoggingState:
+    """The process-wide logging state ``configure_logging`` changes, to put back afterwards."""
+
+    def __init__(self) -> None:
+        root = logging.getLogger()
+        self.root = (root.handlers[:], root.level)
+        self.hooks = (sys.excepthook, threading.excepthook)
+        self.loggers = {name: (logger.level, logger.filters[:])
+                        for name, logger in logging.root.manager.loggerDict.items()
+                        if isinstance(logger, logging.Logger)}
+
+    def restore(self) -> None:
+        root = logging.getLogger()
+        root.handlers[:], level = self.root
+        root.setLevel(level)
+        sys.excepthook, threading.excepthook = self.hooks
+        logging.captureWarnings(False)
+        for name, logger in logging.root.manager.loggerDict.items():
+            if not isinstance(logger, logging.Logger):
+                continue
+            level, filters = self.loggers.get(name, (logging.NOTSET, []))
+            logger.setLevel(level)
+            logger.filters[:] = filters
+
+
+def run_main_in_process(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``python main.py ARGS`` up to the point where the bot itself would start, in this process:
+    the command line, the configuration (from exactly *env* and *cwd*'s ``.env``), the logging set-up
+    and the light commands (``status``, ``inbox``), which is all main.py does before its heavy
+    imports. Returns what :func:`subprocess.run` would (exit code, stdout, stderr).
+
+    For the tests of what those steps say and which code they exit with (exit 78 with one line per
+    problem, no secret, ``status``'s answer): the same functions main.py calls, without paying for a
+    Python start per case. That main.py exits 78 *before* the heavy imports is a property of the
+    process, kept by the process tests (tests/README.md). A valid configuration that would start
+    the bot is refused here (the daemon in-process is tests/daemon.py).
+    """
+    import main
+    from utils.ops.bootstrap import prepare
+
+    saved_env, saved_cwd, logging_state = dict(os.environ), os.getcwd(), _LoggingState()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            outcome = prepare(["main.py", *args], main.__doc__ or "")
+    finally:
+        logging_state.restore()
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    assert isinstance(outcome, int), f"main.py {' '.join(args)} would start the bot: {outcome!r}"
+    return subprocess.CompletedProcess(["main.py", *args], outcome, out.getvalue(), err.getvalue())
 
 
 def import_cost(*modules: str) -> float:

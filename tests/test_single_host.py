@@ -26,6 +26,7 @@ from tests.conftest import (
     BotProcess,
     first_poll_after,
     have_unshare,
+    run_main_in_process,
     sigkill_mid_handlers,
     start_pair,
     wait_until,
@@ -170,6 +171,21 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize(("overrides", "variable"), BAD_CONFIGS, ids=[v for _, v in BAD_CONFIGS])
 def test_bad_configuration_exits_78(overrides: dict[str, str], variable: str, tmp_path: Path) -> None:
+    """What main.py says and exits with, in-process (tests/conftest.py's run_main_in_process)."""
+    env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(tmp_path / "l"),
+           "STATE_DIR": str(tmp_path / "s"), "HEALTH_PORT": "0", **overrides}
+    done = run_main_in_process(env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 78, output
+    assert variable in output
+    assert "Traceback" not in output
+    for secret in ("SHORTSECRETxyz", "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"):
+        assert secret not in output
+
+
+def test_bad_configuration_exits_78_before_the_heavy_imports(tmp_path: Path) -> None:
+    """A real ``python main.py``: the exit 78 comes before aiogram's seconds of imports."""
+    overrides = {"BOT_TOKEN": "123456:SHORTSECRETxyz", "HEALTH_PORT": "eighty"}
     env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(tmp_path / "l"),
            "STATE_DIR": str(tmp_path / "s"), "HEALTH_PORT": "0", **overrides}
     started = time.monotonic()
@@ -179,7 +195,7 @@ def test_bad_configuration_exits_78(overrides: dict[str, str], variable: str, tm
     output = done.stdout + done.stderr
     assert done.returncode == 78, output
     assert elapsed < 5
-    assert variable in output
+    assert "BOT_TOKEN" in output and "HEALTH_PORT" in output
     assert "Traceback" not in output
     for secret in ("SHORTSECRETxyz", "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"):
         assert secret not in output
