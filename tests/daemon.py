@@ -28,8 +28,14 @@ so a blocking call (``urllib``, ``time.sleep``, ``testbed.waiting.wait_until``) 
 Wait with :func:`wait_for` (plain or async predicates). The fake Bot API runs in its own thread,
 so its controls (``fake.send_user_message``...) are fine to call.
 
+Two daemons at once (an active and its standby): ``await in_process("b", own_bot_module=True)``
+runs the second on a private copy of the bot module, since aiogram attaches the module's global
+``router`` to one dispatcher at a time. Both run in this one process: no fencing by SIGKILL here
+(the file backend would signal its own pid), which is a BotProcess test's business.
+
 Differences from a process: :meth:`InProcessDaemon.stop` is the SIGTERM path (a stop request),
-not a signal, and no signal handler is installed (``main.py`` does that when run as a program);
+not a signal (:meth:`InProcessDaemon.signal` takes SIGTERM/SIGINT the same way), and no signal
+handler is installed (``main.py`` does that when run as a program);
 :meth:`InProcessDaemon.log` holds the records of the ``solobot`` loggers made by this daemon's
 tasks (a context variable tells two daemons of one test apart), masked and formatted as main.py
 formats its text lines; aiogram's and other libraries' records are not in it.
@@ -39,9 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import importlib.util
 import inspect
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -55,6 +63,7 @@ from testbed.waiting import free_port
 from tests.conftest import ADMIN_ID, START_WAIT, TOKEN
 from utils.base.redact import Redactor
 from utils.config import Settings, load_settings
+from utils.ops.bot_module import BotModule, bot_module_from
 from utils.ops.daemon_config import DaemonConfig
 from utils.ops.logging_setup import TEXT_FORMAT, SecretMaskingFilter
 from utils.ops.server import Server
@@ -156,28 +165,47 @@ class _LoggerLevel:
 _LEVELS = _LoggerLevel()
 
 
-class InProcessDaemon:
-    """One :class:`~utils.ops.server.Server` running in a task of the current loop."""
+def fresh_bot_module(name: str) -> BotModule:
+    """A private copy of the bot module *name* (executed anew, not put in ``sys.modules``): its own
+    ``router``, so two daemons of one process can run at the same time (aiogram attaches a router to
+    one dispatcher at a time). One daemon at a time can use the module itself."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None, f"no module {name}"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return bot_module_from(name, module)
 
-    def __init__(self, name: str, env: dict[str, str]) -> None:
+
+class InProcessDaemon:
+    """One :class:`~utils.ops.server.Server` running in a task of the current loop.
+
+    *own_bot_module*: run on a private copy of ``BOT_MODULE`` (:func:`fresh_bot_module`), for a
+    daemon that runs beside another one (an active and its standby).
+    """
+
+    def __init__(self, name: str, env: dict[str, str], *, own_bot_module: bool = False) -> None:
         self.name = name
         self.env = env
+        self.own_bot_module = own_bot_module
         self.settings = load_settings(env)
         self.port = self.settings.health_port
         self.server: Server | None = None
         self.task: asyncio.Task[int] | None = None
         self._log = _DaemonLog(name, self.settings)
         self._level = logging.getLevelName(self.settings.log_level)
+        #: Where this daemon's code runs: its task, and the stop requests made for it.
+        self._context = contextvars.copy_context()
 
     async def start(self) -> InProcessDaemon:
         """Load the configuration (the bot module) and start serving; returns at once (the daemon
         starts in its task: :meth:`wait_mode` for a mode)."""
         logging.getLogger(CAPTURED_LOGGER).addHandler(self._log)
         _LEVELS.push(self._level)
-        context = contextvars.copy_context()
+        context = self._context
         context.run(_CURRENT.set, self.name)
         try:
-            config = context.run(DaemonConfig.load, self.settings)
+            module = fresh_bot_module(self.settings.bot_module) if self.own_bot_module else None
+            config = context.run(lambda: DaemonConfig.load(self.settings, bot_module=module))
         except BaseException:
             self._detach_log()
             raise
@@ -236,7 +264,15 @@ class InProcessDaemon:
     def request_stop(self, reason: str = TEST_STOP_REASON) -> None:
         """What SIGTERM does: ask for the orderly stop (it runs in the daemon's task)."""
         assert self.server is not None
-        self.server.request_stop(reason)
+        # In the daemon's context, so its log line ("shutdown requested: ...") is in this daemon's log.
+        self._context.run(self.server.request_stop, reason)
+
+    def signal(self, sig: int) -> None:
+        """SIGTERM or SIGINT as the program's handler takes them: a stop request naming the signal.
+        (Others, and a repeated SIGINT's forced exit, need a real process: BotProcess.)"""
+        if sig not in (signal.SIGTERM, signal.SIGINT):
+            raise ValueError(f"an in-process daemon takes SIGTERM or SIGINT, not {signal.Signals(sig).name}")
+        self.request_stop(f"received {signal.Signals(sig).name}")
 
     async def wait_exit(self, timeout: float = STOP_WAIT) -> int:
         """The exit code, once the daemon has stopped (on its own or asked)."""
@@ -274,7 +310,7 @@ class InProcessDaemon:
 class StartDaemon(Protocol):
     """What the :func:`in_process` fixture gives a test."""
 
-    async def __call__(self, name: str, **overrides: str) -> InProcessDaemon: ...
+    async def __call__(self, name: str, *, own_bot_module: bool = False, **overrides: str) -> InProcessDaemon: ...
 
 
 @pytest.fixture
@@ -283,9 +319,9 @@ async def in_process(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> AsyncIte
     at the end of the test (asked first; cancelled if one does not stop in time)."""
     started: list[InProcessDaemon] = []
 
-    async def start(name: str, **overrides: str) -> InProcessDaemon:
+    async def start(name: str, *, own_bot_module: bool = False, **overrides: str) -> InProcessDaemon:
         env = daemon_env(fake, shared_dirs["lock"], shared_dirs["state"], name, **overrides)
-        daemon = InProcessDaemon(name, env)
+        daemon = InProcessDaemon(name, env, own_bot_module=own_bot_module)
         started.append(daemon)
         return await daemon.start()
 
@@ -300,4 +336,4 @@ async def in_process(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> AsyncIte
             await daemon.kill()
 
 
-__all__ = ["InProcessDaemon", "StartDaemon", "daemon_env", "in_process", "wait_for"]
+__all__ = ["InProcessDaemon", "StartDaemon", "daemon_env", "fresh_bot_module", "in_process", "wait_for"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,25 @@ async def test_built_twice_in_one_process(fake: FakeBotAPI, in_process: StartDae
         await wait_for(lambda: fake.replies_to(sent), message=f"{name}'s reply to /ping")  # noqa: B023
         assert await daemon.stop() == EXIT_OK
         assert user_bot.router.parent_router is None, "detached at shutdown"
+
+
+async def test_an_active_and_its_standby_in_one_process(fake: FakeBotAPI,
+                                                      in_process: StartDaemon) -> None:  # noqa: F811
+    """Two daemons at once (the second on its own copy of the bot module): the standby waits, and
+    takes over when the active one stops on SIGTERM's path."""
+    a = await in_process("a")
+    await a.wait_mode("active")
+    b = await in_process("b", own_bot_module=True)
+    await b.wait_mode("passive")
+    await wait_for(lambda: "standby: lock held by pid" in b.log(), message="b announces its standby")
+    assert "lock held by pid" not in a.log() and b.instance_id not in a.log(), "each log holds its own lines"
+    a.signal(signal.SIGTERM)
+    assert await a.wait_exit() == EXIT_OK
+    assert "shutdown requested: received SIGTERM" in a.log()
+    await b.wait_mode("active")
+    sent = fake.send_user_message(BOT_ID, "/ping")
+    await wait_for(lambda: fake.replies_to(sent), message="the reply from b")
+    assert await b.stop() == EXIT_OK
 
 
 @pytest.fixture
@@ -217,3 +237,12 @@ async def test_a_stop_closes_every_database_session(fake: FakeBotAPI, tmp_path: 
     assert database_sessions(daemon.instance_id) > 0
     assert await daemon.stop() == EXIT_OK
     await assert_nothing_left_open(daemon, before)
+
+
+def test_importing_main_installs_no_signal_handler() -> None:
+    """Only ``python main.py`` takes SIGTERM/SIGINT over; an import (a test, a tool) leaves them be."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    import main
+
+    assert main.EARLY_STOP is None and main.PREPARED is None
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -47,6 +47,26 @@ async def test_lifo_sync_and_async_and_failures_collected() -> None:
     assert order == ["last", "broken", "first"]
 
 
+async def test_enter_registers_the_teardown_only_once_opened() -> None:
+    """A start-up that fails at its third resource unwinds the two it made, in reverse, not the third."""
+    made: list[str] = []
+    sd = ShutdownManager(deadline=5, callback_timeout=1)
+
+    async def open_async() -> None:
+        made.append("open b")
+
+    def refuse() -> None:
+        raise OSError("in use")
+
+    await sd.enter("close a", lambda: made.append("open a"), lambda: made.append("close a"))
+    await sd.enter("close b", open_async, lambda: made.append("close b"))
+    with pytest.raises(OSError, match="in use"):
+        await sd.enter("close c", refuse, lambda: made.append("close c"))
+    assert sd.stages == ["close b", "close a"]
+    assert await sd.run() == []
+    assert made == ["open a", "open b", "close b", "close a"]
+
+
 async def test_cancelled_error_in_a_stage_does_not_skip_the_rest() -> None:
     ran: list[str] = []
     sd = ShutdownManager(deadline=5, callback_timeout=1)

@@ -34,7 +34,7 @@ STARTED = time.monotonic()
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("run", "status", "inbox")
 HELP_FLAGS = ("-h", "--help", "help")
-#: systemd's status line while the heavy imports run (App replaces it on the first mode change).
+#: systemd's status line while the heavy imports run (the Server replaces it on the first mode change).
 STARTING_STATUS = "STATUS=starting: loading the bot"
 
 log = logging.getLogger("solobot")

@@ -89,7 +89,11 @@ def _import(name: str) -> ModuleType:
 
 def load_bot_module(name: str) -> BotModule:
     """Import *name* and take what solobot needs from it; :class:`BotModuleError` if it cannot."""
-    module = _import(name)
+    return bot_module_from(name, _import(name))
+
+
+def bot_module_from(name: str, module: ModuleType) -> BotModule:
+    """What solobot needs from the imported *module* (named *name* in messages)."""
     router = getattr(module, "router", None)
     if not isinstance(router, Router):
         found = "nothing" if router is None else f"a {type(router).__name__}"

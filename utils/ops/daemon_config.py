@@ -40,12 +40,13 @@ class DaemonConfig:
     target: DatabaseTarget
 
     @classmethod
-    def load(cls, settings: Settings, *, instance_id: str | None = None) -> DaemonConfig:
-        """Import ``BOT_MODULE`` and parse the database target; raises
+    def load(cls, settings: Settings, *, instance_id: str | None = None,
+             bot_module: BotModule | None = None) -> DaemonConfig:
+        """Import ``BOT_MODULE`` (unless *bot_module* is given) and parse the database target; raises
         :class:`~utils.ops.bot_module.BotModuleError` (a configuration error) if the module is unusable."""
         return cls(
             settings=settings,
-            bot_module=load_bot_module(settings.bot_module),
+            bot_module=bot_module or load_bot_module(settings.bot_module),
             instance_id=instance_id or new_instance_id(),
             target=DatabaseTarget.parse(settings.database_url, settings.state_dir),
         )

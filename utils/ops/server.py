@@ -117,6 +117,7 @@ class Server:
         sd, config = self.shutdown, self.config
         settings = config.settings
         sd.register("close systemd socket", self.notifier.close)  # last: STOPPING=1 goes out before
+        # The state and the lock: files checked or created, nothing connected yet.
         store = StateStore.create(config.target, settings.bot_id, config.instance_id)
         await sd.enter("close state store", store.open, store.close)
         backend = make_backend(settings, store, config.instance_id)
@@ -135,6 +136,7 @@ class Server:
         await sd.enter("detach the bot module's router", lambda: dp.include_router(router),
                        lambda: detach_router(dp, router))
         config.bot_module.setup(dp)
+        # Everything else, wired without I/O; then the listeners (passive replicas answer too).
         parts = self.parts = DaemonParts.wire(config, store=store, backend=backend, bot=bot, dp=dp,
                                               storage=storage, gate=gate, sends=sends, flood=flood,
                                               on_fatal=self._fatal)
@@ -145,12 +147,12 @@ class Server:
             await sd.enter("stop webhook endpoint", parts.webhook_server.start, parts.webhook_server.stop)
         if sd.requested:  # a stop before we lead anything: the listeners answered meanwhile
             return False
+        # The user's startup hooks, then leadership: polling or the webhook role once we lead.
         hooks = {"bot": bot, "dispatcher": dp, "bots": [bot]}
         await sd.enter("aiogram shutdown hooks", lambda: dp.emit_startup(**hooks),
                        lambda: dp.emit_shutdown(**hooks))
-        self._watcher = asyncio.create_task(parts.controller.run(), name="solobot-leadership")
-        sd.register("stop polling, drain, release the lock", self._stop_controller,
-                    timeout=config.role_stop_timeout + RELEASE_ALLOWANCE)
+        await sd.enter("stop polling, drain, release the lock", self._start_controller, self._stop_controller,
+                       timeout=config.role_stop_timeout + RELEASE_ALLOWANCE)
         sd.register("notify systemd", lambda: self.notifier.notify("STOPPING=1"))
         self.notifier.notify("READY=1")
         await sd.enter("stop watchdog", self.notifier.start_watchdog, self.notifier.stop_watchdog)
@@ -190,6 +192,10 @@ class Server:
         words = {Mode.ACTIVE: f"active: {self.config.settings.bot_mode}", Mode.PASSIVE: "passive: standby",
                  Mode.STOPPING: "stopping"}[mode]
         self.notifier.notify(f"STATUS={words} ({detail})")
+
+    def _start_controller(self) -> None:
+        assert self.parts is not None
+        self._watcher = asyncio.create_task(self.parts.controller.run(), name="solobot-leadership")
 
     async def _stop_controller(self) -> None:
         assert self.parts is not None and self._watcher is not None
