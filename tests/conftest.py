@@ -106,6 +106,27 @@ def worker_database() -> str:
     return DATABASE_URL
 
 
+#: The xdist group whose tests run one after another on one worker (their bounds are about time).
+TIMING_GROUP = "timing"
+
+
+def expected_length(item: pytest.Item) -> int:
+    """A rank for how long *item* takes: 0 for the timing group (its tests run one after another on
+    one worker, so together they are the longest unit), 1 for a test that starts real bot processes
+    (seconds of CPU per start), 2 for the rest (in-process: well under a second, mostly)."""
+    group = item.get_closest_marker("xdist_group")
+    if group is not None and group.args and group.args[0] == TIMING_GROUP:
+        return 0
+    return 1 if "spawn" in getattr(item, "fixturenames", ()) else 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest first: pytest-xdist hands out work in collection order, and a long test handed
+    out last would run alone at the end while the other workers idle (longest-first scheduling).
+    A stable sort: within a rank, the files' own order."""
+    items.sort(key=expected_length)
+
+
 def group_members(pgid: int) -> list[psutil.Process]:
     """The live processes of process group *pgid*."""
     members = []
