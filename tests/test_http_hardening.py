@@ -241,7 +241,7 @@ async def test_public_port_hides_token_and_database_user(in_process: StartDaemon
     leader = await in_process("shared", BOT_MODE="webhook", WEBHOOK_URL=f"http://127.0.0.1:{port}{HOOK_PATH}/{TOKEN}",
                               HEALTH_PORT=str(port), DATABASE_URL="")
 
-    async def webhook_info() -> dict[str, Any] | None:
+    async def webhook_info() -> Any:
         return (((await leader.health()) or {}).get("updates") or {}).get("webhook", {}).get("info")
 
     info = await wait_for(webhook_info, 60, message="getWebhookInfo in /health")
