@@ -108,16 +108,23 @@ def worker_database() -> str:
 
 #: The xdist group whose tests run one after another on one worker (their bounds are about time).
 TIMING_GROUP = "timing"
+#: The longest tests of all (a minute or more on a loaded machine): each starts six or more real
+#: bot processes (poison restarts, SIGSTOP rounds, handover rounds) or waits out a slow handler.
+LONGEST = ("test_poison_processes.py::", "::test_sigstop_holder_is_fenced", "test_slow_suspect.py::",
+           "::test_conversations_survive_", "::test_status_command_ready_and_metrics")
 
 
 def expected_length(item: pytest.Item) -> int:
     """A rank for how long *item* takes: 0 for the timing group (its tests run one after another on
-    one worker, so together they are the longest unit), 1 for a test that starts real bot processes
-    (seconds of CPU per start), 2 for the rest (in-process: well under a second, mostly)."""
+    one worker, so together they are the longest unit), 1 for :data:`LONGEST`, 2 for the other tests
+    that start real bot processes (seconds of CPU per start), 3 for the rest (in-process: well under
+    a second, mostly)."""
     group = item.get_closest_marker("xdist_group")
     if group is not None and group.args and group.args[0] == TIMING_GROUP:
         return 0
-    return 1 if "spawn" in getattr(item, "fixturenames", ()) else 2
+    if any(part in item.nodeid for part in LONGEST):
+        return 1
+    return 2 if "spawn" in getattr(item, "fixturenames", ()) else 3
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
