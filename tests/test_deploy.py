@@ -140,7 +140,8 @@ class NotifySocket:
 
 def test_sd_notify_ready_status_watchdog_stopping(spawn: Spawn, tmp_path: Path) -> None:
     notify = NotifySocket(tmp_path / "notify.sock")
-    a = spawn("a", NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000")
+    # A fresh Python (not forked, tests/conftest.py): the first STATUS must come before its heavy imports.
+    a = spawn("a", fresh=True, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000")
     wait_until(lambda: "READY=1" in notify.drain(), 20, message="READY=1")
     ready_at = next(t for t, m in notify.messages if m == "READY=1")
     wait_until(lambda: any(m.startswith("STATUS=active") for m in notify.drain()), 10, message="STATUS active")
