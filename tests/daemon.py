@@ -7,9 +7,9 @@ port, in milliseconds instead of seconds of aiogram imports per process.
 
 Usage (pytest-asyncio's auto mode: a test is ``async def``)::
 
-    from tests.daemon import in_process  # noqa: F401 - the fixture
+    from tests.daemon import StartDaemon, in_process, wait_for  # noqa: F401 - in_process: the fixture
 
-    async def test_ping(fake: FakeBotAPI, in_process: StartDaemon) -> None:
+    async def test_ping(fake: FakeBotAPI, in_process: StartDaemon) -> None:  # noqa: F811 - the fixture
         bot = await in_process("a", POLLING_TIMEOUT="5")   # started; env as spawn's, plus overrides
         await bot.wait_mode("active")
         msg = fake.send_user_message(BOT_ID, "/ping")
@@ -20,8 +20,9 @@ Usage (pytest-asyncio's auto mode: a test is ``async def``)::
 
 :func:`in_process` takes the ``fake`` and ``shared_dirs`` fixtures of tests/conftest.py (two
 daemons of one test share the lock and state directories, as two ``spawn`` processes do) and stops
-whatever is still running at the end of the test. Without the fixture: ``daemon_env(...)``, then
-``await InProcessDaemon(name, env).start()``, and ``await daemon.stop()`` yourself.
+whatever is still running at the end of the test. (With ``pytest_plugins = ["tests.daemon"]`` in
+tests/conftest.py the fixture needs no import, and the ``noqa`` marks go.) Without the fixture:
+``daemon_env(...)``, then ``await InProcessDaemon(name, env).start()``, and ``await daemon.stop()``.
 
 The API follows ``BotProcess`` where it can, but asynchronous: the daemon runs on this very loop,
 so a blocking call (``urllib``, ``time.sleep``, ``testbed.waiting.wait_until``) would stall it.
@@ -86,9 +87,13 @@ _CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("solobot_t
 @overload
 async def wait_for(predicate: Callable[[], Awaitable[T | None]], timeout: float = ..., message: str = ...,
                    interval: float = ...) -> T: ...
+
+
 @overload
 async def wait_for(predicate: Callable[[], T | None], timeout: float = ..., message: str = ...,
                    interval: float = ...) -> T: ...
+
+
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
                    message: str = "condition", interval: float = 0.02) -> Any:
     """``testbed.waiting.wait_until`` for a test whose daemon runs on its own loop: poll *predicate*

@@ -3,10 +3,11 @@
 A container's PID 1 gets no default signal actions: the kernel drops a SIGTERM that PID 1 has no
 handler for, and the engine kills the process at the end of its grace period. So ``main.py``,
 when it runs as a program (an import installs nothing), imports this module before anything else
-(``utils`` and ``utils.ops`` import nothing heavy) and installs the handlers at once. Until :meth:`EarlyStop.hand_over`, nothing has been acquired, so a
-signal ends the process on the spot with exit 0: ``os._exit``, not ``SystemExit``, because an
-exception raised in the middle of a third-party import can be caught and re-wrapped there (pydantic
-turns it into a schema error) and end in a traceback and exit 1.
+(``utils`` and ``utils.ops`` import nothing heavy) and installs the handlers at once. Until
+:meth:`EarlyStop.hand_over`, nothing has been acquired, so a signal ends the process on the spot
+with exit 0: ``os._exit``, not ``SystemExit``, because an exception raised in the middle of a
+third-party import can be caught and re-wrapped there (pydantic turns it into a schema error) and
+end in a traceback and exit 1.
 """
 
 from __future__ import annotations
