@@ -14,11 +14,15 @@ Two promises the harness keeps for every test:
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -102,6 +106,34 @@ def worker_database() -> str:
     return DATABASE_URL
 
 
+#: The xdist group whose tests run one after another on one worker (their bounds are about time).
+TIMING_GROUP = "timing"
+#: The longest tests of all (a minute or more on a loaded machine): each starts six or more real
+#: bot processes (poison restarts, SIGSTOP rounds, handover rounds) or waits out a slow handler.
+LONGEST = ("test_poison_processes.py::", "::test_sigstop_holder_is_fenced", "test_slow_suspect.py::",
+           "::test_conversations_survive_", "::test_status_command_ready_and_metrics")
+
+
+def expected_length(item: pytest.Item) -> int:
+    """A rank for how long *item* takes: 0 for the timing group (its tests run one after another on
+    one worker, so together they are the longest unit), 1 for :data:`LONGEST`, 2 for the other tests
+    that start real bot processes (seconds of CPU per start), 3 for the rest (in-process: well under
+    a second, mostly)."""
+    group = item.get_closest_marker("xdist_group")
+    if group is not None and group.args and group.args[0] == TIMING_GROUP:
+        return 0
+    if any(part in item.nodeid for part in LONGEST):
+        return 1
+    return 2 if "spawn" in getattr(item, "fixturenames", ()) else 3
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest first: pytest-xdist hands out work in collection order, and a long test handed
+    out last would run alone at the end while the other workers idle (longest-first scheduling).
+    A stable sort: within a rank, the files' own order."""
+    items.sort(key=expected_length)
+
+
 def group_members(pgid: int) -> list[psutil.Process]:
     """The live processes of process group *pgid*."""
     members = []
@@ -115,7 +147,10 @@ def group_members(pgid: int) -> list[psutil.Process]:
 
 
 def started_by_us(proc: psutil.Process) -> bool:
-    """True for a process that inherited this pytest process's mark (:data:`OWNER_VARIABLE`)."""
+    """True for a process that inherited this pytest process's mark (:data:`OWNER_VARIABLE`), or
+    a bot process this process forked (:data:`FORKED`)."""
+    if proc.pid in FORKED:
+        return True
     try:
         return bool(proc.environ().get(OWNER_VARIABLE) == str(os.getpid()))
     except psutil.Error:
@@ -209,24 +244,139 @@ def start_pair(spawn: Callable[..., BotProcess], **env: str) -> tuple[BotProcess
     return a, b
 
 
+#: Set to 1: every bot process is a fresh ``python main.py`` (exec), none forked (:class:`ForkedMain`).
+FRESH_PYTHON_VARIABLE = "SOLOBOT_TEST_FRESH_PYTHON"
+#: The crash bot's command line (tests/crash_bot.py); forked, the same handler is added in the child.
+CRASH_BOT_PREFIX = [sys.executable, "-m", "tests.crash_bot"]
+#: Modules of this checkout that hold a bot's routers (the user's bot modules): imported afresh in a
+#: forked child, as a fresh Python would (an aiogram router is attached to one dispatcher at a time).
+FRESH_IN_CHILD = ("bot", "examples", "tests.form_probe_bot", "tests.crash_bot", "tests.startup_failure_bot")
+#: Pids of the bot processes forked by this process (for :func:`started_by_us`: a forked child's
+#: /proc environment is its parent's at exec, without the owner mark).
+FORKED: set[int] = set()
+
+
+def fresh_python() -> bool:
+    return os.environ.get(FRESH_PYTHON_VARIABLE, "") == "1"
+
+
+class ForkedMain:
+    """``python main.py`` forked from this process, whose Python has imported aiogram already: a
+    real process (its own pid, session, signals, kill -9, SIGSTOP, locks, sockets) without the 3.5-5 s
+    of CPU of a fresh Python's imports. The child runs main.py as ``__main__`` exactly as
+    ``python main.py`` would from there on (configuration, logging, the server); the user's bot
+    modules are imported afresh. What happens *before* the heavy imports (the first line, exit 78,
+    systemd's first STATUS) is a fresh Python's business: those tests exec one (``fresh=True``, or
+    their own subprocess). A :class:`subprocess.Popen`-like handle (pid, poll, wait, send_signal)."""
+
+    def __init__(self, env: dict[str, str], log_fd: int, crash: bool) -> None:
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns
+            self._run_main(env, log_fd, crash)
+        FORKED.add(self.pid)
+
+    @staticmethod
+    def _run_main(env: dict[str, str], log_fd: int, crash: bool) -> None:
+        code = 1
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            # Nothing of this process's open files goes on in the child, as nothing would through an
+            # exec: a socket of the fake Bot API it held would keep a connection the fake closed
+            # half-open, a lock file's descriptor would keep a flock the test released. Each is
+            # replaced by /dev/null (the number stays taken: an object of the parent's that closes
+            # its descriptor later closes /dev/null, never one the bot has opened since).
+            for name in os.listdir("/proc/self/fd"):
+                if int(name) not in (0, 1, 2, null):
+                    with contextlib.suppress(OSError):
+                        os.dup2(null, int(name))
+            sys.stdin = open(0, closefd=False)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
+            os.chdir(ROOT)
+            os.environ.clear()
+            os.environ.update(env)
+            for name in [m for m in sys.modules if m in FRESH_IN_CHILD or m.startswith(FRESH_IN_CHILD)]:
+                del sys.modules[name]
+            if crash:
+                import tests.crash_bot
+
+                tests.crash_bot.install()
+            sys.argv = [str(ROOT / "main.py")]
+            import runpy
+
+            runpy.run_path(str(ROOT / "main.py"), run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 - what a fresh Python would print, then exit 1
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by psutil's wait in kill_group, after its SIGKILL
+                self.returncode = -signal.SIGKILL
+                FORKED.discard(self.pid)
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                FORKED.discard(self.pid)  # reaped: its number may be anyone's now
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(["main.py (forked)"], timeout or 0.0)
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
 class BotProcess:
     """A real ``python main.py`` with its own health port and log file.
 
     It runs in its own session, so its own process group: :meth:`stop` kills the group, which
     takes a wrapper (``unshare -pf``) and the bot inside it (PID 1 of its namespace) together.
+    Forked from this process (:class:`ForkedMain`) unless *fresh*, a wrapper *prefix*, or
+    ``SOLOBOT_TEST_FRESH_PYTHON=1`` asks for a fresh Python (exec).
     """
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path, *,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, fresh: bool = False) -> None:
         self.name = name
         self.env = env
         self.port = int(env.get("HEALTH_PORT", "0"))
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, str(ROOT / "main.py")],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        crash = prefix == CRASH_BOT_PREFIX
+        self.proc: subprocess.Popen[bytes] | ForkedMain
+        if not fresh and not fresh_python() and (prefix is None or crash):
+            self.proc = ForkedMain(env, self._log.fileno(), crash)
+        else:
+            self.proc = subprocess.Popen(
+                [*(prefix or []), sys.executable, str(ROOT / "main.py")],
+                cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -286,7 +436,7 @@ def spawn(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> Iterator[Callable[.
     """Start ``python main.py`` instances against the fake; all killed at the end of the test."""
     procs: list[BotProcess] = []
 
-    def start(name: str, *, prefix: list[str] | None = None, **overrides: str) -> BotProcess:
+    def start(name: str, *, prefix: list[str] | None = None, fresh: bool = False, **overrides: str) -> BotProcess:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("NOTIFY_", "WATCHDOG_")) and k not in NOT_INHERITED}
         env.update({
@@ -303,13 +453,70 @@ def spawn(fake: FakeBotAPI, shared_dirs: dict[str, Path]) -> Iterator[Callable[.
             **UNLIMITED_SENDS_ENV,  # a test about send limits sets its own
         })
         env.update(overrides)
-        proc = BotProcess(name, env, shared_dirs["logs"], prefix=prefix)
+        proc = BotProcess(name, env, shared_dirs["logs"], prefix=prefix, fresh=fresh)
         procs.append(proc)
         return proc
 
     yield start
     for proc in procs:
         proc.stop()
+
+
+class _LoggingState:
+    """The process-wide logging state ``configure_logging`` changes, to put back afterwards."""
+
+    def __init__(self) -> None:
+        root = logging.getLogger()
+        self.root = (root.handlers[:], root.level)
+        self.hooks = (sys.excepthook, threading.excepthook)
+        self.loggers = {name: (logger.level, logger.filters[:])
+                        for name, logger in logging.root.manager.loggerDict.items()
+                        if isinstance(logger, logging.Logger)}
+
+    def restore(self) -> None:
+        root = logging.getLogger()
+        root.handlers[:], level = self.root
+        root.setLevel(level)
+        sys.excepthook, threading.excepthook = self.hooks
+        logging.captureWarnings(False)
+        for name, logger in logging.root.manager.loggerDict.items():
+            if not isinstance(logger, logging.Logger):
+                continue
+            level, filters = self.loggers.get(name, (logging.NOTSET, []))
+            logger.setLevel(level)
+            logger.filters[:] = filters
+
+
+def run_main_in_process(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``python main.py ARGS`` up to the point where the bot itself would start, in this process:
+    the command line, the configuration (from exactly *env* and *cwd*'s ``.env``), the logging set-up
+    and the light commands (``status``, ``inbox``), which is all main.py does before its heavy
+    imports. Returns what :func:`subprocess.run` would (exit code, stdout, stderr).
+
+    For the tests of what those steps say and which code they exit with (exit 78 with one line per
+    problem, no secret, ``status``'s answer): the same functions main.py calls, without paying for a
+    Python start per case. That main.py exits 78 *before* the heavy imports is a property of the
+    process, kept by the process tests (tests/README.md). A valid configuration that would start
+    the bot is refused here (the daemon in-process is tests/daemon.py).
+    """
+    import main
+    from utils.ops.bootstrap import prepare
+
+    saved_env, saved_cwd, logging_state = dict(os.environ), os.getcwd(), _LoggingState()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            outcome = prepare(["main.py", *args], main.__doc__ or "")
+    finally:
+        logging_state.restore()
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    assert isinstance(outcome, int), f"main.py {' '.join(args)} would start the bot: {outcome!r}"
+    return subprocess.CompletedProcess(["main.py", *args], outcome, out.getvalue(), err.getvalue())
 
 
 def import_cost(*modules: str) -> float:

@@ -28,8 +28,13 @@ async def crash_on_text(handler: Callable[[Any, dict[str, Any]], Awaitable[Any]]
     return await handler(event, data)
 
 
-def main() -> None:
+def install() -> None:
+    """Put the killing handler in front of bot.py's own (tests/conftest.py calls this in a forked child)."""
     bot.router.message.outer_middleware(crash_on_text)
+
+
+def main() -> None:
+    install()
     main_py = sys.argv[-1]
     sys.argv = [main_py]
     runpy.run_path(main_py, run_name="__main__")

@@ -314,9 +314,11 @@ class InProcessDaemon:
 
 
 class StartDaemon(Protocol):
-    """What the :func:`in_process` fixture gives a test."""
+    """What the :func:`in_process` fixture gives a test. *own_bot_module* is typed ``Any`` here so
+    that a test may pass its settings as ``**env`` (a ``dict[str, str]``: mypy matches its values
+    against every keyword, the flag included); it is a bool."""
 
-    async def __call__(self, name: str, *, own_bot_module: bool = False, **overrides: str) -> InProcessDaemon: ...
+    async def __call__(self, name: str, *, own_bot_module: Any = False, **overrides: str) -> InProcessDaemon: ...
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The autoposter end to end: real processes, the fake Bot API as the channel, SQLite state."""
+"""The autoposter end to end, the fake Bot API as the channel, SQLite state: real processes where a
+signal, kill -9 or a standby is the point; the whole daemon in-process (tests/daemon.py) for the rest."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from testbed.fake_bot_api import FakeBotAPI, Sent
 from tests.conftest import ADMIN_ID, BOT_ID, BotProcess, start_pair, wait_until
+from tests.daemon import StartDaemon, in_process, wait_for  # noqa: F401
 
 Spawn = Callable[..., BotProcess]
 CHANNEL = "@solochan"
@@ -38,6 +40,20 @@ def admin_says(fake: FakeBotAPI, text: str, *, expect: str, user: int = ADMIN_ID
     return str(wait_until(answer, 15, message=f"an answer with {expect!r} to {text[:30]!r}"))
 
 
+async def admin_says_async(fake: FakeBotAPI, text: str, *, expect: str, user: int = ADMIN_ID) -> str:
+    """:func:`admin_says` for a test whose daemon runs in-process (on the test's loop)."""
+    before = len(fake.snapshot_sent())
+    fake.send_user_message(BOT_ID, text, user_id=user)
+
+    def answer() -> str | None:
+        for s in fake.snapshot_sent()[before:]:
+            if s.chat_id == str(user) and s.text and expect in s.text:
+                return s.text
+        return None
+
+    return str(await wait_for(answer, 15, message=f"an answer with {expect!r} to {text[:30]!r}"))
+
+
 def post_rows(state_dir: Path) -> list[tuple[int, str, str]]:
     path = state_dir / "solobot.sqlite3"
     if not path.exists():
@@ -58,6 +74,12 @@ def queue_paused(fake: FakeBotAPI, count: int) -> None:
     admin_says(fake, "/pause", expect="Paused")
     for i in range(1, count + 1):
         admin_says(fake, f"/post post {i}", expect="Queued post")
+
+
+async def queue_paused_async(fake: FakeBotAPI, count: int) -> None:
+    await admin_says_async(fake, "/pause", expect="Paused")
+    for i in range(1, count + 1):
+        await admin_says_async(fake, f"/post post {i}", expect="Queued post")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
@@ -91,61 +113,62 @@ def test_failover_publishes_every_post_exactly_once(
         assert a.wait_exit() == 0
 
 
-def test_queue_survives_restart_and_pause_persists(
-    fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]
+async def test_queue_survives_restart_and_pause_persists(
+    fake: FakeBotAPI, in_process: StartDaemon, shared_dirs: dict[str, Path]  # noqa: F811
 ) -> None:
-    a = spawn("a", **POSTER)
-    a.wait_mode("active")
-    queue_paused(fake, 3)
-    a.signal(signal.SIGTERM)
-    assert a.wait_exit() == 0
-    b = spawn("b", **POSTER)
-    b.wait_mode("active")
-    assert admin_says(fake, "/schedule", expect="Schedule").count("Paused.") == 1
-    assert "Next posts (paused" in admin_says(fake, "/queue", expect="#")
+    a = await in_process("a", **POSTER)
+    await a.wait_mode("active")
+    await queue_paused_async(fake, 3)
+    assert await a.stop() == 0  # SIGTERM's path
+    b = await in_process("b", **POSTER)
+    await b.wait_mode("active")
+    assert (await admin_says_async(fake, "/schedule", expect="Schedule")).count("Paused.") == 1
+    assert "Next posts (paused" in await admin_says_async(fake, "/queue", expect="#")
     # The positive marker: two slots served by b while paused (the last-slot record moves on).
-    first = wait_until(lambda: last_slot(shared_dirs["state"]), 10, message="b serves a slot")
-    wait_until(lambda: last_slot(shared_dirs["state"]) not in (None, first), 10, message="b serves another slot")
+    first = await wait_for(lambda: last_slot(shared_dirs["state"]), 10, message="b serves a slot")
+    await wait_for(lambda: last_slot(shared_dirs["state"]) not in (None, first), 10,
+                   message="b serves another slot")
     assert channel_posts(fake) == [], "paused survives the restart"
-    admin_says(fake, "/resume", expect="Resumed")
-    wait_until(lambda: len(channel_posts(fake)) == 3, 15, message="the queued posts")
+    await admin_says_async(fake, "/resume", expect="Resumed")
+    await wait_for(lambda: len(channel_posts(fake)) == 3, 15, message="the queued posts")
     assert [p.text for p in channel_posts(fake)] == ["post 1", "post 2", "post 3"]
 
 
-def test_non_admin_refused_and_long_text_refused(
-    fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]
+async def test_non_admin_refused_and_long_text_refused(
+    fake: FakeBotAPI, in_process: StartDaemon, shared_dirs: dict[str, Path]  # noqa: F811
 ) -> None:
-    a = spawn("a", **POSTER)
-    a.wait_mode("active")
-    assert "only the bot's admins" in admin_says(fake, "/post hello", expect="Sorry", user=4242)
-    assert "only the bot's admins" in admin_says(fake, "plain text", expect="Sorry", user=4242)
+    a = await in_process("a", **POSTER)
+    await a.wait_mode("active")
+    assert "only the bot's admins" in await admin_says_async(fake, "/post hello", expect="Sorry", user=4242)
+    assert "only the bot's admins" in await admin_says_async(fake, "plain text", expect="Sorry", user=4242)
     # More plain text the same day gets no refusal; an explicit command still does. A chat's
     # updates are handled in order, so once the command is answered the text before it was too.
     fake.send_user_message(BOT_ID, "more plain text", user_id=4242)
-    admin_says(fake, "/queue", expect="Sorry", user=4242)
+    await admin_says_async(fake, "/queue", expect="Sorry", user=4242)
     refusals = [s for s in fake.snapshot_sent() if s.chat_id == "4242" and "only the bot's admins" in (s.text or "")]
     assert len(refusals) == 3, [s.text for s in refusals]
-    answer = admin_says(fake, "/post " + "x" * 4097, expect="Not queued")
+    answer = await admin_says_async(fake, "/post " + "x" * 4097, expect="Not queued")
     assert "4097" in answer and "4096" in answer
     assert post_rows(shared_dirs["state"]) == []
-    assert "admins only" in admin_says(fake, "/status", expect="admins", user=4242)
-    status = admin_says(fake, "/status", expect="mode:")
+    assert "admins only" in await admin_says_async(fake, "/status", expect="admins", user=4242)
+    status = await admin_says_async(fake, "/status", expect="mode:")
     assert "mode: active" in status and "autoposter: running" in status
 
 
-def test_admin_commands(fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]) -> None:
-    a = spawn("a", **POSTER)
-    a.wait_mode("active")
-    queue_paused(fake, 3)
-    assert "Post #2 cancelled" in admin_says(fake, "/cancel 2", expect="cancel")
-    assert "is cancelled, not queued" in admin_says(fake, "/cancel 2", expect="cancel")
-    assert "no post #99" in admin_says(fake, "/cancel 99", expect="post #99")
-    admin_says(fake, "/postnow 3", expect="Publishing post #3")
-    wait_until(lambda: [p.text for p in channel_posts(fake)] == ["post 3"], message="postnow while paused")
-    queue = admin_says(fake, "/queue", expect="#1")
+async def test_admin_commands(fake: FakeBotAPI, in_process: StartDaemon,  # noqa: F811
+                             shared_dirs: dict[str, Path]) -> None:
+    a = await in_process("a", **POSTER)
+    await a.wait_mode("active")
+    await queue_paused_async(fake, 3)
+    assert "Post #2 cancelled" in await admin_says_async(fake, "/cancel 2", expect="cancel")
+    assert "is cancelled, not queued" in await admin_says_async(fake, "/cancel 2", expect="cancel")
+    assert "no post #99" in await admin_says_async(fake, "/cancel 99", expect="post #99")
+    await admin_says_async(fake, "/postnow 3", expect="Publishing post #3")
+    await wait_for(lambda: [p.text for p in channel_posts(fake)] == ["post 3"], message="postnow while paused")
+    queue = await admin_says_async(fake, "/queue", expect="#1")
     assert "#3" not in queue and "#2" not in queue
     fake.send_user_message(BOT_ID, "a photo caption", user_id=ADMIN_ID, photo=True)
-    wait_until(lambda: len(post_rows(shared_dirs["state"])) == 4, message="photo queued")
+    await wait_for(lambda: len(post_rows(shared_dirs["state"])) == 4, message="photo queued")
 
 
 def test_interrupted_send_is_uncertain_and_reported(
@@ -172,29 +195,30 @@ def test_interrupted_send_is_uncertain_and_reported(
     wait_until(lambda: post_rows(shared_dirs["state"])[0][1] == "sent", 15, message="retried post sent")
 
 
-def test_chat_not_found_fails_post_and_tells_admins(
-    fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]
+async def test_chat_not_found_fails_post_and_tells_admins(
+    fake: FakeBotAPI, in_process: StartDaemon, shared_dirs: dict[str, Path]  # noqa: F811
 ) -> None:
-    a = spawn("a", CHANNEL_ID="@missing_chan", POST_INTERVAL="1")
-    a.wait_mode("active")
-    admin_says(fake, "/post hello", expect="Queued")
-    admin_says(fake, "/post again", expect="Queued")
-    wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["failed", "failed"], 15,
-               message="both failed")
+    a = await in_process("a", CHANNEL_ID="@missing_chan", POST_INTERVAL="1")
+    await a.wait_mode("active")
+    await admin_says_async(fake, "/post hello", expect="Queued")
+    await admin_says_async(fake, "/post again", expect="Queued")
+    await wait_for(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["failed", "failed"], 15,
+                   message="both failed")
     notices = [s.text for s in fake.snapshot_sent() if s.text and "failed" in s.text]
     assert any("chat not found" in (t or "") for t in notices)
 
 
-def test_rate_limited_post_waits_retry_after(fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]) -> None:
-    a = spawn("a", **POSTER)
-    a.wait_mode("active")
-    queue_paused(fake, 1)
+async def test_rate_limited_post_waits_retry_after(fake: FakeBotAPI, in_process: StartDaemon,  # noqa: F811
+                                                   shared_dirs: dict[str, Path]) -> None:
+    a = await in_process("a", **POSTER)
+    await a.wait_mode("active")
+    await queue_paused_async(fake, 1)
     fake.set_flood("sendMessage", 1, 2, chat_id=CHANNEL)  # the channel post meets one 429, retry_after=2
     resumed = time.time()
     fake.send_user_message(BOT_ID, "/resume", user_id=ADMIN_ID)
-    wait_until(lambda: channel_posts(fake), 15, message="the post after the 429")
+    await wait_for(lambda: channel_posts(fake), 15, message="the post after the 429")
     assert channel_posts(fake)[0].at - resumed >= 2.0
-    wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"], message="marked sent")
+    await wait_for(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"], message="marked sent")
 
 
 def test_missed_slots_give_one_catch_up_not_a_burst(
@@ -220,17 +244,17 @@ def test_missed_slots_give_one_catch_up_not_a_burst(
     assert "catch-up post now" in b.log()
 
 
-def test_sigterm_mid_send_finishes_and_marks_the_post(
-    fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path]
+async def test_sigterm_mid_send_finishes_and_marks_the_post(
+    fake: FakeBotAPI, in_process: StartDaemon, shared_dirs: dict[str, Path]  # noqa: F811
 ) -> None:
-    a = spawn("a", **POSTER)
-    a.wait_mode("active")
-    queue_paused(fake, 1)
-    fake.send_delay = 1.0  # the channel send is slow: SIGTERM lands in the middle of it
+    """A stop request (SIGTERM's path, tests/daemon.py) in the middle of a channel send."""
+    a = await in_process("a", **POSTER)
+    await a.wait_mode("active")
+    await queue_paused_async(fake, 1)
+    fake.send_delay = 1.0  # the channel send is slow: the stop lands in the middle of it
     fake.send_user_message(BOT_ID, "/resume", user_id=ADMIN_ID)
-    wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sending"], 15, message="sending")
-    wait_until(lambda: fake.sending_now >= 1, message="the send in flight")
-    a.signal(signal.SIGTERM)
-    assert a.wait_exit() == 0
+    await wait_for(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sending"], 15, message="sending")
+    await wait_for(lambda: fake.sending_now >= 1, message="the send in flight")
+    assert await a.stop() == 0
     assert [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"]
     assert [p.text for p in channel_posts(fake)] == ["post 1"]

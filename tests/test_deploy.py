@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import BOT_ID, OWNER_VARIABLE, ROOT, BotProcess, have_unshare, wait_until
+from tests.daemon import StartDaemon, in_process, wait_for  # noqa: F401
 
 Spawn = Callable[..., BotProcess]
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
@@ -138,7 +140,8 @@ class NotifySocket:
 
 def test_sd_notify_ready_status_watchdog_stopping(spawn: Spawn, tmp_path: Path) -> None:
     notify = NotifySocket(tmp_path / "notify.sock")
-    a = spawn("a", NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000")
+    # A fresh Python (not forked, tests/conftest.py): the first STATUS must come before its heavy imports.
+    a = spawn("a", fresh=True, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000")
     wait_until(lambda: "READY=1" in notify.drain(), 20, message="READY=1")
     ready_at = next(t for t, m in notify.messages if m == "READY=1")
     wait_until(lambda: any(m.startswith("STATUS=active") for m in notify.drain()), 10, message="STATUS active")
@@ -158,14 +161,17 @@ def test_sd_notify_ready_status_watchdog_stopping(spawn: Spawn, tmp_path: Path) 
     assert messages.index("READY=1") < messages.index("STOPPING=1")
 
 
-def test_no_watchdog_without_watchdog_usec(spawn: Spawn, tmp_path: Path) -> None:
+async def test_no_watchdog_without_watchdog_usec(in_process: StartDaemon, tmp_path: Path,  # noqa: F811
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole daemon in-process (tests/daemon.py): systemd's variables come from the environment."""
     notify = NotifySocket(tmp_path / "n.sock")
-    a = spawn("a", NOTIFY_SOCKET=str(notify.path))
-    wait_until(lambda: "READY=1" in notify.drain(), 20, message="READY=1")
-    time.sleep(1.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    a = await in_process("a")
+    await wait_for(lambda: "READY=1" in notify.drain(), 20, message="READY=1")
+    await asyncio.sleep(1.2)  # the window in which a watchdog ping would have come: none may
     assert "WATCHDOG=1" not in notify.drain()
-    a.signal(signal.SIGTERM)
-    assert a.wait_exit() == 0
+    assert await a.stop() == 0
 
 
 @pytest.mark.skipif(not have_unshare(), reason="needs unshare with PID namespaces (root)")

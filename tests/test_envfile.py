@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TOKEN
+from tests.conftest import ROOT, TOKEN, run_main_in_process
 from utils.config import ConfigError, is_placeholder_token, load_configuration
 from utils.env_file import parse_env_text, read_env_file
 
@@ -118,8 +117,8 @@ def test_placeholder_from_env_example_names_the_line(tmp_path: Path) -> None:
 
 
 def run_main(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=cwd, capture_output=True,
-                          text=True, timeout=20, env={"PATH": "/usr/bin:/bin", **env})
+    """``python main.py`` in *cwd*, up to its configuration, in-process (tests/conftest.py)."""
+    return run_main_in_process(env={"PATH": "/usr/bin:/bin", **env}, cwd=cwd)
 
 
 def test_unparsable_line_exits_78_naming_file_and_line(tmp_path: Path) -> None:

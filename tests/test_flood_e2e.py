@@ -1,5 +1,6 @@
-"""Send limits with real processes: the issue's burst on both backends, and a SIGTERM handover while
-replies wait for their slots (a standby takes over and answers what the old leader did not send)."""
+"""Send limits end to end: the issue's burst on both backends (the whole daemon in-process,
+tests/daemon.py), and a SIGTERM handover while replies wait for their slots (real processes: a
+standby takes over and answers what the old leader did not send)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from testbed.fake_bot_api import FakeBotAPI, SendLimits, Sent, flood_burst, limits_allow
 from testbed.waiting import wait_until
 from tests.conftest import BOT_ID, BotProcess
+from tests.daemon import StartDaemon, in_process, wait_for  # noqa: F401
 from tests.test_postgres import pg, pg_env  # noqa: F401 - the fixture, for the PostgreSQL backend
 
 Spawn = Callable[..., BotProcess]
@@ -32,18 +34,18 @@ def replies_in_order(fake: FakeBotAPI, items: list[tuple[str, int, int]], ids: l
 
 @pytest.mark.xdist_group("timing")
 @pytest.mark.parametrize("backend", ["file", "postgres"])
-def test_the_burst_is_answered_once_in_order_close_to_the_limits(
-    fake: FakeBotAPI, spawn: Spawn, backend: str, request: pytest.FixtureRequest
+async def test_the_burst_is_answered_once_in_order_close_to_the_limits(
+    fake: FakeBotAPI, in_process: StartDaemon, backend: str, request: pytest.FixtureRequest  # noqa: F811
 ) -> None:
     fake.set_send_limits(SendLimits())
     env = dict(TELEGRAM_LIMITS)
     env.update(pg_env(request.getfixturevalue("pg")) if backend == "postgres" else {"DATABASE_URL": ""})
-    a = spawn("a", **env)
-    a.wait_mode("active")
+    a = await in_process("a", **env)
+    await a.wait_mode("active")
     items = flood_burst()
     started = time.time()
     ids = fake.send_burst(BOT_ID, items)
-    wait_until(lambda: all(fake.replies_to(m) for m in ids), 60, message="every reply", interval=0.1)
+    await wait_for(lambda: all(fake.replies_to(m) for m in ids), 60, message="every reply", interval=0.1)
     replies: list[Sent] = [r for m in ids for r in fake.replies_to(m)]
     took = max(r.at for r in replies) - started
     allowed = limits_allow(items, SendLimits())  # 316 / 30: the slowest group needs (8 - 5) * 3 s
@@ -54,7 +56,7 @@ def test_the_burst_is_answered_once_in_order_close_to_the_limits(
     assert replies_in_order(fake, items, ids) == []
     assert len(refused) <= 5, refused
     assert took <= 1.1 * allowed, f"{took:.2f} s where the limits allow {allowed:.2f} s"
-    metrics = a.get("/metrics")[1].decode()
+    metrics = (await a.get("/metrics"))[1].decode()
     assert f"solobot_telegram_rate_limited_total {float(len(refused))}" in metrics
     assert "solobot_send_wait_seconds_count 316.0" in metrics
 

@@ -14,12 +14,14 @@ import zlib
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testbed.balancer import Nginx
 from testbed.fake_bot_api import SECRET_HEADER, FakeBotAPI
 from tests.conftest import BOT_ID, DATABASE_URL, TOKEN, BotProcess, free_port, wait_until
+from tests.daemon import StartDaemon, in_process, wait_for  # noqa: F401
 from utils.config import derive_webhook_secret
 from utils.locking.backend import HEARTBEAT_INTERVAL
 from utils.ops.http_listener import (
@@ -231,28 +233,32 @@ def test_idle_connections_against_1024_open_files(spawn: Spawn, fake: FakeBotAPI
     assert any("the cap; refusing new ones" in line for line in grown), "\n".join(grown)
 
 
-def test_public_port_hides_token_and_database_user(spawn: Spawn, fake: FakeBotAPI) -> None:
+async def test_public_port_hides_token_and_database_user(in_process: StartDaemon, fake: FakeBotAPI) -> None:  # noqa: F811
     """The webhook on HEALTH_PORT (shared, so public) with the token in WEBHOOK_URL: /health shows
     Telegram's webhook URL masked and no token; during a database outage no database user; no
     Server version."""
     port = free_port()
-    leader = spawn("shared", BOT_MODE="webhook", WEBHOOK_URL=f"http://127.0.0.1:{port}{HOOK_PATH}/{TOKEN}",
-                   HEALTH_PORT=str(port), DATABASE_URL="")
-    info = wait_until(lambda: ((leader.health() or {}).get("updates") or {}).get("webhook", {}).get("info"),
-                      60, message="getWebhookInfo in /health")
+    leader = await in_process("shared", BOT_MODE="webhook", WEBHOOK_URL=f"http://127.0.0.1:{port}{HOOK_PATH}/{TOKEN}",
+                              HEALTH_PORT=str(port), DATABASE_URL="")
+
+    async def webhook_info() -> Any:
+        return (((await leader.health()) or {}).get("updates") or {}).get("webhook", {}).get("info")
+
+    info = await wait_for(webhook_info, 60, message="getWebhookInfo in /health")
     assert info["url"] == f"http://127.0.0.1:{port}/***"
-    _, body = leader.get("/health")
+    _, body = await leader.get("/health")
     assert TOKEN.partition(":")[2] not in body.decode(), body
-    _, _, head = raw_post(port, b"{}", {})
+    _, _, head = await asyncio.to_thread(raw_post, port, b"{}", {})
     assert f"Server: {SERVER_HEADER}".encode() in head and b"aiohttp" not in head and b"Python" not in head
+    assert await leader.stop() == 0  # one in-process daemon at a time: the bot module's router is one
 
     port = free_port()
-    down = spawn("down", BOT_MODE="webhook", WEBHOOK_URL=f"http://127.0.0.1:{port}{HOOK_PATH}",
-                 HEALTH_PORT=str(port), DATABASE_URL="postgresql://postgres@127.0.0.1:1/solobot")
-    wait_until(lambda: down.health(), 60, message="the replica answers")
-    status, _, _ = raw_post(port, update(1), {SECRET_HEADER: SECRET})
+    down = await in_process("down", BOT_MODE="webhook", WEBHOOK_URL=f"http://127.0.0.1:{port}{HOOK_PATH}",
+                            HEALTH_PORT=str(port), DATABASE_URL="postgresql://postgres@127.0.0.1:1/solobot")
+    await wait_for(down.health, 60, message="the replica answers")
+    status, _, _ = await asyncio.to_thread(raw_post, port, update(1), {SECRET_HEADER: SECRET})
     assert status == 503
-    _, body = down.get("/health")
+    _, body = await down.get("/health")
     text = body.decode()
     assert "PostgreSQL 127.0.0.1:1/solobot: Connection refused" in text and "(user postgres)" not in text, text
     assert "(user postgres)" in down.log(), "the log (for operators) names the user"

@@ -1,4 +1,5 @@
-"""The update pipeline end to end: real ``python main.py`` processes against the fake Bot API.
+"""The update pipeline end to end against the fake Bot API: real ``python main.py`` processes for
+SIGTERM and kill -9 with a standby, the whole daemon in-process (tests/daemon.py) for the rest.
 
 Per-chat order, no head-of-line blocking, nothing lost at SIGTERM or kill -9. Slow handlers are
 made by the fake: its reply to a chat takes as long as the test says (the bot's handler waits
@@ -21,6 +22,7 @@ import pytest
 
 from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import BOT_ID, BotProcess, start_pair, wait_until
+from tests.daemon import StartDaemon, in_process, wait_for  # noqa: F401
 
 Spawn = Callable[..., BotProcess]
 
@@ -76,30 +78,30 @@ def replies_by_chat(fake: FakeBotAPI) -> dict[str, list[int]]:
     return out
 
 
-def test_replies_keep_each_chats_order(fake: SlowChatsFake, spawn: Spawn) -> None:
+async def test_replies_keep_each_chats_order(fake: SlowChatsFake, in_process: StartDaemon) -> None:  # noqa: F811
     """10 chats x 30 numbered messages, interleaved, handlers of random 0-50 ms."""
     fake.random_delay = (0.0, 0.05)
-    a = spawn("a")
-    a.wait_mode("active")
+    a = await in_process("a")
+    await a.wait_mode("active")
     sent: dict[str, list[int]] = defaultdict(list)
     for _ in range(30):
         for chat in range(1, 11):
             sent[str(chat)].append(fake.send_user_message(BOT_ID, "/ping", user_id=chat, chat_id=chat))
-    wait_until(lambda: sum(pongs(fake).values()) >= 300, 60, message="300 replies")
+    await wait_for(lambda: sum(pongs(fake).values()) >= 300, 60, message="300 replies")
     got = replies_by_chat(fake)
     for chat_id, ids in sent.items():
         assert got[chat_id] == ids, f"chat {chat_id} answered out of order: {got[chat_id]}"
     assert all(n == 1 for n in pongs(fake).values())
 
 
-def test_stuck_chat_blocks_nobody_else(fake: SlowChatsFake, spawn: Spawn) -> None:
+async def test_stuck_chat_blocks_nobody_else(fake: SlowChatsFake, in_process: StartDaemon) -> None:  # noqa: F811
     """One chat's handler hangs; 200 pings from other chats at 50/s are all answered promptly."""
     stuck_for = 8.0
     fake.chat_delay["999"] = stuck_for
-    a = spawn("a", HANDLER_WARN_SECONDS="2")
-    a.wait_mode("active")
+    a = await in_process("a", HANDLER_WARN_SECONDS="2")
+    await a.wait_mode("active")
     stuck = fake.send_user_message(BOT_ID, "/ping", user_id=999, chat_id=999)
-    wait_until(lambda: stuck in fake.in_flight, message="the stuck handler is running")
+    await wait_for(lambda: stuck in fake.in_flight, message="the stuck handler is running")
     fake.chat_delay.clear()  # only that one reply hangs; the chat's next one is quick
     after_stuck = fake.send_user_message(BOT_ID, "/ping", user_id=999, chat_id=999)
     sent_at: dict[int, float] = {}
@@ -107,15 +109,15 @@ def test_stuck_chat_blocks_nobody_else(fake: SlowChatsFake, spawn: Spawn) -> Non
         chat = 1 + i % 7
         mid = fake.send_user_message(BOT_ID, "/ping", user_id=chat, chat_id=chat)
         sent_at[mid] = time.time()
-        time.sleep(0.02)  # pacing the stream at 50/s, not synchronisation
-    wait_until(lambda: all(fake.replies_to(m) for m in sent_at), 20, message="every other chat answered")
+        await asyncio.sleep(0.02)  # pacing the stream at 50/s, not synchronisation
+    await wait_for(lambda: all(fake.replies_to(m) for m in sent_at), 20, message="every other chat answered")
     latencies = sorted(fake.replies_to(m)[0].at - t for m, t in sent_at.items())
     p99 = latencies[int(0.99 * len(latencies)) - 1]
     print(f"\nstuck chat: 200 pings from other chats, p50 {statistics.median(latencies) * 1000:.0f} ms, "
           f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
     assert p99 < 1.0
     assert not fake.replies_to(after_stuck), "the stuck chat's next message waits for it"
-    wait_until(lambda: fake.replies_to(after_stuck), stuck_for + 10, message="the stuck chat resumes")
+    await wait_for(lambda: fake.replies_to(after_stuck), stuck_for + 10, message="the stuck chat resumes")
     assert replies_by_chat(fake)["999"] == [stuck, after_stuck]
     log = a.log()
     assert log.count("still running after") == 1 and "c:999" in log, log
@@ -165,16 +167,17 @@ def test_kill9_mid_burst_loses_nothing_doubles_only_the_unrecorded(fake: SlowCha
     assert len(doubled) <= 16
 
 
-def test_update_ids_that_restart_are_followed_not_skipped(fake: SlowChatsFake, spawn: Spawn) -> None:
+async def test_update_ids_that_restart_are_followed_not_skipped(fake: SlowChatsFake,
+                                                                in_process: StartDaemon) -> None:  # noqa: F811
     """The same STATE_DIR, ids starting again far below the stored offset: every update answered once."""
-    a = spawn("a")
-    a.wait_mode("active")
+    a = await in_process("a")
+    await a.wait_mode("active")
     before = [fake.send_user_message(BOT_ID, "/ping", user_id=c, chat_id=c) for c in range(1, 31)]
-    wait_until(lambda: all(fake.replies_to(m) for m in before), 20, message="the first 30 answered")
+    await wait_for(lambda: all(fake.replies_to(m) for m in before), 20, message="the first 30 answered")
     t_restart = time.time()
     fake.restart_update_ids(BOT_ID, 5)
     after = [fake.send_user_message(BOT_ID, "/ping", user_id=c, chat_id=c) for c in range(1, 31)]
-    wait_until(lambda: all(fake.replies_to(m) for m in after), 20, message="the 30 with restarted ids")
+    await wait_for(lambda: all(fake.replies_to(m) for m in after), 20, message="the 30 with restarted ids")
     counts = pongs(fake)
     assert [counts[m] for m in before + after] == [1] * 60
     log = a.log()
@@ -183,31 +186,30 @@ def test_update_ids_that_restart_are_followed_not_skipped(fake: SlowChatsFake, s
     assert len(polls_since) <= 10, f"no hot loop: {len(polls_since)} getUpdates after the restart"
 
 
-def test_one_stray_409_costs_nothing(fake: SlowChatsFake, spawn: Spawn) -> None:
+async def test_one_stray_409_costs_nothing(fake: SlowChatsFake, in_process: StartDaemon) -> None:  # noqa: F811
     """A single 409 with a verified lease: retried at once; repeated 409s still back off."""
-    a = spawn("a")
-    a.wait_mode("active")
-    wait_until(lambda: any(p.tag == "a" and p.outcome == "pending" for p in fake.snapshot_polls()),
-               message="a long-polls")
+    a = await in_process("a")
+    await a.wait_mode("active")
+    await wait_for(lambda: any(p.tag == "a" and p.outcome == "pending" for p in fake.snapshot_polls()),
+                   message="a long-polls")
     fake.inject_conflict(BOT_ID, 1)
-    conflict = wait_until(lambda: next((p for p in fake.snapshot_polls() if p.outcome == "conflict"), None),
-                          message="the stray 409")
+    conflict = await wait_for(lambda: next((p for p in fake.snapshot_polls() if p.outcome == "conflict"), None),
+                              message="the stray 409")
     ended = conflict.ended
     assert ended is not None
-    retry = wait_until(lambda: next((p for p in fake.snapshot_polls()
-                                     if p.tag == "a" and p.started >= ended and p.outcome != "conflict"),
-                                    None), 5, message="the next getUpdates")
+    retry = await wait_for(lambda: next((p for p in fake.snapshot_polls()
+                                         if p.tag == "a" and p.started >= ended and p.outcome != "conflict"),
+                                        None), 5, message="the next getUpdates")
     print(f"\none stray 409: next getUpdates {(retry.started - ended) * 1000:.0f} ms later")
     assert retry.started - ended < 0.5
     assert "Backing off" not in a.log()
     ping = fake.send_user_message(BOT_ID, "/ping")
-    wait_until(lambda: fake.replies_to(ping), message="still answering")
+    await wait_for(lambda: fake.replies_to(ping), message="still answering")
     # Persistent conflicts (an outside poller): the second in a row backs off 5 s and says so once.
     fake.inject_conflict(BOT_ID, 3)
-    wait_until(lambda: "Backing off" in a.log(), 10, message="the backoff WARNING")
-    conflicts = [p for p in fake.snapshot_polls() if p.outcome == "conflict"]
-    wait_until(lambda: len([p for p in fake.snapshot_polls() if p.outcome == "conflict"]) >= 4, 20,
-               message="the third injected 409")
+    await wait_for(lambda: "Backing off" in a.log(), 10, message="the backoff WARNING")
+    await wait_for(lambda: len([p for p in fake.snapshot_polls() if p.outcome == "conflict"]) >= 4, 20,
+                   message="the third injected 409")
     conflicts = [p for p in fake.snapshot_polls() if p.outcome == "conflict"]
     gap = conflicts[3].started - (conflicts[2].ended or conflicts[2].started)
     assert gap >= 4.9, f"backoff starts at 5 s, got {gap:.2f} s"

@@ -60,8 +60,8 @@ class Supervisor:
                 if now >= due:
                     del self.restart_at[name]
                     self.start(name)
-            elif proc.proc.poll() is not None:
-                self.deaths.append(proc.proc.returncode)
+            elif (code := proc.proc.poll()) is not None:
+                self.deaths.append(code)
                 self.restart_at[name] = now + RESTART_DELAY
 
     def logs(self) -> str:

@@ -33,6 +33,7 @@ from tests.conftest import (
     start_pair,
     wait_until,
 )
+from tests.daemon import InProcessDaemon, StartDaemon, in_process, wait_for  # noqa: F401
 
 Spawn = Callable[..., BotProcess]
 TABLES = ("solobot_posts", "solobot_flags", "solobot_inbox", "solobot_processed", "solobot_offset",
@@ -329,18 +330,19 @@ def test_status_command_ready_and_metrics(fake: FakeBotAPI, spawn: Spawn, pg: st
     assert json.loads(status().stdout)["pid"] == b.pid
 
 
-def test_health_answers_quickly_while_the_database_is_unreachable(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
+async def test_health_answers_quickly_while_the_database_is_unreachable(
+        fake: FakeBotAPI, in_process: StartDaemon, pg: str) -> None:  # noqa: F811
     """/health within 0.5 s whatever the database does: here it stops answering under an active bot."""
     proxy = TcpProxy()
     try:
-        a = spawn("a", **pg_env(pg.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")))
-        a.wait_mode("active")
+        a = await in_process("a", **pg_env(pg.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")))
+        await a.wait_mode("active")
         proxy.cut()
-        wait_until(lambda: a.mode() == "passive", START_WAIT, message="a loses the database")
+        await wait_for(lambda: _is_mode(a, "passive"), START_WAIT, message="a loses the database")
         timings = []
         for _ in range(5):
             started = time.monotonic()
-            assert a.health() is not None
+            assert await a.health() is not None
             timings.append(time.monotonic() - started)
         print(f"\n/health with the database unreachable: max {max(timings) * 1000:.0f} ms")
         assert max(timings) < 0.5, timings
@@ -348,21 +350,26 @@ def test_health_answers_quickly_while_the_database_is_unreachable(fake: FakeBotA
         proxy.stop()
 
 
-def test_health_answers_quickly_while_the_database_is_silent(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
+async def _is_mode(daemon: InProcessDaemon, mode: str) -> bool:
+    return await daemon.mode() == mode
+
+
+async def test_health_answers_quickly_while_the_database_is_silent(
+        fake: FakeBotAPI, in_process: StartDaemon, pg: str) -> None:  # noqa: F811
     """A silent server (a frozen VM, a black-holed network) is worse than a refusing one: a query
     cancelled on it waits seconds for the server to confirm. /health still answers within 0.5 s,
     and the leader steps down once its lease cannot be verified."""
     proxy = TcpProxy()
     try:
-        a = spawn("a", **pg_env(pg.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")))
-        a.wait_mode("active")
+        a = await in_process("a", **pg_env(pg.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")))
+        await a.wait_mode("active")
         proxy.freeze()
         timings = []
         for _ in range(5):
             started = time.monotonic()
-            assert a.health() is not None
+            assert await a.health() is not None
             timings.append(time.monotonic() - started)
-        wait_until(lambda: a.mode() == "passive", START_WAIT, message="a steps down")
+        await wait_for(lambda: _is_mode(a, "passive"), START_WAIT, message="a steps down")
         print(f"\n/health with the database silent: max {max(timings) * 1000:.0f} ms")
         assert max(timings) < 0.5, timings
         assert "lease verification: no answer within 2 s" in a.log()
@@ -370,15 +377,18 @@ def test_health_answers_quickly_while_the_database_is_silent(fake: FakeBotAPI, s
         proxy.stop()
 
 
-def test_database_down_at_start_stays_passive_and_says_why(fake: FakeBotAPI, spawn: Spawn, pg: str) -> None:
+async def test_database_down_at_start_stays_passive_and_says_why(fake: FakeBotAPI, in_process: StartDaemon,  # noqa: F811
+                                                                 pg: str) -> None:
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
-    a = spawn("a", **pg_env(dead))
-    wait_until(lambda: "cannot acquire the postgres lock" in str((a.health() or {}).get("passive_reason")),
-               START_WAIT, message="reason in /health")
-    assert a.mode() == "passive"
+    a = await in_process("a", **pg_env(dead))
+
+    async def reason() -> bool:
+        return "cannot acquire the postgres lock" in str(((await a.health()) or {}).get("passive_reason"))
+
+    await wait_for(reason, START_WAIT, message="reason in /health")
+    assert await a.mode() == "passive"
     assert fake.snapshot_polls() == []
-    a.signal(signal.SIGTERM)
-    assert a.wait_exit() == 0
+    assert await a.stop() == 0  # SIGTERM's path
 
 
 def test_autoposter_across_hosts_and_reactivation_in_the_same_process(

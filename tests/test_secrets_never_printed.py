@@ -1,18 +1,19 @@
 """No secret in any output: configuration errors, ``main.py status`` and the log, for every form a
-password or the token can take (real processes; the password has ``@``, a space, quotes and ``%``)."""
+password or the token can take (the password has ``@``, a space, quotes and ``%``). The log's test
+runs real processes (everything a process writes, third-party lines included); the configuration
+errors and ``status`` run main.py's steps in-process (tests/conftest.py's run_main_in_process)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import ROOT, TOKEN, BotProcess, free_port, wait_until
+from tests.conftest import TOKEN, BotProcess, free_port, run_main_in_process, wait_until
 from utils.base.redact import Redactor
 
 Spawn = Callable[..., BotProcess]
@@ -43,10 +44,11 @@ def leaks(text: str) -> list[str]:
 
 
 def run_main(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python main.py ARGS``'s configuration, logging and light commands, in-process
+    (tests/conftest.py): their output is what these tests read."""
     full = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "LOCK_BACKEND")}
     full.update({"ENV_FILE": os.devnull, "BOT_TOKEN": TOKEN, "LOG_LEVEL": "DEBUG", **env})
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=full,
-                          capture_output=True, text=True, timeout=60)
+    return run_main_in_process(*args, env=full)
 
 
 @pytest.mark.parametrize("form", ["userinfo raw", "userinfo encoded", "query encoded", "query raw", "key=value"])

@@ -1,4 +1,6 @@
-"""End to end on one host: real ``python main.py`` processes against the fake Bot API."""
+"""End to end on one host against the fake Bot API: real ``python main.py`` processes where a signal,
+kill -9, a second instance or a PID namespace is the point; the whole daemon in-process
+(tests/daemon.py) for the rest."""
 
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ from tests.conftest import (
     BotProcess,
     first_poll_after,
     have_unshare,
+    run_main_in_process,
     sigkill_mid_handlers,
     start_pair,
     wait_until,
 )
+from tests.daemon import InProcessDaemon, StartDaemon, daemon_env, in_process, wait_for  # noqa: F401
 
 Spawn = Callable[..., BotProcess]
 
@@ -122,35 +126,35 @@ def test_stale_pid_file_is_reported_and_replaced(fake: FakeBotAPI, spawn: Spawn,
     assert "corrupt" in c.log()
 
 
-def test_webhook_is_deleted_once_and_polling_starts(fake: FakeBotAPI, spawn: Spawn) -> None:
+async def test_webhook_is_deleted_once_and_polling_starts(fake: FakeBotAPI, in_process: StartDaemon) -> None:  # noqa: F811
     fake.set_webhook(BOT_ID, "https://example.invalid/hook")
-    a = spawn("a")
-    a.wait_mode("active")
+    a = await in_process("a")
+    await a.wait_mode("active")
     ping = fake.send_user_message(BOT_ID, "/ping")
-    wait_until(lambda: fake.replies_to(ping), message="reply after deleteWebhook")
+    await wait_for(lambda: fake.replies_to(ping), message="reply after deleteWebhook")
     assert fake.webhook(BOT_ID) == ""
     assert sum(1 for tag, m, _ in fake.calls if m == "deleteWebhook") == 1
 
 
-def test_webhook_kept_when_opted_out(fake: FakeBotAPI, spawn: Spawn) -> None:
+async def test_webhook_kept_when_opted_out(fake: FakeBotAPI, in_process: StartDaemon) -> None:  # noqa: F811
     fake.set_webhook(BOT_ID, "https://example.invalid/hook")
-    a = spawn("a", DELETE_WEBHOOK_ON_CONFLICT="false")
-    wait_until(lambda: "DELETE_WEBHOOK_ON_CONFLICT=false" in a.log(), START_WAIT, message="error line")
+    a = await in_process("a", DELETE_WEBHOOK_ON_CONFLICT="false")
+    await wait_for(lambda: "DELETE_WEBHOOK_ON_CONFLICT=false" in a.log(), START_WAIT, message="error line")
     assert fake.webhook(BOT_ID) == "https://example.invalid/hook"
     assert not any(m == "deleteWebhook" for _, m, _ in fake.calls)
 
 
-def test_429_retry_after_is_honoured(fake: FakeBotAPI, spawn: Spawn) -> None:
-    a = spawn("a")
-    a.wait_mode("active")
+async def test_429_retry_after_is_honoured(fake: FakeBotAPI, in_process: StartDaemon) -> None:  # noqa: F811
+    a = await in_process("a")
+    await a.wait_mode("active")
     fake.set_flood("getUpdates", 1, 2)
     ping = fake.send_user_message(BOT_ID, "/ping")  # ends the pending poll; the next one floods
-    wait_until(lambda: any(p.outcome == "flood" for p in fake.snapshot_polls()), message="a 429")
+    await wait_for(lambda: any(p.outcome == "flood" for p in fake.snapshot_polls()), message="a 429")
     flood_at = next(p.started for p in fake.snapshot_polls() if p.outcome == "flood")
-    retry = wait_until(lambda: next((p.started for p in fake.snapshot_polls() if p.started > flood_at),
-                                    None), 15, message="the retry after the 429")
+    retry = await wait_for(lambda: next((p.started for p in fake.snapshot_polls() if p.started > flood_at),
+                                        None), 15, message="the retry after the 429")
     assert retry - flood_at >= 1.9, f"retried {retry - flood_at:.2f} s after a 429 with retry_after=2"
-    wait_until(lambda: fake.replies_to(ping), 15, message="reply")
+    await wait_for(lambda: fake.replies_to(ping), 15, message="reply")
 
 
 BAD_CONFIGS = [
@@ -167,6 +171,21 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize(("overrides", "variable"), BAD_CONFIGS, ids=[v for _, v in BAD_CONFIGS])
 def test_bad_configuration_exits_78(overrides: dict[str, str], variable: str, tmp_path: Path) -> None:
+    """What main.py says and exits with, in-process (tests/conftest.py's run_main_in_process)."""
+    env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(tmp_path / "l"),
+           "STATE_DIR": str(tmp_path / "s"), "HEALTH_PORT": "0", **overrides}
+    done = run_main_in_process(env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 78, output
+    assert variable in output
+    assert "Traceback" not in output
+    for secret in ("SHORTSECRETxyz", "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"):
+        assert secret not in output
+
+
+def test_bad_configuration_exits_78_before_the_heavy_imports(tmp_path: Path) -> None:
+    """A real ``python main.py``: the exit 78 comes before aiogram's seconds of imports."""
+    overrides = {"BOT_TOKEN": "123456:SHORTSECRETxyz", "HEALTH_PORT": "eighty"}
     env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(tmp_path / "l"),
            "STATE_DIR": str(tmp_path / "s"), "HEALTH_PORT": "0", **overrides}
     started = time.monotonic()
@@ -176,31 +195,29 @@ def test_bad_configuration_exits_78(overrides: dict[str, str], variable: str, tm
     output = done.stdout + done.stderr
     assert done.returncode == 78, output
     assert elapsed < 5
-    assert variable in output
+    assert "BOT_TOKEN" in output and "HEALTH_PORT" in output
     assert "Traceback" not in output
     for secret in ("SHORTSECRETxyz", "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"):
         assert secret not in output
 
 
-def test_unsafe_lock_dir_exits_78(tmp_path: Path) -> None:
+async def test_unsafe_lock_dir_exits_78(tmp_path: Path, fake: FakeBotAPI) -> None:
     lock_dir = tmp_path / "open"
     lock_dir.mkdir()
     lock_dir.chmod(0o777)
-    env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": TOKEN, "LOCK_DIR": str(lock_dir),
-           "STATE_DIR": str(tmp_path / "s"), "HEALTH_PORT": "0"}
-    done = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=START_WAIT)
-    assert done.returncode == 78
-    assert "writable by other users" in done.stderr and "Traceback" not in done.stderr
+    env = daemon_env(fake, lock_dir, tmp_path / "s", "a", HEALTH_PORT="0")
+    daemon = await InProcessDaemon("a", env).start()
+    assert await daemon.wait_exit() == 78
+    assert "writable by other users" in daemon.log() and "Traceback" not in daemon.log()
 
 
-def test_health_port_in_use_is_a_clear_error(fake: FakeBotAPI, spawn: Spawn) -> None:
+async def test_health_port_in_use_is_a_clear_error(fake: FakeBotAPI, in_process: StartDaemon) -> None:  # noqa: F811
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        a = spawn("a", HEALTH_PORT=str(port))
-        assert a.wait_exit() == 1
+        a = await in_process("a", HEALTH_PORT=str(port))
+        assert await a.wait_exit() == 1
     assert f"HEALTH_PORT {port}" in a.log() and "Traceback" not in a.log()
     assert not fake.snapshot_polls(), "nothing polls when startup fails"
 
@@ -261,10 +278,10 @@ def test_status_command_file_backend(fake: FakeBotAPI, spawn: Spawn, shared_dirs
     assert status().returncode == 3, "a PID file left by a dead process is not an active holder"
 
 
-def test_revoked_token_stops_with_exit_78(fake: FakeBotAPI, spawn: Spawn) -> None:
+async def test_revoked_token_stops_with_exit_78(fake: FakeBotAPI, in_process: StartDaemon) -> None:  # noqa: F811
     fake.revoked.add(TOKEN)
-    a = spawn("a")
-    assert a.wait_exit(START_WAIT) == 78
+    a = await in_process("a")
+    assert await a.wait_exit(START_WAIT) == 78
     assert "401" in a.log() and "Traceback" not in a.log()
     assert len([p for p in fake.calls if p[1] == "getUpdates"]) == 1, "no retry loop on a rejected token"
     assert TOKEN.partition(":")[2] not in a.log()

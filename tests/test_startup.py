@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import utils
-from tests.conftest import KILL_WAIT, ROOT, TOKEN, free_port, import_cost, kill_group
+from tests.conftest import KILL_WAIT, ROOT, TOKEN, free_port, import_cost, kill_group, run_main_in_process
 from utils.ops.logging_setup import TEXT_FORMAT
 
 #: The issue's bound: the first log line within half a second of exec.
@@ -33,9 +33,9 @@ def test_version_is_the_projects() -> None:
     assert utils.__version__ == project["version"]
 
 
-def main_py(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=30)
+def main_py(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python main.py ARGS``'s command-line handling, in-process (tests/conftest.py)."""
+    return run_main_in_process(*args, env={"PATH": "/usr/bin:/bin"})
 
 
 def test_help_is_on_stdout_with_exit_0() -> None:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.conftest import DATABASE_URL, ROOT, TOKEN, import_cost
+from tests.conftest import DATABASE_URL, ROOT, TOKEN, import_cost, run_main_in_process
 from utils.ops.status import ANSWER_WITHIN, MIN_QUERY_TIMEOUT, query_timeout
 from utils.state.database import DatabaseTarget
 from utils.state.errors import database_location, describe_database_error
@@ -137,6 +137,13 @@ def run_status(tmp_path: Path, database_url: str) -> tuple[subprocess.CompletedP
     return done, time.monotonic() - started
 
 
+def run_status_in_process(tmp_path: Path, database_url: str) -> subprocess.CompletedProcess[str]:
+    """:func:`run_status`'s command in-process (tests/conftest.py): for what it says, not how fast."""
+    env = {"PATH": "/usr/bin:/bin", "ENV_FILE": "/dev/null", "BOT_TOKEN": TOKEN, "LOCK_BACKEND": "postgres",
+           "DATABASE_URL": database_url, "LOCK_DIR": str(tmp_path / "lock"), "STATE_DIR": str(tmp_path / "s")}
+    return run_main_in_process("status", env=env, cwd=tmp_path)
+
+
 def start_cost() -> float:
     """How long Python takes right now to start and import what ``main.py status`` imports."""
     return import_cost("utils.ops.bootstrap", "utils.ops.status")
@@ -175,12 +182,12 @@ def test_status_with_silent_database(tmp_path: Path, silent_port: int) -> None:
 
 def test_status_with_missing_database(tmp_path: Path) -> None:
     missing = DATABASE_URL.rsplit("/", 1)[0] + "/no_such_database"
-    done, _ = run_status(tmp_path, missing.replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@"))
+    done = run_status_in_process(tmp_path, missing.replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@"))
     assert_one_line_exit_4(done, 'database "no_such_database" does not exist')
 
 
 def test_status_no_holder_is_3(tmp_path: Path) -> None:
-    done, _ = run_status(tmp_path, DATABASE_URL)
+    done = run_status_in_process(tmp_path, DATABASE_URL)
     assert done.returncode == 3, done.stdout + done.stderr
     assert done.stdout.strip() == "no active holder (backend postgres)"
 

@@ -116,9 +116,10 @@ async def status_command(settings: Settings, started: float) -> int:
     return EXIT_OK
 
 
-def say(settings: Settings, line: str, stream: TextIO = sys.stdout) -> None:
-    """Every line ``status`` prints, through the configuration's redaction (as log lines are)."""
-    print(settings.redactor(line), file=stream)
+def say(settings: Settings, line: str, stream: TextIO | None = None) -> None:
+    """Every line ``status`` prints, through the configuration's redaction (as log lines are); on
+    stdout unless *stream* says otherwise (looked up when called, not bound at import)."""
+    print(settings.redactor(line), file=stream or sys.stdout)
 
 
 def run_status(settings: Settings, started: float | None = None) -> int:
