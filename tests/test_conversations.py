@@ -27,7 +27,7 @@ from testbed.fake_bot_api import FakeBotAPI
 from tests.conftest import BOT_ID, START_WAIT, TOKEN, BotProcess, free_port, wait_until
 from tests.daemon import InProcessDaemon, StartDaemon, in_process, wait_for  # noqa: F401
 from tests.test_postgres import drop_tables
-from utils.config import load_settings
+from utils.ops.daemon_settings import load_daemon_settings
 
 Spawn = Callable[..., BotProcess]
 EXAMPLE = {"BOT_MODULE": "examples.conversation_bot"}
@@ -251,9 +251,9 @@ def test_bot_module_without_router_is_a_configuration_error(module: str, problem
     """main.py's run() in-process (what ``python main.py`` runs once the configuration is valid)."""
     import main
 
-    settings = load_settings({"ENV_FILE": os.devnull, "BOT_TOKEN": TOKEN, "BOT_MODULE": module, "DATABASE_URL": "",
-                              "LOCK_DIR": str(tmp_path / "lock"), "STATE_DIR": str(tmp_path / "state"),
-                              "TELEGRAM_API_URL": "http://127.0.0.1:9"})
+    settings = load_daemon_settings({"ENV_FILE": os.devnull, "BOT_TOKEN": TOKEN, "BOT_MODULE": module,
+                                     "DATABASE_URL": "", "LOCK_DIR": str(tmp_path / "lock"),
+                                     "STATE_DIR": str(tmp_path / "state"), "TELEGRAM_API_URL": "http://127.0.0.1:9"})
     caplog.set_level(logging.INFO)
     assert main.run(settings) == 78
     lines = [r.getMessage() for r in caplog.records]
