@@ -21,14 +21,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
-from psycopg import pq
 
 from utils.locking.backend import Claim, Grant, HolderInfo, LockMechanism, LockUnavailable
 from utils.state import leader as sql
@@ -63,6 +63,37 @@ def advisory_key(bot_id: int) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+class Lookups:
+    """The queries running on one monitor connection, so that its close can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._then: list[Callable[[], object]] = []
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        self.count += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count:
+                self.idle.set()
+                then, self._then = self._then, []
+                for call in then:
+                    call()
+
+    def then(self, call: Callable[[], object]) -> None:
+        """Call *call* once no query runs (at once if none does)."""
+        if self.count:
+            self._then.append(call)
+        else:
+            call()
+
+
 class PostgresMechanism(LockMechanism):
     name = "postgres"
 
@@ -77,6 +108,8 @@ class PostgresMechanism(LockMechanism):
         self.key = advisory_key(bot_id)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._monitor: psycopg.AsyncConnection[Any] | None = None
+        #: The lookups running on the monitor connection now (its close waits for them).
+        self._monitor_lookups = Lookups()
         #: The lease's unverified heartbeat (the last verification, still running after an overrun).
         self._pending: asyncio.Future[bool] | None = None
         #: While held: the duplicate descriptor of the lock connection's socket being watched, and
@@ -184,16 +217,16 @@ class PostgresMechanism(LockMechanism):
             self._wake()
 
     async def release(self) -> None:
-        """Unlock and close the lock connection, and the monitor connection if it is idle (opened
-        again by the next look at the holder). A monitor busy with a lookup that overran (a silent
-        server) is left alone: closing it under psycopg's feet could hand its descriptor to the
-        next socket while psycopg still waits on it; the next lookup uses it, or replaces it."""
+        """Unlock and close the lock connection, and the monitor connection once its lookups have
+        ended (opened again by the next look at the holder). A lookup that overran (a silent
+        server) is not closed under: psycopg could hand its descriptor to the next socket while it
+        still waits on it; that connection closes when the lookup ends (its TCP timeouts end it)."""
         self._wake = None
         self._unwatch_socket()
-        monitor = self._monitor
-        if monitor is not None and (monitor.closed or monitor.info.transaction_status is pq.TransactionStatus.IDLE):
-            self._monitor = None
-            await self._close_quietly(monitor)
+        monitor, lookups = self._monitor, self._monitor_lookups
+        self._monitor, self._monitor_lookups = None, Lookups()  # the next look opens a new one
+        if monitor is not None:
+            await self._close_when_done(monitor, lookups)
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -219,13 +252,25 @@ class PostgresMechanism(LockMechanism):
         except Exception:  # noqa: BLE001
             pass
 
+    async def _close_when_done(self, conn: psycopg.AsyncConnection[Any], lookups: Lookups) -> None:
+        """Close *conn* once *lookups* on it have ended: waited for :data:`UNLOCK_TIMEOUT` (a
+        healthy server answers in milliseconds), else closed when the last one ends."""
+        try:
+            await asyncio.wait_for(lookups.idle.wait(), timeout=UNLOCK_TIMEOUT)
+        except TimeoutError:
+            log.debug("monitor connection busy with an unanswered lookup; closing it when that ends")
+            lookups.then(lambda: asyncio.ensure_future(self._close_quietly(conn)))
+            return
+        await self._close_quietly(conn)
+
     async def _query(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one of :mod:`utils.state.leader`'s queries on the monitor connection."""
         if self._monitor is None or self._monitor.closed or self._monitor.broken:
             self._monitor = await self._connect("monitor")
-        conn = self._monitor
+        conn, lookups = self._monitor, self._monitor_lookups
         try:
-            return await query(conn, *args, **kwargs)
+            with lookups.running():
+                return await query(conn, *args, **kwargs)
         except psycopg.OperationalError:
             # This call's connection, which may not be the current one any more (a bounded lookup
             # can end long after its caller gave up and a new monitor connection was opened).
