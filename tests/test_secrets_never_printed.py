@@ -147,3 +147,21 @@ def test_one_rule_for_where_the_password_ends(url: str, user: str | None, passwo
     assert parts is not None and (parts.user, parts.password, parts.hosts, parts.database) == \
         (user, password, hosts, database)
     assert parse_database_url(KEY_VALUE) is None
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://solobot:s3cr%40tPW@db.example:5432/bot",
+    "postgresql://solobot@db.example/bot?password=s3cr%40tPW&sslmode=disable",
+])
+def test_no_repr_carries_the_password(url: str, tmp_path: Path) -> None:
+    """A repr is printed outside the log's masking (a traceback's locals, an assertion message):
+    the settings, the parsed URL and the database target never show the password in any form."""
+    from utils.ops.daemon_settings import load_daemon_settings
+    from utils.state.database import DatabaseTarget
+
+    settings = load_daemon_settings({"BOT_TOKEN": "123456:" + "A" * 35, "DATABASE_URL": url,
+                                     "STATE_DIR": str(tmp_path)})
+    assert settings.database is not None
+    shown = repr(settings) + repr(settings.database) + repr(DatabaseTarget.parse(settings.database, tmp_path))
+    for form in ("s3cr%40tPW", "s3cr@tPW", "s3cr"):
+        assert form not in shown

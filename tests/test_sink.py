@@ -86,3 +86,19 @@ async def test_adoption_claims_no_more_than_the_room(
     await asyncio.wait_for(pipeline.until_room(), 5)
     assert await pipeline.take_stored() > 0, "the rest taken, room left: nothing more waits"
     assert not await store.inbox.has_unclaimed()
+
+
+async def test_a_full_claim_says_more_may_wait_even_when_handlers_made_room_meanwhile(
+        sink: tuple[UpdatePipeline, asyncio.Event], store: StateStore) -> None:
+    """The room after the claim is no proof that nothing waits: handlers finishing during the claim
+    free room again. A claim that took all it asked for answers 0 (more may wait)."""
+    pipeline, go = sink
+    await store.inbox.store_batch([to_new_update(update(i)) for i in (20, 21)], epoch=None)
+    assert await pipeline.take_stored() == 1, "two taken of a room of three: none left"
+    await store.inbox.store_batch([to_new_update(update(i)) for i in range(22, 27)], epoch=None)
+    go.set()  # the two running handlers finish while the next claim is under way
+    assert await pipeline.take_stored() == 0, "one asked for, one taken: more may wait"
+    assert await store.inbox.has_unclaimed()
+    while await store.inbox.has_unclaimed():  # what the webhook's adoption loop does with a 0
+        await asyncio.wait_for(pipeline.until_room(), 5)
+        await pipeline.take_stored()

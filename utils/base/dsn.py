@@ -43,7 +43,7 @@ class DatabaseUrl:
     #: As written: ``h1:5432,h2``, ``[::1]:7``, or empty (a socket directory may be in ``query``).
     hosts: str
     database: str
-    query: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict, repr=False)  # may hold ?password=
 
     @property
     def all_passwords(self) -> list[str]:

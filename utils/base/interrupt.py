@@ -2,7 +2,7 @@
 
 asyncio has ``timeout`` for a deadline but nothing for an event (a stop request, a step-down, a
 socket that stirred), so each loop that must give up when one fires used to race its work against
-``event.wait()`` with ``asyncio.wait(..., FIRST_COMPLETED)`` by hand. These two say it once:
+``event.wait()`` with ``asyncio.wait(..., FIRST_COMPLETED)`` by hand. These three say it once:
 
 * :func:`until_set` runs *work* unless *event* is set first; then the work is cancelled (and its
   cancellation awaited, so nothing of it runs on) and :class:`Interrupted` is raised. Work that

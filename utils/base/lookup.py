@@ -17,8 +17,8 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-#: What the status lookups (/health, /ready, /metrics, /status: holder, inbox depth, set-aside
-#: count, pause flag) wait at most: they run concurrently, so a silent database costs a probe this long.
+#: What the status lookups (/health, /metrics, /status: holder, inbox depth, set-aside count,
+#: pause flag) wait at most: they run concurrently, so a silent database costs a probe this long.
 HEALTH_LOOKUP_TIMEOUT = 0.25
 
 

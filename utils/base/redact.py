@@ -38,9 +38,9 @@ MIN_BARE_SECRET_LENGTH = 4
 #: ``scheme://user:PASSWORD@`` in any URL.
 #: Up to the *last* ``@`` before the next space or ``/``: a password may hold ``@``.
 URL_PASSWORD = re.compile(r"(?P<keep>\b[a-z][a-z0-9+.\-]*://[^\s/:@]*:)[^\s/]+(?=@)", re.IGNORECASE)
-#: ``password=...`` in a libpq DSN, a URL query or an environment line (``PGPASSWORD=...``);
+#: ``password=...`` anywhere in a text: a libpq DSN, a URL query or an environment line (``PGPASSWORD=...``);
 #: the value single- or double-quoted (with backslash escapes) or up to a space, ``&`` or ``#``.
-KEY_VALUE_PASSWORD = re.compile(
+ANY_PASSWORD_SETTING = re.compile(
     r"""(?P<keep>password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|"(?:[^"\\]|\\.)*"?|[^\s&#'"]+)""",
     re.IGNORECASE,
 )
@@ -48,6 +48,8 @@ KEY_VALUE_PASSWORD = re.compile(
 MAPPING_PASSWORD = re.compile(
     r"""(?P<keep>["']password["']\s*:\s*)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", re.IGNORECASE
 )
+
+
 def mask_token(token: str) -> str:
     """``123456:AA...`` -> ``123456:***``: the bot id is public, the secret is not."""
     bot_id, _, _ = token.partition(":")
@@ -104,5 +106,5 @@ class Redactor:
                 text = text.replace(secret, masked)
         text = TOKEN_SHAPE.sub(rf"\g<keep>{MASK}", text)
         text = URL_PASSWORD.sub(rf"\g<keep>{MASK}", text)
-        text = KEY_VALUE_PASSWORD.sub(rf"\g<keep>{MASK}", text)
+        text = ANY_PASSWORD_SETTING.sub(rf"\g<keep>{MASK}", text)
         return MAPPING_PASSWORD.sub(rf"\g<keep>'{MASK}'", text)

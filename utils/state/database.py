@@ -52,8 +52,9 @@ class DatabaseTarget:
     """The configured database, parsed once."""
 
     kind: str  # "sqlite" | "postgres"
-    sqlalchemy_url: str = ""
-    libpq_dsn: str = ""
+    # Both carry the password: never in a repr (a traceback's locals, an assertion message).
+    sqlalchemy_url: str = field(default="", repr=False)
+    libpq_dsn: str = field(default="", repr=False)
     display: str = ""  # for logs: no password
     host: str | None = None
     port: int | None = None

@@ -276,10 +276,13 @@ class UpdatePipeline:
 
     async def take_stored(self) -> int:
         """The webhook source: claim the rows stored unclaimed (by any replica's receiver, or put
-        back by an operator), oldest first and at most the room; return the room left.
+        back by an operator), oldest first and at most the room; return the room left, or 0 when
+        more may wait.
 
-        The caller decides when (a notification, a timer). A room of 0 after the call means more
-        may wait: wait in :meth:`until_room`, then call again; more than 0 means none was left.
+        The caller decides when (a notification, a timer). 0 after the call means more may wait:
+        the claim took as many rows as it asked for (even if handlers that finished meanwhile made
+        room again), so wait in :meth:`until_room` (at once if there is room) and call again; more
+        than 0 means the claim found fewer rows than it asked for: none was left.
         """
         lease = self._lease
         if lease is None or self._stopping or self._recovery.book.loading:
@@ -292,7 +295,7 @@ class UpdatePipeline:
         self._push([self._from_entry(e) for e in entries if not self._queues.knows(e.seq)])
         if entries:
             log.debug("took %d stored update(s) from the inbox", len(entries))
-        return self.room
+        return 0 if len(entries) == room else self.room
 
     def _from_entry(self, entry: InboxEntry, update: Update | None = None) -> QueuedUpdate:
         return QueuedUpdate(entry.seq, entry.update_id, entry.chat_key, entry.attempt, entry.payload, update)
