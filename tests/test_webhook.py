@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -384,7 +385,11 @@ def test_kill9_of_a_passive_then_sigterm_of_the_leader(fake: FakeBotAPI, spawn: 
     victim.wait_exit()
     wait_until(lambda: len(stream.all_ids()) >= 40, 10, message="the stream goes on")
     leader.signal(signal.SIGTERM)
-    assert leader.wait_exit(15) == 0
+    try:
+        code = leader.wait_exit(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the leader did not exit within 15 s of SIGTERM:\n{leader.log()[-4000:]}")
+    assert code == 0
     heir.wait_mode("active", STARTUP_TIMEOUT)
     assert stream.done.wait(10)
     pings = stream.all_ids()
