@@ -53,8 +53,9 @@ def run(settings: DaemonSettings, early: EarlyStop | None = None) -> int:
         log.error("%s", exc)
         return EXIT_CONFIG
     server = Server(config)
-    # Everything imported and wired lives as long as the process: keep it out of the garbage
-    # collector's generations, so a collection only walks what the work itself allocates.
+    # Everything imported (aiogram's models, the bot module) lives as long as the process: keep it
+    # out of the garbage collector's generations, so a collection only walks what the work itself
+    # allocates. (The server wires its parts later, at start-up: those few objects are collected.)
     gc.freeze()
     if early is not None:
         early.hand_over()
