@@ -49,10 +49,13 @@ LINGERING_TIME = 2.0
 ACCEPT_BACKLOG = 128
 #: Open files kept free of HTTP connections: database pool, LISTEN and lock connections, the
 #: lock files, the Bot API session's connections, log and SQLite files, with room to spare (256),
-#: plus two accept batches (one being accepted, the one refused before it still closing): a
-#: flood at the cap meets EMFILE otherwise (measured: asyncio's "socket.accept() out of system
-#: resource" with a 256-file reserve and 2000 idle connections).
-RESERVED_FILES = 256 + 2 * ACCEPT_BACKLOG
+#: plus the accept batches in flight (asyncio accepts a batch per readiness of the listening
+#: socket and makes their transports in tasks of the next loop turn, and a refused batch's
+#: sockets close a turn after that): a flood at the cap meets EMFILE otherwise (measured: asyncio's
+#: "socket.accept() out of system resource" with a 256-file reserve and 2000 idle connections, and
+#: again, 3 runs in 4 on a loaded 2-core machine, with two batches reserved).
+ACCEPT_BATCHES_IN_FLIGHT = 4
+RESERVED_FILES = 256 + ACCEPT_BATCHES_IN_FLIGHT * ACCEPT_BACKLOG
 #: The fewest connections a listener allows, whatever the open-file limit says.
 MIN_CONNECTIONS = 16
 #: An episode at the cap ends when a tenth of the slots are free again (not at the first free
