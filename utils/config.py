@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
-from utils.base.dsn import DatabaseUrl, parse_database_url
+from utils.base.dsn import SQLITE_FILE, DatabaseUrl, parse_database_url
 from utils.base.env_reader import EnvReader
 from utils.base.redact import Redactor, mask_token
 from utils.sending.flood import Rate, SendLimits
@@ -148,7 +148,7 @@ class Settings:
         """Where the durable state lives, without credentials (for logs and /status)."""
         if self.database is not None:
             return self.database.location()
-        return str(self.state_dir / "solobot.sqlite3")
+        return str(self.state_dir / SQLITE_FILE)
 
     @cached_property
     def redactor(self) -> Redactor:

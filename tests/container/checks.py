@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 from testbed.fake_bot_api import FakeBotAPI
 from testbed.waiting import free_port, get_health
 from testbed.waiting import wait_until as shared_wait_until
+from utils.base.exit_codes import EXIT_CONFIG
 
 T = TypeVar("T")
 
@@ -65,7 +66,6 @@ COMPOSE_PROJECT = "solobotct"
 BOT_ID = 123456
 TOKEN = f"{BOT_ID}:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"
 ADMIN_ID = 777
-EX_CONFIG = 78
 
 # The bounds.
 #: When ``podman stop`` comes after ``podman run -d`` returned: the heavy imports run from about
@@ -295,7 +295,7 @@ class ContainerTest:
             wall = time.monotonic() - t0
             lifetime = bad.lifetime()
             self.remove(bad)
-            if done.returncode != EX_CONFIG or "BOT_TOKEN" not in done.stderr:
+            if done.returncode != EXIT_CONFIG or "BOT_TOKEN" not in done.stderr:
                 raise CheckFailed(f"exit {done.returncode}, stderr {done.stderr.strip()[-500:]!r}")
             self.report.figure("exit 78: process lifetime", f"{lifetime:.3f} s (podman run {wall:.2f} s)")
             if lifetime >= CONFIG_EXIT_LIMIT:

@@ -27,6 +27,8 @@ from urllib.parse import unquote
 #: The schemes solobot accepts (SQLAlchemy's driver suffix included).
 SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 DEFAULT_PG_PORT = 5432
+#: The state database in STATE_DIR when DATABASE_URL is unset (SQLite).
+SQLITE_FILE = "solobot.sqlite3"
 #: The password of a libpq key/value string, quoted (backslash escapes) or up to a space.
 KEY_VALUE_PASSWORD = re.compile(
     r"""password\s*=\s*(?:'(?P<quoted>(?:[^'\\]|\\.)*)'|(?P<plain>\S+))""", re.IGNORECASE

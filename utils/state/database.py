@@ -20,14 +20,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from utils.base.dsn import DatabaseUrl, has_port, parse_database_url
+from utils.base.dsn import DEFAULT_PG_PORT, SQLITE_FILE, DatabaseUrl, has_port, parse_database_url
 from utils.base.private_path import check_private_file, create_private_file, ensure_private_dir
 from utils.base.redact import Redactor
 from utils.state.errors import SQLITE_LOCATION
 
 log = logging.getLogger("solobot.state")
 
-SQLITE_FILE = "solobot.sqlite3"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: A session left idle inside a transaction (its process paused or partitioned) is ended by the
 #: server after this long, releasing its row locks even if no standby fences it.
@@ -104,7 +103,7 @@ class DatabaseTarget:
             libpq_dsn=dsn,
             display=url.set(drivername="postgresql").render_as_string(hide_password=True),
             host=url.host or "localhost",
-            port=url.port or 5432,
+            port=url.port or DEFAULT_PG_PORT,
             database=url.database,
             location=parts.location(),
             redactor=Redactor(database_url=parts),
