@@ -20,10 +20,10 @@ import pytest
 
 from tests.conftest import BOT_ID, BotProcess, wait_until
 from tests.daemon import InProcessDaemon, StartDaemon, in_process, wait_for  # noqa: F401
+from utils.base.exit_codes import EXIT_CONFIG
 
 Spawn = Callable[..., BotProcess]
 NOBODY = 65534
-EX_CONFIG = 78
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def forge_record(lock_dir: Path, victim: psutil.Process) -> None:
 
 
 async def refused(bot: InProcessDaemon, *words: str) -> str:
-    assert await bot.wait_exit(60) == EX_CONFIG, bot.log()
+    assert await bot.wait_exit(60) == EXIT_CONFIG, bot.log()
     text = bot.log()
     assert all(w in text for w in words), text
     return text
