@@ -38,7 +38,7 @@ class FakeController:
                 "mode_since": 1_700_000_000.0, "epoch": self.epoch, "handovers": self.handovers,
                 "passive_reason": None if self.mode is Mode.ACTIVE else self.passive_reason}
 
-    async def holder(self) -> HolderInfo | None:
+    async def holder(self, *, probe: bool = False) -> HolderInfo | None:
         return self.holder_info
 
 

@@ -37,7 +37,7 @@ class FakeMechanism(LockMechanism):
     async def release(self) -> None:
         self.held = False
 
-    async def holder(self) -> HolderInfo | None:
+    async def holder(self, *, probe: bool = False) -> HolderInfo | None:
         return None
 
     async def fence(self, holder: HolderInfo) -> str | None:

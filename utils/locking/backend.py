@@ -165,8 +165,9 @@ class LockMechanism(abc.ABC):
         """Let go of the lock, if held, and close what the mechanism holds open. Idempotent."""
 
     @abc.abstractmethod
-    async def holder(self) -> HolderInfo | None:
-        """The holder's record (with :attr:`HolderInfo.lock_held`), or None."""
+    async def holder(self, *, probe: bool = False) -> HolderInfo | None:
+        """The holder's record, or None; with :attr:`HolderInfo.lock_held` only if *probe* (a
+        second round trip, or a flock probe: asked only of a stale holder and by ``status``)."""
 
     @abc.abstractmethod
     async def fence(self, holder: HolderInfo) -> str | None:
@@ -271,8 +272,12 @@ class LockBackend:
     async def holder_is_live(self, holder: HolderInfo) -> bool:
         """Does *holder* still hold the lock (for ``main.py status``)? The mechanism's word where
         it has one, else a fresh heartbeat."""
-        if holder.lock_held is not None:
-            return holder.lock_held
+        held = holder.lock_held
+        if held is None:
+            probed = await self.mechanism.holder(probe=True)
+            held = probed.lock_held if probed is not None else False
+        if held is not None:
+            return held
         return holder.heartbeat_age is not None and holder.heartbeat_age <= self.stale_seconds
 
     def describe_failure(self, exc: BaseException) -> str:
@@ -319,6 +324,9 @@ class LockBackend:
             first = False
             try:
                 holder = await self.mechanism.holder()
+                age = holder.heartbeat_age if holder is not None else None
+                if age is not None and age > self.stale_seconds:  # stale: does it still hold the lock?
+                    holder = await self.mechanism.holder(probe=True)
             except Exception:  # e.g. the database is down; keep waiting
                 log.debug("could not read the holder", exc_info=True)
                 continue

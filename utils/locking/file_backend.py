@@ -88,7 +88,7 @@ class FileMechanism(LockMechanism):
     async def release(self) -> None:
         self.lock.release()
 
-    async def holder(self) -> HolderInfo | None:
+    async def holder(self, *, probe: bool = False) -> HolderInfo | None:
         record, _ = self.lock.read_record()
         if record is None:
             return None
@@ -100,7 +100,7 @@ class FileMechanism(LockMechanism):
             since=record.started_at,
             heartbeat_age=record.heartbeat_age(),
             state_id=record.state_id or None,
-            lock_held=self.lock.is_taken_elsewhere(),
+            lock_held=self.lock.is_taken_elsewhere() if probe else None,
         )
 
     async def fence(self, holder: HolderInfo) -> str | None:

@@ -279,14 +279,14 @@ class PostgresMechanism(LockMechanism):
                 self._monitor = None
             raise
 
-    async def holder(self) -> HolderInfo | None:
+    async def holder(self, *, probe: bool = False) -> HolderInfo | None:
         row = await self._query(sql.holder_row, self.bot_id)
         if row is None or row.released:
             return None
         return HolderInfo(
             instance_id=row.instance_id, host=row.host, pid=row.pid, epoch=row.epoch,
             since=row.since, heartbeat_age=row.heartbeat_age,
-            lock_held=bool(await self._query(sql.lock_is_granted, self.key)),
+            lock_held=bool(await self._query(sql.lock_is_granted, self.key)) if probe else None,
         )
 
     async def fence(self, holder: HolderInfo) -> str | None:
