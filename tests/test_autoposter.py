@@ -26,8 +26,8 @@ def channel_posts(fake: FakeBotAPI) -> list[Sent]:
     return [s for s in fake.snapshot_sent() if s.chat_id == CHANNEL]
 
 
-def admin_says(fake: FakeBotAPI, text: str, *, expect: str, user: int = ADMIN_ID) -> str:
-    """Send *text* as *user* and return the bot's answer that contains *expect*."""
+def say_as_admin(fake: FakeBotAPI, text: str, expect: str, user: int) -> Callable[[], str | None]:
+    """Send *text* as *user*; the returned check finds the bot's answer that contains *expect*."""
     before = len(fake.snapshot_sent())
     fake.send_user_message(BOT_ID, text, user_id=user)
 
@@ -37,20 +37,18 @@ def admin_says(fake: FakeBotAPI, text: str, *, expect: str, user: int = ADMIN_ID
                 return s.text
         return None
 
+    return answer
+
+
+def admin_says(fake: FakeBotAPI, text: str, *, expect: str, user: int = ADMIN_ID) -> str:
+    """Send *text* as *user* and return the bot's answer that contains *expect*."""
+    answer = say_as_admin(fake, text, expect, user)
     return str(wait_until(answer, 15, message=f"an answer with {expect!r} to {text[:30]!r}"))
 
 
 async def admin_says_async(fake: FakeBotAPI, text: str, *, expect: str, user: int = ADMIN_ID) -> str:
     """:func:`admin_says` for a test whose daemon runs in-process (on the test's loop)."""
-    before = len(fake.snapshot_sent())
-    fake.send_user_message(BOT_ID, text, user_id=user)
-
-    def answer() -> str | None:
-        for s in fake.snapshot_sent()[before:]:
-            if s.chat_id == str(user) and s.text and expect in s.text:
-                return s.text
-        return None
-
+    answer = say_as_admin(fake, text, expect, user)
     return str(await wait_for(answer, 15, message=f"an answer with {expect!r} to {text[:30]!r}"))
 
 
