@@ -151,7 +151,8 @@ async def test_role_start_failure_steps_down_releases_and_contends_again(store: 
     task = asyncio.create_task(controller.run())
     await wait_for(lambda: events.count("start polling") >= 2)  # it tried again after stepping down
     assert backend.releases[0] is False, "an unclean release: the next leader must not trust it"
-    assert "start failed" in controller.passive_reason
+    # The second failure's step-down says so once its release is done (a few awaits after the start).
+    await wait_for(lambda: "start failed" in controller.passive_reason)
     controller.request_stop()
     await asyncio.wait_for(task, 5)
 
