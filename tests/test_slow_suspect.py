@@ -4,12 +4,10 @@ then the other chats run beside it, and it is never set aside."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
-
-import pytest
+from collections.abc import Callable
 
 from tests.conftest import BOT_ID, BotProcess, wait_until
-from tests.test_pipeline import SlowChatsFake
+from tests.test_pipeline import SlowChatsFake, fake  # noqa: F401 - the fixture: a fake with slow chats
 
 Spawn = Callable[..., BotProcess]
 
@@ -18,15 +16,8 @@ SLOW_FOR = 20.0  # the slow chat's reply takes this long: it outlives two leader
 WARN = "1"  # HANDLER_WARN_SECONDS
 
 
-@pytest.fixture
-def fake() -> Iterator[SlowChatsFake]:
-    server = SlowChatsFake()
-    server.start_in_thread()
-    yield server
-    server.stop_thread()
-
-
-def test_a_slow_suspect_holds_the_other_chats_only_for_a_while(fake: SlowChatsFake, spawn: Spawn) -> None:
+def test_a_slow_suspect_holds_the_other_chats_only_for_a_while(
+        fake: SlowChatsFake, spawn: Spawn) -> None:  # noqa: F811 - the fixture imported above
     env = {"HANDLER_WARN_SECONDS": WARN, "POISON_AFTER": "2"}
     a = spawn("a", **env)
     a.wait_mode("active")
