@@ -50,6 +50,7 @@ from apscheduler.triggers.date import DateTrigger
 from utils.autoposter import schedule as slots
 from utils.autoposter.schedule import CronSchedule, IntervalSchedule, Schedule
 from utils.base.interrupt import done_unless_set
+from utils.base.lookup import within
 from utils.base.redact import Redactor
 from utils.state.store import FencedError, Post, StateStore
 
@@ -334,10 +335,10 @@ class Autoposter:
     async def _finish_cancelled(self, post: Post, epoch: int) -> None:
         """Mark a send cancelled midway ``uncertain`` now rather than leave it in ``sending``."""
         try:
-            await asyncio.wait_for(
+            await within(
                 self.store.finish_post(post.id, epoch, status="uncertain",
                                        error="the send was cancelled midway"),
-                CANCELLED_FINISH_TIMEOUT,
+                CANCELLED_FINISH_TIMEOUT, name=f"marking post #{post.id} uncertain",
             )
         except Exception as exc:  # noqa: BLE001 - the next leader marks it instead
             log.debug("could not mark cancelled post #%d: %s", post.id, exc)

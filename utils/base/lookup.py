@@ -7,13 +7,17 @@ first /health after PostgreSQL went silent took 10 s. Here the caller waits at m
 a call that overruns goes on in the background, alone (a stuck lookup is never started twice),
 until the connection's TCP timeouts end it (keepalives and ``tcp_user_timeout`` on every
 PostgreSQL connection); its outcome is simply not awaited by anyone.
+
+The same hard bound for one-off work (:func:`within`) and for a task being stopped
+(:func:`cancel_within`): a stop path that awaited a cancelled query on a silent server took
+10 s per query, and a leader that had lost its lease took tens of seconds to step down.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -57,3 +61,38 @@ def retrieve_quietly(task: asyncio.Future[T]) -> None:
     """A done-callback for a call nobody may await (it overran): mark its exception as seen."""
     if not task.cancelled():
         task.exception()
+
+
+async def within(work: Awaitable[T], timeout: float, *, name: str) -> T:
+    """*work*'s result within *timeout* seconds, else :class:`TimeoutError` at once.
+
+    ``asyncio.wait_for`` without its wait for the cancellation: overrun work is cancelled and left
+    to end alone (its outcome retrieved quietly). If the caller is cancelled, so is the work.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except BaseException:
+        _abandon(task)
+        raise
+    if not done:
+        _abandon(task)
+        raise TimeoutError(f"{name}: no answer within {timeout:g} s")
+    return task.result()
+
+
+async def cancel_within(task: asyncio.Future[Any], grace: float) -> bool:
+    """Cancel *task* and wait up to *grace* seconds for it to end: True if it did. One that does
+    not (a query cancelled on a silent server) ends alone, its outcome retrieved quietly."""
+    if task.done():
+        return True
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=grace)
+    if not done:
+        task.add_done_callback(retrieve_quietly)
+    return bool(done)
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    task.add_done_callback(retrieve_quietly)

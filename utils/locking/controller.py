@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from utils.base.episode import FailureEpisode
 from utils.base.interrupt import Interrupted, set_within, until_set
 from utils.base.lease import Lease, LeaseGate
-from utils.base.lookup import HEALTH_LOOKUP_TIMEOUT, BoundedLookup
+from utils.base.lookup import HEALTH_LOOKUP_TIMEOUT, BoundedLookup, within
 from utils.locking.backend import Grant, HolderInfo, LockBackend
 from utils.state.leader import Takeover
 
@@ -308,6 +308,6 @@ class LeadershipController:
         """Stop the started roles in reverse order, each bounded; the lock is released regardless."""
         for role in reversed(started):
             try:
-                await asyncio.wait_for(role.stop(voluntary=voluntary), timeout=self.role_stop_timeout)
+                await within(role.stop(voluntary=voluntary), self.role_stop_timeout, name=f"stopping {role.name}")
             except Exception:  # release the lock regardless
                 log.exception("stopping %s failed", role.name)

@@ -30,6 +30,7 @@ from typing import Any
 
 import psycopg
 
+from utils.base.lookup import retrieve_quietly
 from utils.locking.backend import Claim, Grant, HolderInfo, LockMechanism, LockUnavailable
 from utils.state import leader as sql
 from utils.state.database import PG_TCP_TIMEOUTS, DatabaseTarget, instance_tag_pattern, session_tag
@@ -239,11 +240,27 @@ class PostgresMechanism(LockMechanism):
             log.debug("lock connection busy with an unanswered verification; closing it when that ends")
             pending.add_done_callback(lambda _done: asyncio.ensure_future(self._close_quietly(conn)))
             return
+        unlock = asyncio.ensure_future(sql.advisory_unlock(conn, self.key))
         try:
-            await asyncio.wait_for(sql.advisory_unlock(conn, self.key), timeout=UNLOCK_TIMEOUT)
-        except Exception:  # closing the session releases it anyway
-            log.debug("advisory unlock failed; closing the session releases it", exc_info=True)
+            done, _ = await asyncio.wait({unlock}, timeout=UNLOCK_TIMEOUT)
+        except BaseException:
+            self._close_after(unlock, conn)
+            raise
+        if not done:
+            # A silent server: psycopg answers the cancellation by asking the server to cancel
+            # (seconds); as above, the connection is closed once that call has ended.
+            log.debug("advisory unlock unanswered within %g s; closing the session when it ends", UNLOCK_TIMEOUT)
+            self._close_after(unlock, conn)
+            return
+        if unlock.cancelled() or unlock.exception() is not None:
+            log.debug("advisory unlock failed; closing the session releases it anyway")
         await self._close_quietly(conn)
+
+    def _close_after(self, call: asyncio.Future[Any], conn: psycopg.AsyncConnection[Any]) -> None:
+        """Cancel *call* on *conn* and close *conn* once the call has ended, never under it."""
+        call.cancel()
+        call.add_done_callback(retrieve_quietly)
+        call.add_done_callback(lambda _done: asyncio.ensure_future(self._close_quietly(conn)))
 
     @staticmethod
     async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:

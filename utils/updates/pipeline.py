@@ -43,6 +43,7 @@ from aiogram.types import Update
 
 from utils.base.interrupt import set_within
 from utils.base.lease import Lease, LeaseLost
+from utils.base.lookup import cancel_within, within
 from utils.state.fencing import FencedError
 from utils.state.fsm import NoWrites, UpdateWrites
 from utils.state.inbox import InboxEntry, NewUpdate
@@ -61,7 +62,9 @@ DONE_DELAY = 0.025
 FLUSH_RETRY = 0.5
 #: The last flush at stop may take this long at most.
 FINAL_FLUSH_TIMEOUT = 3.0
-#: Handlers cancelled at the drain deadline get this long to unwind before stop moves on.
+#: Handlers cancelled at the drain deadline, and the backlog loader and the done-mark flusher at
+#: stop, get this long to unwind before stop moves on (a query cancelled on a silent database
+#: would otherwise hold the stop for psycopg's cancellation, about 10 s).
 CANCEL_GRACE = 1.0
 #: Done rows past the de-duplication window are pruned every this many flushes.
 PRUNE_EVERY_FLUSHES = 500
@@ -190,8 +193,7 @@ class UpdatePipeline:
         self._stopping = True
         loader, self._loader = self._loader, None
         if loader is not None:
-            loader.cancel()
-            await asyncio.gather(loader, return_exceptions=True)
+            await cancel_within(loader, CANCEL_GRACE)
         self._deferred = []
         for task in self._tasks_aside:  # an alone phase ending belongs to this term only
             task.cancel()
@@ -215,10 +217,9 @@ class UpdatePipeline:
                 await asyncio.wait(pending, timeout=CANCEL_GRACE)
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+            await cancel_within(flusher, CANCEL_GRACE)
         try:
-            await asyncio.wait_for(self._flush(final=True), timeout=FINAL_FLUSH_TIMEOUT)
+            await within(self._flush(final=True), FINAL_FLUSH_TIMEOUT, name="the last done-mark flush")
         except Exception as exc:  # noqa: BLE001 - the next leader re-runs what is not marked
             log.warning("could not record %d finished update(s) as done: %s", len(self._marks),
                         self.store.describe_error(exc))

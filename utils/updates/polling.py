@@ -54,11 +54,12 @@ from tenacity import (
 from utils.base.episode import FailureEpisode
 from utils.base.interrupt import Interrupted, until_set
 from utils.base.lease import Lease, LeaseLost
+from utils.base.lookup import cancel_within
 from utils.state.fencing import FencedError
 from utils.state.store import StateStore
 from utils.updates.ledger import OffsetBook
 from utils.updates.outage import OutageLog
-from utils.updates.pipeline import UpdatePipeline
+from utils.updates.pipeline import CANCEL_GRACE, UpdatePipeline
 from utils.updates.stats import UpdateStats
 
 log = logging.getLogger("solobot.polling")
@@ -75,6 +76,9 @@ REQUEST_TIMEOUT_ALLOWANCE = 15
 RECOVERED_HOLD_MAX = 1.0
 #: A failed batch write is retried after this long (the batch is not confirmed meanwhile).
 STORE_RETRY_WAIT = 1.0
+#: At stop, a batch write under way gets this long to finish (milliseconds on a healthy database);
+#: then it is abandoned: those updates were not confirmed, so Telegram still has them.
+STOP_STORE_TIMEOUT = 3.0
 #: The most updates one getUpdates returns (Telegram's maximum ``limit``).
 FETCH_LIMIT = 100
 
@@ -144,9 +148,14 @@ class PollingManager:
     async def stop(self, *, voluntary: bool) -> None:
         """Stop fetching, then let the pipeline drain (bounded) and record what finished."""
         self._stop.set()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=STOP_STORE_TIMEOUT)
+            if not done:
+                log.warning("stopping polling: the batch being stored did not finish within %g s (the "
+                            "database does not answer); abandoned, Telegram still has those updates "
+                            "(they were not confirmed)", STOP_STORE_TIMEOUT)
+                await cancel_within(task, CANCEL_GRACE)
         await self.pipeline.stop()
         self.stats.polling = False
         self._lease = None

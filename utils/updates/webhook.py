@@ -51,7 +51,7 @@ from pydantic import ValidationError
 from utils.base.episode import FailureEpisode
 from utils.base.interrupt import set_within
 from utils.base.lease import Lease, LeaseLost
-from utils.base.lookup import BoundedLookup
+from utils.base.lookup import BoundedLookup, cancel_within, within
 from utils.state.database import DatabaseTarget
 from utils.state.fencing import FencedError
 from utils.state.inbox import NewUpdate, is_row_error, unstorable
@@ -59,7 +59,7 @@ from utils.state.notify import inbox_listener, notify_inbox
 from utils.state.store import StateStore
 from utils.updates.group_commit import GroupCommit
 from utils.updates.passive_notice import PassiveNotice
-from utils.updates.pipeline import UpdatePipeline, to_new_update
+from utils.updates.pipeline import CANCEL_GRACE, UpdatePipeline, to_new_update
 
 log = logging.getLogger("solobot.webhook")
 
@@ -209,7 +209,7 @@ class WebhookReceiver:
         chat's update before the one a passive replica stored just before it and the leader
         has not adopted yet; it measured no faster either.)
         """
-        batch = await asyncio.wait_for(self.store.inbox.store_batch(rows, epoch=None), timeout=STORE_TIMEOUT)
+        batch = await within(self.store.inbox.store_batch(rows, epoch=None), STORE_TIMEOUT, name="the inbox write")
         if batch.new and not self._on_stored():
             self._notify_leader()
         new = {(entry.update_id, entry.payload) for entry in batch.new}
@@ -228,7 +228,7 @@ class WebhookReceiver:
         while self._notify_again:
             self._notify_again = False
             try:
-                await asyncio.wait_for(notify_inbox(self.store.engine, self.store.bot_id), timeout=NOTIFY_TIMEOUT)
+                await within(notify_inbox(self.store.engine, self.store.bot_id), NOTIFY_TIMEOUT, name="NOTIFY")
             except Exception as exc:  # noqa: BLE001 - stored; the leader's sweep finds it
                 log.debug("webhook: NOTIFY after storing updates failed: %s", exc)
 
@@ -279,7 +279,7 @@ class WebhookReceiver:
             log.warning("webhook delivery from %s refused (400): %s", peer, exc)
             return web.Response(status=400, text="bad request")
         try:
-            new = await asyncio.wait_for(self._commits.submit(row), timeout=STORE_TIMEOUT)
+            new = await within(self._commits.submit(row), STORE_TIMEOUT, name="the inbox write")
         except Exception as exc:  # noqa: BLE001 - any failure to store: Telegram must deliver again
             if is_row_error(exc):  # this delivery's data, alone (the others of its batch are stored)
                 self.stats.malformed += 1
@@ -423,9 +423,7 @@ class WebhookRole:
     async def stop(self, *, voluntary: bool) -> None:
         """Stop adopting, then drain the pipeline. The webhook stays set (never deleteWebhook)."""
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel_within(task, CANCEL_GRACE) for task in tasks))
         await self.pipeline.stop()
         self._lease = None
         self.info = None
