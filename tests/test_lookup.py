@@ -1,5 +1,6 @@
-"""BoundedLookup in-process: the caller's wait is bounded however long the call hangs (a silent
-server), and a stuck call is never started twice."""
+"""BoundedLookup, within and cancel_within in-process: the caller's wait is bounded however long
+the call hangs (a silent server) or takes to unwind when cancelled (psycopg asking the silent
+server to cancel), and a stuck call is never started twice."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 
 import pytest
 
-from utils.base.lookup import BoundedLookup
+from utils.base.lookup import BoundedLookup, cancel_within, within
 
 LIMIT = 0.05
 
@@ -48,3 +49,47 @@ async def test_errors_reach_the_caller() -> None:
 
     with pytest.raises(OSError, match="refused"):
         await BoundedLookup(broken, LIMIT)()
+
+
+class SlowToCancel:
+    """A query on a silent server: it hangs, and once cancelled takes *unwind* seconds to end
+    (psycopg's cancellation request, unanswered), then ends cancelled."""
+
+    def __init__(self, unwind: float) -> None:
+        self.unwind = unwind
+        self.ended = asyncio.Event()
+
+    async def query(self) -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(self.unwind)
+            self.ended.set()
+            raise
+        return "never"
+
+
+async def test_within_does_not_wait_for_the_cancellation() -> None:
+    slow = SlowToCancel(unwind=3.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError, match="the query: no answer within 0.05 s"):
+        await within(slow.query(), LIMIT, name="the query")
+    assert loop.time() - started < 1.0, "asyncio.wait_for would take 3 s here"
+    assert not slow.ended.is_set(), "the overrun query unwinds alone"
+    assert await within(asyncio.sleep(0, "fast"), LIMIT, name="x") == "fast"
+
+
+async def test_cancel_within_bounds_the_unwinding() -> None:
+    loop = asyncio.get_running_loop()
+    stuck = asyncio.ensure_future(SlowToCancel(unwind=3.0).query())
+    await asyncio.sleep(0)
+    started = loop.time()
+    assert await cancel_within(stuck, LIMIT) is False
+    assert loop.time() - started < 1.0
+    quick = asyncio.ensure_future(SlowToCancel(unwind=0.0).query())
+    await asyncio.sleep(0)
+    assert await cancel_within(quick, 1.0) is True
+    assert quick.cancelled()
+    stuck.cancel()  # nothing left running after the test
+    await asyncio.gather(stuck, return_exceptions=True)
