@@ -12,6 +12,7 @@ import pytest
 from aiogram import Bot, Dispatcher
 from aiogram.types import Message, Update
 
+from tests.daemon import wait_for
 from tests.test_state_store import fresh_store
 from utils.base.lease import Lease
 from utils.state.store import StateStore
@@ -56,6 +57,8 @@ async def sink(store: StateStore) -> AsyncIterator[tuple[UpdatePipeline, asyncio
     pipeline = UpdatePipeline(bot, dp, store, UpdateStats(), step_down=lambda _why: None,
                               inbox_max=INBOX_MAX, sweep_unclaimed=False)
     await pipeline.start(Lease(takeover.epoch, verify=verify, renew_deadline=60.0))
+    # The (empty) backlog is paged in by a task: until it is, adoption takes nothing.
+    await wait_for(lambda: not pipeline.resuming, 10, message="the takeover's backlog loaded")
     yield pipeline, go
     go.set()
     await pipeline.stop()

@@ -275,6 +275,12 @@ class UpdatePipeline:
         self._push(items)
         return self.room
 
+    @property
+    def resuming(self) -> bool:
+        """The taken-over backlog is still being paged in: new rows wait behind it, so
+        :meth:`take_stored` takes none yet (it answers the room)."""
+        return self._recovery.book.loading
+
     async def take_stored(self) -> int:
         """The webhook source: claim the rows stored unclaimed (by any replica's receiver, or put
         back by an operator), oldest first and at most the room; return the room left, or 0 when
@@ -286,7 +292,7 @@ class UpdatePipeline:
         than 0 means the claim found fewer rows than it asked for: none was left.
         """
         lease = self._lease
-        if lease is None or self._stopping or self._recovery.book.loading:
+        if lease is None or self._stopping or self.resuming:
             return self.room  # the backlog loader takes unclaimed rows of the takeover in order
         room = self.room
         if not room:
