@@ -73,7 +73,7 @@ async def test_within_does_not_wait_for_the_cancellation() -> None:
     slow = SlowToCancel(unwind=3.0)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(TimeoutError, match="the query: no answer within 0.05 s"):
+    with pytest.raises(TimeoutError, match=r"the query: no answer within 0\.05 s"):
         await within(slow.query(), LIMIT, name="the query")
     assert loop.time() - started < 1.0, "asyncio.wait_for would take 3 s here"
     assert not slow.ended.is_set(), "the overrun query unwinds alone"
