@@ -60,6 +60,11 @@ KILL_WAIT = 10.0
 #: alone costs about 5 s of CPU, so with both cores busy (pytest-xdist, several bots starting) a
 #: start can take 20 s. The wait ends as soon as the mode is reached.
 START_WAIT = 60.0
+#: A standby's first getUpdates after the leader's SIGTERM or kill -9, at most, in a test. Not the
+#: speed (bench/handover.py measures that: tens of ms quiet, ~0.2 s p50 on SIGTERM); a bound that a
+#: loaded 2-core machine keeps (0.54 s was seen with the container preparation beside pytest) and a
+#: standby that waited for a lease to run out (5 s and more) does not.
+HANDOVER_BOUND = 1.5
 
 
 def worker_database_url(base_url: str, worker: str) -> str:

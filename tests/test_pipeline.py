@@ -186,6 +186,10 @@ async def test_update_ids_that_restart_are_followed_not_skipped(fake: SlowChatsF
     assert len(polls_since) <= 10, f"no hot loop: {len(polls_since)} getUpdates after the restart"
 
 
+#: "At once" for a retry in a test on a loaded machine: well below the 5 s a conflict backoff waits.
+AT_ONCE = 1.5
+
+
 async def test_one_stray_409_costs_nothing(fake: SlowChatsFake, in_process: StartDaemon) -> None:  # noqa: F811
     """A single 409 with a verified lease: retried at once; repeated 409s still back off."""
     a = await in_process("a")
@@ -201,7 +205,7 @@ async def test_one_stray_409_costs_nothing(fake: SlowChatsFake, in_process: Star
                                          if p.tag == "a" and p.started >= ended and p.outcome != "conflict"),
                                         None), 5, message="the next getUpdates")
     print(f"\none stray 409: next getUpdates {(retry.started - ended) * 1000:.0f} ms later")
-    assert retry.started - ended < 0.5
+    assert retry.started - ended < AT_ONCE, "retried at once, not after the 5 s conflict backoff"
     assert "Backing off" not in a.log()
     ping = fake.send_user_message(BOT_ID, "/ping")
     await wait_for(lambda: fake.replies_to(ping), message="still answering")

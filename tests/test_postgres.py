@@ -23,6 +23,7 @@ from testbed.fake_bot_api import FakeBotAPI, Poll
 from tests.conftest import (
     BOT_ID,
     DATABASE_URL,
+    HANDOVER_BOUND,
     ROOT,
     START_WAIT,
     TOKEN,
@@ -76,7 +77,7 @@ def test_pg_kill9_gap_and_nothing_lost(fake: FakeBotAPI, spawn: Spawn, pg: str) 
     assert b.log().count("standby: lock held by pid") == 1
     gap, _ = sigkill_mid_handlers(fake, a, "b", pings=6)
     print(f"\npostgres kill -9: standby's first getUpdates {gap * 1000:.0f} ms after SIGKILL")
-    assert gap <= 1.0
+    assert gap <= HANDOVER_BOUND
     assert fake.conflicts() == 0
     health = b.health()
     assert health is not None and health["epoch"] == 2 and health["lock"]["backend"] == "postgres"
