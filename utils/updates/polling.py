@@ -54,7 +54,7 @@ from tenacity import (
 from utils.base.episode import FailureEpisode
 from utils.base.interrupt import Interrupted, until_set
 from utils.base.lease import Lease, LeaseLost
-from utils.base.lookup import cancel_within
+from utils.base.lookup import cancel_within, retrieve_quietly
 from utils.state.fencing import FencedError
 from utils.state.store import StateStore
 from utils.updates.ledger import OffsetBook
@@ -150,6 +150,7 @@ class PollingManager:
         self._stop.set()
         task, self._task = self._task, None
         if task is not None:
+            task.add_done_callback(retrieve_quietly)  # the loop logs its own failures
             done, _ = await asyncio.wait({task}, timeout=STOP_STORE_TIMEOUT)
             if not done:
                 log.warning("stopping polling: the batch being stored did not finish within %g s (the "
