@@ -467,6 +467,8 @@ class FakeBotAPI:
         self.sent: list[Sent] = []
         self.deliveries: list[Delivery] = []
         self.calls: list[tuple[str, str, float]] = []  # (tag, method, at)
+        #: The setWebhook calls of :attr:`calls` refused with 429 (more than one a second), by tag.
+        self.set_webhook_throttled: list[str] = []
         self.flood: dict[str, list[int]] = {}  # method -> [remaining, retry_after]
         self.flood_chat: dict[str, str] = {}  # method -> only requests to this chat_id
         self.send_delay = 0.0
@@ -842,6 +844,8 @@ class FakeBotAPI:
             return await self._m_deleteWebhook(state, params, request, tag)
         now = time.monotonic()
         if now < state.next_set_webhook:
+            with self._lock:
+                self.set_webhook_throttled.append(tag)
             return self._error(429, f"Too Many Requests: retry after {SET_WEBHOOK_RETRY_AFTER}",
                                retry_after=SET_WEBHOOK_RETRY_AFTER)
         state.next_set_webhook = now + SET_WEBHOOK_INTERVAL

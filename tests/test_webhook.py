@@ -91,6 +91,12 @@ def calls(fake: FakeBotAPI, method: str) -> list[str]:
     return [tag for tag, m, _ in list(fake.calls) if m == method]
 
 
+def registrations(fake: FakeBotAPI) -> Counter[str]:
+    """setWebhook calls by tag, less those Telegram refused with 429 (one a second per bot): a
+    replica that becomes leader within a second of the last registration retries once, by design."""
+    return Counter(calls(fake, "setWebhook")) - Counter(fake.set_webhook_throttled)
+
+
 def idle(*bots: BotProcess) -> bool:
     """Every live replica reports an empty shared inbox and nothing held by its workers."""
     for bot in bots:
@@ -344,7 +350,7 @@ def test_kill9_of_the_leader_mid_stream_behind_nginx(fake: FakeBotAPI, spawn: Sp
         order = sorted(ids, key=lambda m: first_reply[m])
         assert order == ids, f"chat {chat}: answered out of order"
     assert calls(fake, "deleteWebhook") == []
-    set_by = Counter(calls(fake, "setWebhook"))
+    set_by = registrations(fake)
     assert set_by == Counter({a.name: 1}), f"at most one setWebhook per activation: {set_by}"
     health = b.health()
     assert health is not None and health["updates"]["delivery"] == "webhook"
@@ -403,7 +409,7 @@ def test_kill9_of_a_passive_then_sigterm_of_the_leader(fake: FakeBotAPI, spawn: 
         assert replies == ids, f"chat {chat}: out of order"
     assert calls(fake, "deleteWebhook") == []
     assert fake.webhook(BOT_ID) == nginx.url, "the webhook stays set through a handover"
-    assert Counter(calls(fake, "setWebhook")) == Counter({leader.name: 1})
+    assert registrations(fake) == Counter({leader.name: 1})
 
 
 # -- the database goes away under a steady stream ---------------------------------------------
@@ -530,5 +536,5 @@ def test_refused_deliveries_then_switch_to_polling_and_back(fake: FakeBotAPI, sp
     wait_until(lambda: fake.webhook(BOT_ID) == nginx.url, message="registered again")
     third = fake.send_user_message(BOT_ID, "/ping")
     wait_until(lambda: fake.replies_to(third), message="answered in webhook mode again")
-    assert Counter(calls(fake, "setWebhook")) == Counter({"hook1": 1, "hook2": 1})
+    assert registrations(fake) == Counter({"hook1": 1, "hook2": 1})
     assert [pongs(fake)[m] for m in (first, second, third)] == [1, 1, 1]
