@@ -238,27 +238,28 @@ class PostgresMechanism(LockMechanism):
             # socket; close it once that call has ended (its TCP timeouts end it within ~10 s).
             # The server drops the session, and with it the lock, when it sees the close.
             log.debug("lock connection busy with an unanswered verification; closing it when that ends")
-            pending.add_done_callback(lambda _done: asyncio.ensure_future(self._close_quietly(conn)))
+            self._close_once_ended(pending, conn)
             return
         unlock = asyncio.ensure_future(sql.advisory_unlock(conn, self.key))
         try:
             done, _ = await asyncio.wait({unlock}, timeout=UNLOCK_TIMEOUT)
         except BaseException:
-            self._close_after(unlock, conn)
+            unlock.cancel()
+            self._close_once_ended(unlock, conn)
             raise
         if not done:
             # A silent server: psycopg answers the cancellation by asking the server to cancel
             # (seconds); as above, the connection is closed once that call has ended.
             log.debug("advisory unlock unanswered within %g s; closing the session when it ends", UNLOCK_TIMEOUT)
-            self._close_after(unlock, conn)
+            unlock.cancel()
+            self._close_once_ended(unlock, conn)
             return
         if unlock.cancelled() or unlock.exception() is not None:
             log.debug("advisory unlock failed; closing the session releases it anyway")
         await self._close_quietly(conn)
 
-    def _close_after(self, call: asyncio.Future[Any], conn: psycopg.AsyncConnection[Any]) -> None:
-        """Cancel *call* on *conn* and close *conn* once the call has ended, never under it."""
-        call.cancel()
+    def _close_once_ended(self, call: asyncio.Future[Any], conn: psycopg.AsyncConnection[Any]) -> None:
+        """Close *conn* once *call* on it has ended, never under it (its outcome retrieved quietly)."""
         call.add_done_callback(retrieve_quietly)
         call.add_done_callback(lambda _done: asyncio.ensure_future(self._close_quietly(conn)))
 
