@@ -105,7 +105,11 @@ def test_failover_publishes_every_post_exactly_once(
     assert all(p.tag == "a" for p in posts if p.at < t_stop)
     gaps = [round(b2.at - b1.at, 2) for b1, b2 in itertools.pairwise(posts)]
     print(f"\n{sig.name}: post gaps (s) {gaps}; from b: {sum(p.tag == 'b' for p in posts)}")
-    assert all(0.5 <= g <= 2.5 for g in gaps), gaps
+    assert all(g <= 2.5 for g in gaps), gaps
+    # No burst: a new leader serves at most one catch-up post, which may land just before the next
+    # slot (0.54 s late and 0.44 s before the next was seen), so two posts may be close, never three.
+    spans = [round(later.at - first.at, 2) for first, later in zip(posts, posts[2:], strict=False)]
+    assert all(s >= 1.0 for s in spans), (gaps, spans)
     wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"] * 8, message="all marked sent")
     if sig == signal.SIGTERM:
         assert a.wait_exit() == 0
