@@ -41,6 +41,7 @@ from utils.ops.bot_module import BotModuleError  # noqa: E402
 from utils.ops.daemon_config import DaemonConfig  # noqa: E402
 from utils.ops.daemon_settings import DaemonSettings  # noqa: E402
 from utils.ops.server import Server, serve_with_signals  # noqa: E402
+from utils.ops.shutdown import exit_after_stop  # noqa: E402
 
 log = logging.getLogger("solobot")
 
@@ -64,4 +65,4 @@ def run(settings: DaemonSettings, early: EarlyStop | None = None) -> int:
 
 if __name__ == "__main__":
     assert PREPARED is not None
-    sys.exit(run(PREPARED[1], EARLY_STOP))
+    exit_after_stop(run(PREPARED[1], EARLY_STOP))

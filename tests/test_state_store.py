@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
+
+import sqlalchemy as sa
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from tests.conftest import DATABASE_URL
 from tests.test_postgres import drop_tables
-from utils.state.database import DatabaseTarget
+from utils.state.database import DatabaseTarget, prepare_sqlite_files
 from utils.state.inbox import NewUpdate
 from utils.state.store import FencedError, StateStore
 
@@ -158,3 +165,49 @@ async def test_leader_adopts_rows_other_processes_stored(store: StateStore) -> N
     rest = await store.inbox.claim_unclaimed(1, limit=10)
     assert [e.update_id for e in rest] == [2]
     assert await store.inbox.claim_unclaimed(1, limit=10) == [], "each row adopted once"
+
+
+async def test_a_transaction_cancelled_mid_statement_leaves_the_sqlite_write_lock_free(tmp_path: Path) -> None:
+    """A task cancelled while its statement runs (a term's tasks at a stop) must not leave its
+    transaction open: SQLAlchemy closes such a connection instead of rolling it back, and SQLite
+    only defers that close while the statement's cursor is referenced. Without the rollback the
+    write lock stayed held until a garbage collection (every writer waited out its busy timeout)."""
+    target = DatabaseTarget.parse(None, tmp_path / "state")
+    prepare_sqlite_files(target.sqlite_path)
+    engine = target.create_engine(bot_id=42, instance_id="test")
+    running, release = threading.Event(), threading.Event()
+
+    def hold() -> int:  # a statement that runs until the test lets it end
+        running.set()
+        release.wait(10)
+        return 1
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _functions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function("hold", 0, hold)
+
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+
+    async def interrupted() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+            await conn.execute(sa.text("SELECT hold()"))
+
+    task = asyncio.create_task(interrupted())
+    assert await asyncio.to_thread(running.wait, 10), "the statement runs"
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    def write_elsewhere() -> list[tuple[int]]:
+        """Another process's write, as a standby's: a short busy timeout, not the engine's 30 s."""
+        with sqlite3.connect(target.sqlite_path, timeout=2) as other:
+            other.execute("INSERT INTO t VALUES (2)")
+            return list(other.execute("SELECT x FROM t"))
+
+    try:
+        assert await asyncio.to_thread(write_elsewhere) == [(2,)], "the cancelled insert rolled back"
+    finally:
+        await engine.dispose()

@@ -27,10 +27,12 @@ import inspect
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from utils.base.exit_codes import EXIT_FORCED, STOP_SIGNALS
 
@@ -45,6 +47,8 @@ DEFAULT_DEADLINE = 8.0  # overall, for all stages together
 DEFAULT_STAGE_TIMEOUT = 5.0
 #: A stage that timed out is cancelled and given this long to unwind before the next one starts.
 CANCELLED_STAGE_GRACE = 0.5
+#: After the stop, how long the process waits for threads that outlived it (all together).
+LINGERING_THREADS_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -249,3 +253,34 @@ def _retrieve_outcome(task: asyncio.Future[Any]) -> BaseException | None:
         except asyncio.CancelledError as exc:
             return exc
     return task.exception()
+
+
+def exit_after_stop(code: int) -> NoReturn:
+    """End the process with *code* once the stop is over, without waiting on a stuck thread.
+
+    The interpreter's exit joins every non-daemon thread, and a library's worker thread can be
+    stuck (aiosqlite's, in a SQLite call waiting out its 30 s busy timeout on another process's
+    lock, or never told to stop because the stage that closes its connection was skipped at the
+    deadline): the process would outlive its stop deadline, and the platform's grace (Docker's
+    10 s, systemd's ``TimeoutStopSec``) ends in SIGKILL. Such threads get
+    :data:`LINGERING_THREADS_GRACE`; one still running is named in a WARNING, and the process
+    ends with ``os._exit`` after the logs are flushed: everything durable was done or given up by
+    the stop, and the kernel releases what the threads hold.
+    """
+    deadline = time.monotonic() + LINGERING_THREADS_GRACE
+    for thread in _lingering_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    lingering = _lingering_threads()
+    if not lingering:
+        sys.exit(code)
+    log.warning("exiting without waiting for %d thread(s) still running after the stop: %s",
+                len(lingering), ", ".join(thread.name for thread in lingering))
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def _lingering_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate()
+            if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]

@@ -10,7 +10,9 @@ of its sessions (and the row locks they hold), not only the lock session.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,8 +120,8 @@ class DatabaseTarget:
     def create_engine(self, *, bot_id: int, instance_id: str) -> AsyncEngine:
         """The engine, without connecting (SQLite's files are prepared by ``StateStore.open``)."""
         if not self.is_postgres:
-            engine = create_async_engine(self.sqlalchemy_url,
-                                         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            engine = create_async_engine(self.sqlalchemy_url, connect_args={
+                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "factory": RollbackBeforeClose})
             _sqlite_serialised_writes(engine)
             return engine
         connect_args: dict[str, Any] = {
@@ -168,6 +170,26 @@ def prepare_sqlite_files(path: Path) -> None:
     create_private_file(path, "state database")
     for suffix in SQLITE_COMPANIONS:
         check_private_file(path.with_name(path.name + suffix), "state database")
+
+
+class RollbackBeforeClose(sqlite3.Connection):
+    """A SQLite connection that ends its transaction before it closes, always.
+
+    A task cancelled in the middle of a statement (a leadership term's tasks at a stop, a call cut
+    short by :func:`~utils.base.lookup.within`) makes SQLAlchemy close the connection, not roll it
+    back; while a cursor of that statement is still referenced (by the cancelled task's traceback:
+    a reference cycle, freed at the next garbage collection), ``sqlite3_close_v2`` only defers the
+    close. The connection lives on as a zombie, its transaction open: it held the database's
+    write lock, and every other connection (this process's, and every other process's on the same
+    file) waited out its busy timeout, until a collection happened to run (seen: a leader whose
+    shutdown overran, then never exited). A rollback first ends the transaction and releases the
+    lock whatever becomes of the connection (SQLite aborts the statements still pending).
+    """
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.rollback()
+        super().close()
 
 
 def _sqlite_serialised_writes(engine: AsyncEngine) -> None:
