@@ -7,12 +7,11 @@ import sqlite3
 import stat
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-from pathlib import Path
-
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event
 
 from tests.conftest import DATABASE_URL
