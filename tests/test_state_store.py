@@ -172,7 +172,9 @@ async def test_a_transaction_cancelled_mid_statement_leaves_the_sqlite_write_loc
     only defers that close while the statement's cursor is referenced. Without the rollback the
     write lock stayed held until a garbage collection (every writer waited out its busy timeout)."""
     target = DatabaseTarget.parse(None, tmp_path / "state")
-    prepare_sqlite_files(target.sqlite_path)
+    path = target.sqlite_path
+    assert path is not None
+    prepare_sqlite_files(path)
     engine = target.create_engine(bot_id=42, instance_id="test")
     running, release = threading.Event(), threading.Event()
 
@@ -202,7 +204,7 @@ async def test_a_transaction_cancelled_mid_statement_leaves_the_sqlite_write_loc
 
     def write_elsewhere() -> list[tuple[int]]:
         """Another process's write, as a standby's: a short busy timeout, not the engine's 30 s."""
-        with sqlite3.connect(target.sqlite_path, timeout=2) as other:
+        with sqlite3.connect(path, timeout=2) as other:
             other.execute("INSERT INTO t VALUES (2)")
             return list(other.execute("SELECT x FROM t"))
 
