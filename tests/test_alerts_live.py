@@ -38,9 +38,9 @@ from tests.prometheus import (
 Spawn = Callable[..., BotProcess]
 ALERT = "SolobotNoLeader"
 #: Scrape and evaluation interval of the test's Prometheus, in seconds.
-INTERVAL = 1.0
+INTERVAL = 0.5
 #: The rule's ``for`` in this test, in seconds (30 shipped; tests/test_alert_rules.py checks that).
-TEST_FOR = 5
+TEST_FOR = 3
 #: Prometheus' loops and our polling of its API on a loaded 2-core machine: a scrape or an
 #: evaluation may run this late.
 LATE = 3.0

@@ -20,6 +20,9 @@ from tests.daemon import StartDaemon, in_process, wait_for  # noqa: F401
 Spawn = Callable[..., BotProcess]
 CHANNEL = "@solochan"
 POSTER = {"CHANNEL_ID": CHANNEL, "POST_INTERVAL": "1"}
+#: Posts queued for a failover: three from the first leader before it goes, the rest (three or
+#: more: a catch-up and on-schedule ones) from its standby.
+FAILOVER_POSTS = 6
 
 
 def channel_posts(fake: FakeBotAPI) -> list[Sent]:
@@ -61,6 +64,11 @@ def post_rows(state_dir: Path) -> list[tuple[int, str, str]]:
                 db.execute("SELECT id, status, text FROM solobot_posts ORDER BY id")]
 
 
+def all_sent(state_dir: Path, count: int) -> bool:
+    """*count* posts on record, each of them sent."""
+    return [status for _, status, _ in post_rows(state_dir)] == ["sent"] * count
+
+
 def last_slot(state_dir: Path) -> str | None:
     """The autoposter's record of the last slot it served (paused or not)."""
     with sqlite3.connect(state_dir / "solobot.sqlite3", timeout=10) as db:
@@ -85,7 +93,7 @@ def test_failover_publishes_every_post_exactly_once(
     fake: FakeBotAPI, spawn: Spawn, shared_dirs: dict[str, Path], sig: signal.Signals
 ) -> None:
     a, _b = start_pair(spawn, **POSTER)
-    queue_paused(fake, 8)
+    queue_paused(fake, FAILOVER_POSTS)
     admin_says(fake, "/resume", expect="Resumed")
     wait_until(lambda: len(channel_posts(fake)) >= 3, 15, message="three posts")
     # Kill once the third is on record as sent (the kill lands between posts, not mid-send).
@@ -93,14 +101,14 @@ def test_failover_publishes_every_post_exactly_once(
                message="third post marked sent")
     t_stop = time.time()
     a.signal(sig)
-    wait_until(lambda: len(channel_posts(fake)) >= 8, 30, message="all eight posts")
+    wait_until(lambda: len(channel_posts(fake)) >= FAILOVER_POSTS, 30, message="every post")
     # The positive marker: every post is on record as sent and none is left to claim, so no
     # further (duplicate) post can be sent; only then count.
-    wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"] * 8, message="all marked sent")
+    wait_until(lambda: all_sent(shared_dirs["state"], FAILOVER_POSTS), message="all marked sent")
     posts = channel_posts(fake)
     texts = Counter(p.text for p in posts)
-    assert texts == Counter({f"post {i}": 1 for i in range(1, 9)}), texts
-    assert [p.text for p in posts] == [f"post {i}" for i in range(1, 9)], "in queue order"
+    assert texts == Counter({f"post {i}": 1 for i in range(1, FAILOVER_POSTS + 1)}), texts
+    assert [p.text for p in posts] == [f"post {i}" for i in range(1, FAILOVER_POSTS + 1)], "in queue order"
     assert {p.tag for p in posts if p.at > t_stop} == {"b"}, "later ones from the former standby"
     assert all(p.tag == "a" for p in posts if p.at < t_stop)
     gaps = [round(b2.at - b1.at, 2) for b1, b2 in itertools.pairwise(posts)]
@@ -110,7 +118,7 @@ def test_failover_publishes_every_post_exactly_once(
     # slot (0.54 s late and 0.44 s before the next was seen), so two posts may be close, never three.
     spans = [round(later.at - first.at, 2) for first, later in zip(posts, posts[2:], strict=False)]
     assert all(s >= 1.0 for s in spans), (gaps, spans)
-    wait_until(lambda: [r[1] for r in post_rows(shared_dirs["state"])] == ["sent"] * 8, message="all marked sent")
+    wait_until(lambda: all_sent(shared_dirs["state"], FAILOVER_POSTS), message="all marked sent")
     if sig == signal.SIGTERM:
         assert a.wait_exit() == 0
 
