@@ -117,28 +117,34 @@ TIMING_GROUP = "timing"
 #: bot processes (poison restarts, SIGSTOP rounds, handover rounds) or waits out a slow handler.
 LONGEST = ("test_poison_processes.py::", "::test_sigstop_holder_is_fenced", "test_slow_suspect.py::",
            "::test_conversations_survive_", "::test_status_command_ready_and_metrics")
-#: The tests without a bot process that still take 5-10 s (each waits out a timeout it is about):
-#: ranked with the process tests, so that none of them starts last and runs on alone.
-LONG_WITHOUT_PROCESS = ("::test_ready_follows_telegram_reachability", "::test_stuck_chat_blocks_nobody_else",
-                        "::test_health_answers_quickly_while_the_database_is_silent",
-                        "::test_one_stray_409_costs_nothing", "::test_queue_survives_restart_and_pause_persists",
-                        "::test_one_chat_429_pauses_it_while_the_others_flow_at_the_overall_limit",
-                        "::test_real_process_never_prints_the_password")
+#: The tests without ``spawn`` that still take 5-10 s (each waits out a timeout it is about; one
+#: runs its own process): ranked with the process tests, so that none of them starts last and runs
+#: on alone.
+LONG_WITHOUT_SPAWN = ("::test_ready_follows_telegram_reachability", "::test_stuck_chat_blocks_nobody_else",
+                      "::test_health_answers_quickly_while_the_database_is_silent",
+                      "::test_one_stray_409_costs_nothing", "::test_queue_survives_restart_and_pause_persists",
+                      "::test_one_chat_429_pauses_it_while_the_others_flow_at_the_overall_limit",
+                      "::test_real_process_never_prints_the_password")
 
 
 def expected_length(item: pytest.Item) -> int:
     """A rank for how long *item* takes: 0 for the timing group (its tests run one after another on
     one worker, so together they are the longest unit), 1 for :data:`LONGEST`, 2 for the other tests
-    that start real bot processes (seconds of CPU per start) and for :data:`LONG_WITHOUT_PROCESS`,
+    that start real bot processes (seconds of CPU per start) and for :data:`LONG_WITHOUT_SPAWN`,
     3 for the rest (in-process: well under a second, mostly)."""
     group = item.get_closest_marker("xdist_group")
     if group is not None and group.args and group.args[0] == TIMING_GROUP:
         return 0
-    if any(part in item.nodeid for part in LONGEST):
+    if named_in(item, LONGEST):
         return 1
-    if "spawn" in getattr(item, "fixturenames", ()) or any(part in item.nodeid for part in LONG_WITHOUT_PROCESS):
+    if "spawn" in getattr(item, "fixturenames", ()) or named_in(item, LONG_WITHOUT_SPAWN):
         return 2
     return 3
+
+
+def named_in(item: pytest.Item, parts: tuple[str, ...]) -> bool:
+    """True if *item*'s node id contains one of *parts* (a file, a test name, or both)."""
+    return any(part in item.nodeid for part in parts)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

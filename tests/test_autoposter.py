@@ -118,7 +118,6 @@ def test_failover_publishes_every_post_exactly_once(
     # slot (0.54 s late and 0.44 s before the next was seen), so two posts may be close, never three.
     spans = [round(later.at - first.at, 2) for first, later in zip(posts, posts[2:], strict=False)]
     assert all(s >= 1.0 for s in spans), (gaps, spans)
-    wait_until(lambda: all_sent(shared_dirs["state"], FAILOVER_POSTS), message="all marked sent")
     if sig == signal.SIGTERM:
         assert a.wait_exit() == 0
 
